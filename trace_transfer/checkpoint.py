@@ -1,0 +1,381 @@
+"""Streaming safetensors I/O: read sharded checkpoints one shard at a time, write atomically.
+
+Why: Δ, Fisher and model checkpoints of real targets are tens of GB. Every stage of the pipeline
+reads them tensor by tensor (never two full checkpoints in memory) and writes through a temp file
+that is renamed only once complete, so an interrupted run never leaves a truncated artifact that a
+later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError
+
+METADATA_KEY = "trace_transfer"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path in the same directory; rename it onto ``path`` only if the block succeeds.
+
+    Example:
+        >>> with atomic_path("out/x.safetensors") as tmp:
+        ...     save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _publish(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished temp file onto its target with ordinary permissions (mkstemp makes 0600)."""
+    if tmp.exists():
+        os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, target)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temp file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` through a temp file; ``metadata`` is stored as JSON."""
+    header = {METADATA_KEY: json.dumps(metadata, default=_json_default)} if metadata is not None else None
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=header)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Lazy view over one safetensors file or a sharded set with an index.
+
+    Only tensor headers are read at construction; ``get`` opens the shard holding a tensor.
+    ``iter_tensors`` walks shard by shard so each file is opened once.
+    """
+
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None):
+        if not files:
+            raise ArtifactNotFoundError("no .safetensors files given")
+        self.files = files
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        self._where: dict[str, Path] = {}
+        self.metadata: dict[str, Any] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if METADATA_KEY in meta and not self.metadata:
+                    try:
+                        self.metadata = json.loads(meta[METADATA_KEY])
+                    except json.JSONDecodeError as exc:
+                        raise ArtifactError(f"{f}: metadata '{METADATA_KEY}' is not valid JSON: {exc}") from exc
+                for name in fh.keys():
+                    if name in self._where:
+                        raise ArtifactError(f"tensor {name!r} appears in both {self._where[name]} and {f}")
+                    sl = fh.get_slice(name)
+                    self._shapes[name] = tuple(sl.get_shape())
+                    self._dtypes[name] = sl.get_dtype()
+                    self._where[name] = f
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self._where]
+            if missing:
+                raise ArtifactError(f"index lists tensors missing from the shards, first: {missing[0]!r}")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._check(name)]
+
+    def dtype(self, name: str) -> str:
+        return self._dtypes[self._check(name)]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._where[self._check(name)]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` shard by shard (file order), one tensor alive at a time."""
+        wanted = set(names) if names is not None else None
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    if wanted is None or name in wanted:
+                        yield name, fh.get_tensor(name)
+
+    def _check(self, name: str) -> str:
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} not in checkpoint {self.files[0].parent} ({len(self)} tensors)")
+        return name
+
+
+def open_checkpoint(path: str | os.PathLike, prefix: str | None = None) -> CheckpointReader:
+    """Open a safetensors file, a sharded set (``*.safetensors.index.json``) or a directory of them.
+
+    Args:
+        path: a ``.safetensors`` file, an index json, or a directory (an HF model dir, a probe dir).
+        prefix: in a directory holding several artifacts (``delta``, ``fisher``), which one to open.
+
+    Raises:
+        ArtifactNotFoundError: nothing matching exists.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _from_index(path)
+        return CheckpointReader([path])
+    candidates = [prefix] if prefix else ["model", "delta", "fisher"]
+    for stem in candidates:
+        index = path / f"{stem}.safetensors.index.json"
+        if index.exists():
+            return _from_index(index)
+        single = path / f"{stem}.safetensors"
+        if single.exists():
+            return CheckpointReader([single])
+        shards = sorted(path.glob(f"{stem}-*-of-*.safetensors"))
+        if shards:
+            return CheckpointReader(shards)
+    if prefix is None:
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return CheckpointReader(files)
+    what = f"'{prefix}.safetensors' or its shards" if prefix else "*.safetensors files"
+    raise ArtifactNotFoundError(f"no {what} in {path}")
+
+
+def _from_index(index_path: Path) -> CheckpointReader:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ArtifactError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
+    files = sorted({index_path.parent / f for f in weight_map.values()})
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise ArtifactNotFoundError(f"{index_path} names shard {missing[0].name}, which does not exist")
+    return CheckpointReader(files, {k: index_path.parent / v for k, v in weight_map.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+class ShardedWriter:
+    """Write tensors one by one into size-capped shards, atomically, with an HF-style index.
+
+    A single shard is written as ``{prefix}.safetensors`` (no index); several as
+    ``{prefix}-00001-of-00003.safetensors`` plus ``{prefix}.safetensors.index.json``. Files become
+    visible only on ``close()``; an exception inside the ``with`` block leaves nothing behind.
+
+    Example:
+        >>> with ShardedWriter(out_dir, "delta", metadata={"task": "math"}) as w:
+        ...     for name, t in tensors:
+        ...         w.add(name, t)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {})
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._tmp_shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ArtifactError(f"tensor {name!r} written twice to {self.prefix}")
+        self._names.add(name)
+        t = tensor.detach().contiguous().cpu()
+        size = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = t
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".tmp", dir=self.out_dir)
+        os.close(fd)
+        header = {METADATA_KEY: json.dumps(self.metadata, default=_json_default)}
+        save_file(self._pending, tmp, metadata=header)
+        self._tmp_shards.append((Path(tmp), list(self._pending)))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def close(self) -> list[Path]:
+        self._flush()
+        if not self._tmp_shards:  # an empty artifact is still a valid file
+            self._pending = {}
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".tmp", dir=self.out_dir)
+            os.close(fd)
+            save_file({}, tmp, metadata={METADATA_KEY: json.dumps(self.metadata, default=_json_default)})
+            self._tmp_shards.append((Path(tmp), []))
+        n = len(self._tmp_shards)
+        # Remove stale outputs of an earlier run under the same prefix so readers never mix them.
+        for old in self.out_dir.glob(f"{self.prefix}-*-of-*.safetensors"):
+            old.unlink()
+        final: list[Path] = []
+        if n == 1:
+            target = self.out_dir / f"{self.prefix}.safetensors"
+            _publish(self._tmp_shards[0][0], target)
+            stale_index = self.out_dir / f"{self.prefix}.safetensors.index.json"
+            if stale_index.exists():
+                stale_index.unlink()
+            final.append(target)
+        else:
+            weight_map = {}
+            for i, (tmp, names) in enumerate(self._tmp_shards, start=1):
+                target = self.out_dir / f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+                _publish(tmp, target)
+                final.append(target)
+                weight_map.update({name: target.name for name in names})
+            single = self.out_dir / f"{self.prefix}.safetensors"
+            if single.exists():
+                single.unlink()
+            write_json_atomic(
+                self.out_dir / f"{self.prefix}.safetensors.index.json",
+                {"metadata": {"total_size": self.total_bytes, METADATA_KEY: self.metadata}, "weight_map": weight_map},
+            )
+        self._tmp_shards = []
+        return final
+
+    def abort(self) -> None:
+        for tmp, _ in self._tmp_shards:
+            tmp.unlink(missing_ok=True)
+        self._tmp_shards = []
+        self._pending = {}
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+def named_shapes(source: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of a model (its parameters), a state dict, a reader or a shapes dict."""
+    if isinstance(source, torch.nn.Module):
+        return {n: (tuple(p.shape), _dtype_name(p.dtype)) for n, p in source.named_parameters()}
+    if isinstance(source, CheckpointReader):
+        return {n: (source.shape(n), source.dtype(n).lower()) for n in source.names()}
+    out = {}
+    for name, value in dict(source).items():
+        if isinstance(value, torch.Tensor):
+            out[name] = (tuple(value.shape), _dtype_name(value.dtype))
+        elif isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], str):
+            out[name] = (tuple(value[0]), value[1])
+        else:
+            out[name] = (tuple(value), "")
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fingerprint_of(source: Any) -> dict[str, Any]:
+    """Names + shapes of a model's tensors and a sha256 over them (dtype-agnostic: a bf16 and an fp32
+    copy of one model share a fingerprint, since masks and deltas address the same elements)."""
+    shapes = {n: list(s) for n, (s, _) in named_shapes(source).items()}
+    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    return {"hash": digest, "num_tensors": len(shapes), "num_params": sum(_numel(s) for s in shapes.values())}
+
+
+def _numel(shape: list[int] | tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
