@@ -1,0 +1,71 @@
+"""`trace-transfer score`: probe directories → one CoreSet per task (LF, CS or random)."""
+
+from __future__ import annotations
+
+import click
+
+from trace_transfer.errors import TraceTransferError
+
+
+@click.command("score")
+@click.option("--strategy", default="lf", show_default=True,
+              help="lf (α·L2 + β·Fisher) | cs (cross-task specificity, needs >= 3 tasks) | random (control).")
+@click.option("--probe", "probe_dirs", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="A probe directory (from `trace-transfer probe`); repeat once per task.")
+@click.option("--ratio", type=float, required=True, help="Share of the budget to select, e.g. 0.05 for 5%.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for <task>.coreset.safetensors.")
+@click.option("--granularity", type=click.Choice(["tensor", "row", "column", "head", "element"]), default=None,
+              help="Unit of selection [default: row; tensor under --preset paper].")
+@click.option("--budget", type=click.Choice(["tensors", "params"]), default=None,
+              help="tensors = r% of the units (whole tensors at tensor granularity); params = r% of the "
+                   "parameters in scope [default: tensors at tensor granularity, else params].")
+@click.option("--preset", type=click.Choice(["paper"]), default=None,
+              help="paper = the official TRACE code: whole tensors, all tensors in scope, 0.5/0.5, floor(r% of tensors).")
+@click.option("--alpha", type=float, default=None, help="LF weight of the L2 (RMS Δ) term [default: 0.5].")
+@click.option("--beta", type=float, default=None, help="LF weight of the Fisher term [default: 0.5].")
+@click.option("--scope", default=None,
+              help="Tensors that compete: comma list of layers, embeddings, lm_head, final_norm, other, or all "
+                   "[default: layers].")
+@click.option("--head-dim", type=int, default=None, help="Attention head size for --granularity head "
+                                                         "[default: from the probed model's config].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
+def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, alpha, beta, scope, head_dim, seed):
+    """Score parameters from warm-start probes and write one CoreSet per task.
+
+    \b
+    Examples:
+      trace-transfer score --strategy lf --probe probes/math --ratio 0.05 --out cores
+      trace-transfer score --strategy cs --probe probes/math --probe probes/code --probe probes/med \\
+        --ratio 0.05 --granularity row --out cores
+      trace-transfer score --strategy lf --preset paper --probe probes/math --ratio 0.1 --out cores-paper
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from trace_transfer.cli._progress import progress_bars
+    from trace_transfer.scoring import coreset_filename, score
+
+    try:
+        with progress_bars() as bar:
+            cores = score(list(probe_dirs), strategy, ratio, out_dir, granularity=granularity, budget=budget,
+                          preset=preset, scope=scope, alpha=alpha, beta=beta, seed=seed, head_dim=head_dim,
+                          progress=bar)
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    first = next(iter(cores.values())).metadata
+    table = Table(title=f"{strategy} · {first['granularity']} · budget {first['budget']} · ratio {ratio} · "
+                        f"scope {','.join(first['scope'])}")
+    for col in ("task", "units", "params", "% of scope", "% of model", "tensors", "file"):
+        table.add_column(col, justify="left" if col in ("task", "file") else "right")
+    for task, cs in cores.items():
+        m = cs.metadata
+        sel = cs.num_selected()
+        table.add_row(task, f"{m['selected_units']:,}/{m['total_units']:,}", f"{sel:,}",
+                      f"{100 * sel / max(1, m['scope_params']):.2f}", f"{100 * cs.ratio():.2f}",
+                      f"{len(cs.names())}/{m['scope_tensors']}",
+                      str(Path(out_dir) / coreset_filename(task)))
+    Console().print(table)
+

@@ -1,0 +1,1 @@
+"""Training: masking API, the shared loop, the sequential runner and its methods."""
