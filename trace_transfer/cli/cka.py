@@ -1,0 +1,73 @@
+"""`trace-transfer cka`: CKA between every decoder layer of two models (thin glue over compute_cka)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trace_transfer.errors import TraceTransferError
+
+_VARIANTS = ["linear-debiased", "linear", "rbf", "rbf-debiased"]  # mirrors trace_transfer.cka.VARIANTS
+
+
+@click.command("cka")
+@click.option("--source", required=True, help="Source model: local directory or HF id (rows of the matrix).")
+@click.option("--target", required=True, help="Target model: local directory or HF id (columns).")
+@click.option("--probes", default="general", show_default=True,
+              help="Probe texts: a .jsonl/.txt file, a shipped set (general, math, code, medical, all; "
+                   "comma-separated to mix) or hf:<id>:<split>:<field>.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (cka.safetensors, cka.json, cka.png, kernels.safetensors).")
+@click.option("--variant", type=click.Choice(_VARIANTS), default="linear-debiased", show_default=True,
+              help="CKA estimator; debiased is robust when probes are fewer than hidden units.")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+              help="One vector per probe text: mean over its tokens or its last token.")
+@click.option("--include-special", is_flag=True, help="Pool over BOS/EOS/special tokens too (off by default: "
+              "their massive activations make unrelated models look alike).")
+@click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-probes", type=int, default=None, help="Use only the first N probe texts.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate probes to N tokens.")
+@click.option("--rbf-sigma", type=float, default=0.5, show_default=True,
+              help="RBF bandwidth as a multiple of the median distance (rbf variants).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Load both models in this dtype (default: as saved).")
+@click.option("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu).")
+@click.option("--no-kernels", is_flag=True, help="Do not keep the per-layer n x n kernels (saves disk; "
+              "map-layers --bootstrap then becomes unavailable).")
+def command(source, target, probes, out, variant, pooling, include_special, padding_side, batch_size, max_probes,
+            max_length, rbf_sigma, dtype, device, no_kernels) -> None:
+    """Compare every decoder layer of SOURCE with every decoder layer of TARGET by CKA on probe texts.
+
+    The two models may use different tokenizers: each probe text gives one pooled vector per layer.
+
+    \b
+    Example:
+      trace-transfer cka --source tiny-llama --target tiny-qwen3 --probes general,math \\
+        --out runs/cka --max-probes 256
+      trace-transfer map-layers --cka runs/cka --method monotone --bootstrap 100 --out runs/layer_map.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from trace_transfer.cka import compute_cka
+
+    try:
+        res = compute_cka(source, target, probes, out, variant=variant, pooling=pooling,
+                          exclude_special=not include_special, padding_side=padding_side, batch_size=batch_size,
+                          max_probes=max_probes, max_length=max_length, rbf_sigma=rbf_sigma,
+                          keep_kernels=not no_kernels, dtype=dtype, device=device)
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table(title=f"CKA {res.variant}, n={res.n}: best target layer per source layer")
+    for col in ("source layer", "best target", "CKA", "runner-up"):
+        table.add_column(col, justify="right")
+    for i, row in enumerate(res.matrix):
+        order = [j for j in row.argsort()[::-1] if row[j] == row[j]]  # drop NaN
+        best = f"{order[0]}" if order else "-"
+        table.add_row(str(i), best, f"{row[order[0]]:.4f}" if order else "nan",
+                      f"{row[order[1]]:.4f} (layer {order[1]})" if len(order) > 1 else "-")
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out}/cka.safetensors, cka.json, cka.png" + ("" if no_kernels else ", kernels.safetensors"))

@@ -1,0 +1,55 @@
+"""`trace-transfer map-layers`: source -> target layer map from a CKA result (thin glue over map_layers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trace_transfer.errors import TraceTransferError
+
+
+@click.command("map-layers")
+@click.option("--cka", "cka_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Directory written by `trace-transfer cka`.")
+@click.option("--method", default="monotone", show_default=True,
+              help="argmax (paper), monotone (order-preserving, ends pinned), hungarian, relative-depth, "
+                   "or a method registered with register_layer_mapper.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output layer_map.json.")
+@click.option("--bootstrap", type=int, default=0, show_default=True,
+              help="Probe resamples for the per-row stability (0 = skip).")
+@click.option("--fraction", type=float, default=0.8, show_default=True,
+              help="Share of probes drawn without replacement per resample.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
+    """Map each source layer to a target layer (and each target layer back to a source layer).
+
+    \b
+    Example:
+      trace-transfer map-layers --cka runs/cka --method monotone --bootstrap 100 --out runs/layer_map.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from trace_transfer.layermap import map_layers
+
+    try:
+        lm = map_layers(cka_dir, method=method, bootstrap=bootstrap, seed=seed, fraction=fraction)
+        lm.save(out)
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    console = Console()
+    for title, rows, key, other in (("source -> target", lm.rows, "source", "target"),
+                                    ("target -> source (reverse)", lm.reverse_rows, "target", "source")):
+        table = Table(title=f"{method}: {title}")
+        for col in (key, other, "CKA", "margin", "stability"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(getattr(r, key)), str(getattr(r, other)), fmt(r.cka), fmt(r.margin), fmt(r.stability))
+        console.print(table)
+    console.print(f"wrote {out}")
