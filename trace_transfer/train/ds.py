@@ -1,0 +1,328 @@
+"""DeepSpeed ZeRO-2/3 glue for masked (and full) fine-tuning, sharing the single-process loop's pieces.
+
+Order matters, and is why this module exists:
+
+1. the CoreSet is applied to the bare model *before* ``deepspeed.initialize`` — frozen tensors
+   (``requires_grad=False``) then get no gradient buffers and no optimizer state under ZeRO;
+2. the optimizer is AdamW over the mask handle's parameter groups (partly-core tensors at weight decay
+   0), passed to DeepSpeed as a client optimizer; a DeepSpeed ``optimizer`` section is honoured only
+   when it cannot decay a frozen element;
+3. gradient masks are plain ``param.register_hook`` hooks: under ZeRO-3 they still see the full-shape
+   gradient (checked on this project's machines, DeepSpeed 0.19), so masking is identical everywhere;
+4. afterwards the model is handed back *unsharded* on every rank (ZeRO-3 parameters gathered one at a
+   time, DeepSpeed's hooks removed), so callers evaluate and save it like any module;
+   :func:`save_consolidated` writes one HF directory from rank 0.
+
+Launch under ``torchrun`` / ``deepspeed`` / ``accelerate launch`` (see ``examples/deepspeed/``). On CPU:
+``DS_ACCELERATOR=cpu`` and the gloo backend.
+
+bf16: a config with ``bf16.enabled`` casts the module to bf16. Non-core elements then equal the *bf16*
+base bit for bit — load the base model in bf16 (as the paper does) to verify against its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trace_transfer.coreset import CoreSet
+from trace_transfer.errors import ArtifactNotFoundError, ConfigError
+from trace_transfer.train.loop import (
+    TrainConfig,
+    TrainResult,
+    causal_lm_loss,
+    make_optimizer,
+    make_scheduler,
+    total_steps,
+)
+from trace_transfer.train.masking import _ACTIVE_ATTR, apply_coreset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["deepspeed_train", "load_ds_config", "consolidated_state_dict", "save_consolidated"]
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_ds_config(ds_config: str | os.PathLike | dict[str, Any], cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """Read a DeepSpeed config (path or dict) and fill the values the TrainConfig owns: micro batch,
+    accumulation, global batch, clipping, and every ``"auto"`` (as the HF integration does).
+
+    Raises:
+        ArtifactNotFoundError: the file does not exist.
+        ConfigError: the file is not JSON, or it fixes a batch size that contradicts ``cfg``.
+    """
+    if isinstance(ds_config, dict):
+        conf = copy.deepcopy(ds_config)
+    else:
+        path = Path(ds_config)
+        if not path.exists():
+            raise ArtifactNotFoundError(f"DeepSpeed config not found: {path}")
+        try:
+            conf = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+    }
+    problems = []
+    for key, value in wanted.items():
+        have = conf.get(key, "auto")
+        if have == "auto":
+            conf[key] = value
+        elif int(have) != value:
+            problems.append(f"{key} is {have} in the DeepSpeed config but {value} from the training settings; "
+                            f"set it to \"auto\"")
+    if problems:
+        raise ConfigError("DeepSpeed config contradicts the training settings", problems)
+    if conf.get("gradient_clipping", "auto") == "auto":
+        conf["gradient_clipping"] = cfg.max_grad_norm
+    bf16 = conf.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
+        bf16["enabled"] = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
+    fp16 = conf.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") == "auto":
+        fp16["enabled"] = False
+    opt = conf.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay), ("betas", [0.9, 0.999]), ("eps", 1e-8)):
+        if opt.get(key) == "auto":
+            opt[key] = value
+    if "optimizer" not in conf:
+        # our AdamW is a "client optimizer" to DeepSpeed; ZeRO wants this acknowledged
+        conf["zero_allow_untested_optimizer"] = True
+    return conf
+
+
+def _check_decay(model: torch.nn.Module, conf: dict[str, Any]) -> None:
+    handle = getattr(model, _ACTIVE_ATTR, None)
+    if handle is None or not handle.partial:
+        return
+    if handle.decay == "masked":
+        raise ConfigError(
+            "decay='masked' is not supported under DeepSpeed: ZeRO steps its own fp32 partitions, which the "
+            "mask handle cannot reach; apply the CoreSet with decay='zero'"
+        )
+    wd = conf.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    if wd:
+        raise ConfigError(
+            f"the DeepSpeed config's optimizer section decays every parameter (weight_decay={wd}), which moves "
+            f"frozen elements of {len(handle.partial)} partly-core tensor(s) (first: {next(iter(handle.partial))!r}); "
+            f"remove the 'optimizer' section (AdamW is then built from the CoreSet's groups) or set weight_decay 0"
+        )
+
+
+def deepspeed_train(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    cfg: TrainConfig,
+    ds_config: str | os.PathLike | dict[str, Any],
+    *,
+    params: Iterable[Any] | None = None,
+    coreset: CoreSet | None = None,
+    mode: str = "train-core",
+    steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place under DeepSpeed; same contract as :func:`trace_transfer.train.loop.train`.
+
+    Every rank calls this with the same ``batches``; rank r trains on batches r, r+W, r+2W, ... (W =
+    world size), so one optimizer step sees ``W × batch_size × grad_accum`` examples.
+
+    Args:
+        model: the bare module (not yet wrapped). On return it is a plain, unsharded module on every
+            rank, in eval mode, with DeepSpeed's hooks removed.
+        batches: ``epoch -> iterable of batches``.
+        cfg: optimisation settings (lr, steps, micro batch, accumulation, clipping, decay, schedule).
+        ds_config: a DeepSpeed JSON config (path or dict); ``"auto"`` values are filled from ``cfg``.
+        params: parameter groups from ``MaskHandle.param_groups`` (the runner applies the CoreSet
+            itself); or give ``coreset`` to have it applied here and removed afterwards.
+        coreset, mode: see :func:`trace_transfer.train.masking.apply_coreset`.
+        on_step: ``(step, loss)`` after every optimizer step; the loss is averaged over ranks.
+        after_step: called after every optimizer step.
+
+    Returns:
+        :class:`TrainResult` (identical on every rank).
+
+    Raises:
+        ConfigError: a DeepSpeed optimizer section or ``decay="masked"`` that would move frozen
+            elements, batch sizes that contradict ``cfg``, or fewer batches than ranks.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if params is not None and coreset is not None:
+        raise ConfigError("deepspeed_train: give either params (CoreSet already applied) or coreset, not both")
+    handle = apply_coreset(model, coreset, mode=mode) if coreset is not None else None
+    try:
+        # Validate before joining the process group: a config error should fail fast, not hang peers.
+        conf = load_ds_config(ds_config, cfg, _dist()[1])
+        _check_decay(model, conf)
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+        rank, world = _dist()
+        if params is None:
+            params = handle.param_groups(cfg.weight_decay) if handle is not None else model.parameters()
+
+        def local(epoch: int) -> list[dict[str, torch.Tensor]]:
+            all_batches = list(batches(epoch))
+            usable = len(all_batches) - len(all_batches) % world  # equal counts, or collectives hang
+            if usable == 0:
+                raise ConfigError(f"the training data has {len(all_batches)} batches, fewer than the {world} ranks")
+            return all_batches[rank:usable:world]
+
+        if steps is None:
+            steps = cfg.max_steps if cfg.max_steps > 0 else total_steps(cfg, len(local(0)))
+        if "optimizer" in conf:
+            client_opt = None
+            model_parameters = [p for p in model.parameters() if p.requires_grad]
+        else:
+            client_opt = make_optimizer(params, cfg)
+            model_parameters = None
+        scheduler = None if "scheduler" in conf else (lambda opt: make_scheduler(opt, steps, cfg))
+        before_attrs = {id(p): set(vars(p)) for p in model.parameters()}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
+                                               lr_scheduler=scheduler, config=conf)
+        try:
+            result = _loop(engine, local, steps, cfg, on_step, after_step)
+        finally:
+            _unshard(engine, model, before_attrs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    model.eval()
+    return result
+
+
+def _loop(engine, local, steps, cfg, on_step, after_step) -> TrainResult:
+    import time
+
+    import torch.distributed as dist
+
+    engine.train()
+    losses: list[float] = []
+    step, epoch, acc = 0, 0, 0.0
+    t0 = time.perf_counter()
+    while step < steps:
+        for batch in local(epoch):
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = causal_lm_loss(engine, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()  # steps the optimizer and the schedule only at accumulation boundaries
+            acc += float(loss.detach()) / cfg.grad_accum
+            if not boundary:
+                continue
+            if after_step is not None:
+                after_step()
+            mean = torch.tensor([acc], dtype=torch.float64)
+            dist.all_reduce(mean)
+            value = float(mean) / dist.get_world_size()
+            losses.append(value)
+            if on_step is not None:
+                on_step(step, value)
+            acc = 0.0
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    return TrainResult(steps=step, losses=losses, seconds=time.perf_counter() - t0)
+
+
+def _unshard(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) -> None:
+    """Turn the engine's module back into a plain module with full parameters on every rank."""
+    import deepspeed
+
+    full: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):  # ZeRO-3: gather one tensor at a time to bound the peak
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full[id(p)] = p.data.detach().clone()
+    engine.destroy()  # removes ZeRO's module and gradient hooks
+    for p in model.parameters():
+        if id(p) in full:
+            p.data = full[id(p)]
+        for attr in set(vars(p)) - before_attrs.get(id(p), set()):
+            delattr(p, attr)  # ds_id, ds_tensor, all_gather, ...: nothing may think it is still sharded
+        p.grad = None
+
+
+def consolidated_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of every parameter and persistent buffer (tied tensors once, under their
+    first name), gathered one at a time if the module is ZeRO-3-sharded. All ranks must call it; with
+    ``rank0_only`` the others get ``{}``."""
+    import deepspeed
+
+    rank, _ = _dist()
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    keep = set(model.state_dict().keys())
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in keep]
+    for name, t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        sharded = hasattr(t, "ds_id")
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None, enabled=sharded):
+            if rank == 0 or not rank0_only:
+                out[name] = t.data.detach().to("cpu", copy=True)
+    return out
+
+
+def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
+                      max_shard_bytes: int | None = None) -> Path | None:
+    """Write ``model`` as one HF directory (config, safetensors shards + index, tokenizer) from rank 0,
+    atomically: into a temp directory that replaces ``out_dir`` only when complete. Works on a sharded
+    ZeRO-3 module (gathers tensor by tensor) and on a plain one. All ranks must call it.
+
+    Returns:
+        ``out_dir`` on rank 0, None elsewhere.
+    """
+    from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+
+    import torch.distributed as dist
+
+    rank, _ = _dist()
+    out = Path(out_dir)
+    state = consolidated_state_dict(model)
+    if rank == 0:
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if hasattr(model, "save_pretrained"):  # HF: its own shard naming, metadata and tied-weight rules
+            kwargs = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
+            model.save_pretrained(tmp, state_dict=state, **kwargs)
+        else:
+            with ShardedWriter(tmp, "model", max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES) as writer:
+                for name, t in state.items():
+                    writer.add(name, t)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out if rank == 0 else None
