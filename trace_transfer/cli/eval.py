@@ -1,0 +1,38 @@
+"""`trace-transfer eval`: score a model on one or more tasks (thin glue over evaluate_model)."""
+
+from __future__ import annotations
+
+import click
+
+from trace_transfer.errors import TraceTransferError
+
+
+@click.command("eval")
+@click.option("--model", "model", required=True, help="HF id or local model directory.")
+@click.option("--task", "tasks", multiple=True, required=True,
+              help="Task reference (synthetic:NAME or a task YAML); repeat for several.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward/generate call.")
+@click.option("--per-example", is_flag=True, help="Keep every prediction in the JSON output.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
+def command(model, tasks, limit, batch_size, per_example, out):
+    """Evaluate MODEL on each --task with the metric its spec names.
+
+    \b
+    Example:
+      trace-transfer eval --model runs/trace/stage_3 --task synthetic:math --task synthetic:code \\
+        --limit 200 --out eval.json
+    """
+    from trace_transfer.evaluation.metrics import evaluate_model
+
+    try:
+        result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
+                                per_example=per_example)
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("| task | metric | score | n |")
+    click.echo("|---|---|---:|---:|")
+    for name, r in result["scores"].items():
+        click.echo(f"| {name} | {r['metric']} | {r['score']:.4f} | {r['n']} |")
+    if out:
+        click.echo(f"wrote {out}")

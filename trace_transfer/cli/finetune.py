@@ -1,0 +1,117 @@
+"""`trace-transfer finetune`: sequential fine-tuning over a stream of tasks (thin glue over run_sequence)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trace_transfer.errors import ArtifactNotFoundError, ConfigError, TraceTransferError
+
+CORESET_SUFFIX = ".coreset.safetensors"
+
+
+def parse_stage(spec: str):
+    """``TASK[:CORESET]`` → ``Stage``. A TASK may itself contain colons (``synthetic:math``).
+
+    The CoreSet is what follows the *last* colon when that names an existing file, or when it ends
+    with ``.coreset.safetensors`` (then a missing file is an error rather than a silent task name).
+
+    Raises:
+        ArtifactNotFoundError: the part after the last colon ends with ``.coreset.safetensors`` but
+            no such file exists.
+        ConfigError: the spec is empty.
+    """
+    from trace_transfer.train.methods import Stage
+
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("empty --stage; expected TASK or TASK:CORESET")
+    if Path(spec).is_file() or ":" not in spec:
+        return Stage(spec)
+    task, tail = spec.rsplit(":", 1)
+    if not task:
+        raise ConfigError(f"--stage {spec!r}: no task before the CoreSet; expected TASK:CORESET")
+    if tail.endswith(CORESET_SUFFIX):
+        if not Path(tail).is_file():
+            raise ArtifactNotFoundError(
+                f"--stage {spec!r}: CoreSet file {tail!r} not found; create it with `trace-transfer score` "
+                f"or fix the path"
+            )
+        return Stage(task, tail)
+    if tail and Path(tail).is_file():
+        return Stage(task, tail)
+    return Stage(spec)
+
+
+@click.command("finetune")
+@click.option("--model", "model", required=True, help="Base model: HF id or local directory.")
+@click.option("--stage", "stage_specs", multiple=True, required=True,
+              help="TASK[:CORESET], once per stage, in training order (TASK may contain colons).")
+@click.option("--method", default="trace", show_default=True,
+              help="trace | full | lora | joint | replay | general-core (or a registered plug-in method).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--isolation", type=click.Choice(["none", "strict"]), default="none", show_default=True,
+              help="trace: 'strict' also freezes earlier stages' cores.")
+@click.option("--epochs", type=float, default=3.0, show_default=True, help="Epochs per stage (paper: 3).")
+@click.option("--max-steps", type=int, default=0, show_default=True, help="Optimizer steps per stage; 0 = from --epochs.")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (paper: 2e-5).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seq-len", type=int, default=1024, show_default=True, help="Max tokens per example (paper: 1024).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+              help="AdamW decay (never applied to frozen elements).")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto = bf16 where the hardware supports it.")
+@click.option("--replay-share", type=float, default=0.1, show_default=True,
+              help="replay: share of each earlier task's training data mixed into later stages.")
+@click.option("--general-coreset", type=click.Path(dir_okay=False), default=None,
+              help="general-core: the CoreSet to freeze (its complement is trained).")
+@click.option("--lora-r", type=int, default=8, show_default=True, help="lora: rank (paper: 8).")
+@click.option("--lora-alpha", type=int, default=16, show_default=True, help="lora: alpha (paper: 16).")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--monitor", "monitor", multiple=True,
+              help="Task evaluated after every stage but never trained (e.g. synthetic:general); repeatable.")
+@click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue after the last complete stage of --out.")
+@click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,
+              help="DeepSpeed JSON config (launch with torchrun / deepspeed).")
+@click.option("--plot", is_flag=True, help="Also write accuracy_matrix.png.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Stage k uses seed + k.")
+def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
+            weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, lora_r, lora_alpha,
+            eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed):
+    """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
+
+    \b
+    Example (TRACE selective activation, math -> medical -> code):
+      trace-transfer finetune --model tiny --method trace \\
+        --stage synthetic:math:cores/math.coreset.safetensors \\
+        --stage synthetic:medical:cores/medical.coreset.safetensors \\
+        --stage synthetic:code:cores/code.coreset.safetensors \\
+        --max-steps 150 --lr 3e-4 --batch-size 32 --out runs/trace --plot
+
+    Writes OUT/stage_k/ (HF checkpoint + eval), OUT/results.json (R, AA, BWT, FWT, forgetting,
+    provenance) and OUT/results.md. --resume continues an interrupted run.
+    """
+    from trace_transfer.train.loop import TrainConfig
+    from trace_transfer.train.methods import MethodOptions
+    from trace_transfer.train.runner import run_sequence
+
+    try:
+        stages = [parse_stage(s) for s in stage_specs]
+        cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                          seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                          scheduler=scheduler, precision=precision, seed=seed)
+        options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
+                                lora_r=lora_r, lora_alpha=lora_alpha)
+        result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
+                              deepspeed_config=deepspeed_config, options=options,
+                              eval_batch_size=eval_batch_size, plot=plot, monitor=list(monitor),
+                              progress=lambda m: click.echo(m, err=True))
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((Path(out_dir) / "results.md").read_text())
+    click.echo(f"wrote {Path(out_dir) / 'results.json'}")

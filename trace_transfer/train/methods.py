@@ -1,0 +1,334 @@
+"""Training methods of the sequential runner, each registered once with :func:`register_method`.
+
+A method decides three things and nothing else; the runner owns data, seeds, the training loop,
+checkpoints and evaluation, so methods cannot drift apart in those (torchtune's lesson):
+
+1. ``plan(stages)`` — which training runs happen and on which tasks' data (one per stage, or one
+   joint run over all tasks);
+2. ``examples(run, per_task, options, rng)`` — the training examples of a run (replay mixes in a
+   share of earlier tasks);
+3. ``prepare(model, run, ctx)`` — what is trainable in a run and how the model is restored
+   afterwards (masks removed, LoRA adapters merged).
+
+Built-in methods:
+
+* ``full``      sequential full fine-tuning.
+* ``trace``     TRACE selective activation: stage k updates only its CoreSet ``C_k`` (masked
+                gradients, no decay on frozen elements); cores may overlap and are re-trained when
+                they reappear. ``isolation="strict"`` trains ``C_k \\ (C_1 ∪ … ∪ C_{k-1})`` instead.
+* ``lora``      sequential LoRA with peft (paper: r=8, α=16, all linear layers except the LM head,
+                lr 2e-5). **Adapters are merged into the weights after every stage**, and the next
+                stage trains fresh adapters on the merged model.
+* ``joint``     one run over all tasks mixed (multi-task upper reference); with ``max_steps`` it takes
+                ``max_steps × T`` steps, so it sees as many examples as the sequential stream.
+* ``replay``    DMT-style: stage k trains on task k plus ``ceil(share × |D_j|)`` examples sampled from
+                each earlier task j (``replay_share``, default 0.1, relative to each earlier task's
+                training set).
+* ``general-core`` freeze a CoreSet scored on general data (``general_coreset``) in every stage and
+                fine-tune its complement ("Selective Parameter Optimization").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from trace_transfer.errors import ConfigError
+
+__all__ = [
+    "Stage",
+    "RunPlan",
+    "Prepared",
+    "PrepareContext",
+    "MethodOptions",
+    "Method",
+    "register_method",
+    "get_method",
+    "available_methods",
+]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a stream: a task reference and, for ``trace``, the stage's CoreSet file."""
+
+    task: str
+    coreset: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run: ``index`` (1-based row of R it produces) over the data of ``tasks``
+    (indices into the stream) for ``steps_factor`` × the configured ``max_steps``."""
+
+    index: int
+    tasks: tuple[int, ...]
+    steps_factor: int = 1
+
+
+@dataclass
+class MethodOptions:
+    """Method-specific settings (ignored by methods that do not use them)."""
+
+    isolation: str = field(default="none", metadata={"help": "trace: none | strict (freeze earlier stages' cores)"})
+    replay_share: float = field(default=0.1, metadata={"help": "replay: share of each earlier task's data mixed in"})
+    general_coreset: str | None = field(default=None, metadata={"help": "general-core: CoreSet to freeze"})
+    lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
+    lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.isolation not in ("none", "strict"):
+            problems.append(f"isolation {self.isolation!r}: expected 'none' or 'strict'")
+        if not 0.0 <= self.replay_share <= 1.0:
+            problems.append(f"replay_share {self.replay_share}: expected a share in [0, 1]")
+        if self.lora_r < 1:
+            problems.append(f"lora_r {self.lora_r}: expected >= 1")
+        if problems:
+            raise ConfigError("invalid method options", problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` hands the training loop.
+
+    ``params``: parameter groups (None = every parameter with ``requires_grad``). ``after_step``:
+    called after each optimizer step. ``finish(model) -> model``: undo masks / merge adapters and
+    return the plain model to checkpoint. ``info``: provenance (trainable counts, ...).
+    """
+
+    model: torch.nn.Module
+    params: list[Any] | None = None
+    after_step: Callable[[], None] | None = None
+    finish: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareContext:
+    """Everything ``prepare`` may need about the stream (CoreSets already loaded and checked)."""
+
+    stages: Sequence[Stage]
+    coresets: Sequence[Any]  # CoreSet | None per stage
+    general_coreset: Any  # CoreSet | None
+    options: MethodOptions
+    weight_decay: float
+
+
+class Method(Protocol):
+    name: str
+
+    def check(self, stages: Sequence[Stage], options: MethodOptions) -> list[str]: ...
+    def plan(self, stages: Sequence[Stage]) -> list[RunPlan]: ...
+    def examples(self, run: RunPlan, per_task: Sequence[list[Any]], options: MethodOptions, rng: random.Random) -> list[Any]: ...
+    def prepare(self, model: torch.nn.Module, run: RunPlan, ctx: PrepareContext) -> Prepared: ...
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Register a training method under ``method.name`` (unique). Returns it (usable as a decorator
+    on a class whose instances need no arguments)."""
+    obj = method() if isinstance(method, type) else method
+    name = getattr(obj, "name", None)
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"a method needs a non-empty string `name`, got {name!r}")
+    if name in _METHODS:
+        raise ConfigError(f"method {name!r} is already registered; pick another name")
+    for hook in ("check", "plan", "examples", "prepare"):
+        if not callable(getattr(obj, hook, None)):
+            raise ConfigError(f"method {name!r} lacks `{hook}`; see trace_transfer.train.methods.Method")
+    _METHODS[name] = obj
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def _sequential_plan(stages: Sequence[Stage]) -> list[RunPlan]:
+    return [RunPlan(index=i + 1, tasks=(i,)) for i in range(len(stages))]
+
+
+def _own_examples(run: RunPlan, per_task: Sequence[list[Any]], options: MethodOptions, rng: random.Random) -> list[Any]:
+    return [ex for t in run.tasks for ex in per_task[t]]
+
+
+def _train_everything(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _count_trainable(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def _masked(model: torch.nn.Module, coreset: Any, mode: str, weight_decay: float, info: dict[str, Any]) -> Prepared:
+    from trace_transfer.train.masking import apply_coreset
+
+    handle = apply_coreset(model, coreset, mode=mode)
+
+    def finish(m: torch.nn.Module) -> torch.nn.Module:
+        handle.remove()
+        return m
+
+    return Prepared(model=model, params=handle.param_groups(weight_decay), after_step=handle.after_step,
+                    finish=finish, info={**info, **handle.summary()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------
+
+
+class Full:
+    name = "full"
+
+    def check(self, stages, options):
+        return []
+
+    plan = staticmethod(_sequential_plan)
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        _train_everything(model)
+        return Prepared(model=model, info=_count_trainable(model))
+
+
+class Trace:
+    name = "trace"
+
+    def check(self, stages, options):
+        return [
+            f"stage {i + 1} ({s.task}) has no CoreSet: write it as TASK:PATH.coreset.safetensors"
+            for i, s in enumerate(stages)
+            if not s.coreset
+        ]
+
+    plan = staticmethod(_sequential_plan)
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        from trace_transfer.train.masking import combine
+
+        k = run.tasks[0]
+        core = combine(ctx.coresets[k], isolation=ctx.options.isolation, previous=list(ctx.coresets[:k]))
+        info: dict[str, Any] = {"coreset": ctx.stages[k].coreset, "isolation": ctx.options.isolation,
+                                "coreset_selected": ctx.coresets[k].num_selected()}
+        if ctx.options.isolation == "strict" and k > 0:
+            info["removed_by_isolation"] = ctx.coresets[k].num_selected() - core.num_selected()
+            if core.num_selected() == 0:
+                raise ConfigError(
+                    f"stage {k + 1} ({ctx.stages[k].task}): strict isolation leaves no trainable parameter "
+                    f"(its CoreSet lies inside earlier stages' cores); use --isolation none or a larger ratio"
+                )
+        return _masked(model, core, "train-core", ctx.weight_decay, info)
+
+
+class Lora:
+    name = "lora"
+
+    def check(self, stages, options):
+        return []
+
+    plan = staticmethod(_sequential_plan)
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        from peft import LoraConfig, get_peft_model
+
+        o = ctx.options
+        config = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                            target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        info = _count_trainable(peft_model)
+        info.update({"lora_r": o.lora_r, "lora_alpha": o.lora_alpha, "merged_after_stage": True})
+
+        def finish(m):
+            # Merge so the checkpoint is a plain model and the next stage starts from W + BA.
+            return m.merge_and_unload()
+
+        return Prepared(model=peft_model, finish=finish, info=info)
+
+
+class Joint:
+    name = "joint"
+
+    def check(self, stages, options):
+        return []
+
+    def plan(self, stages):
+        return [RunPlan(index=1, tasks=tuple(range(len(stages))), steps_factor=len(stages))]
+
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        _train_everything(model)
+        return Prepared(model=model, info=_count_trainable(model))
+
+
+class Replay:
+    name = "replay"
+
+    def check(self, stages, options):
+        return []
+
+    plan = staticmethod(_sequential_plan)
+
+    def examples(self, run, per_task, options, rng):
+        k = run.tasks[0]
+        out = list(per_task[k])
+        for j in range(k):
+            pool = per_task[j]
+            n = min(len(pool), math.ceil(options.replay_share * len(pool)))
+            out.extend(rng.sample(pool, n))
+        return out
+
+    def prepare(self, model, run, ctx):
+        _train_everything(model)
+        info = _count_trainable(model)
+        info["replay_share"] = ctx.options.replay_share
+        return Prepared(model=model, info=info)
+
+
+class GeneralCore:
+    name = "general-core"
+
+    def check(self, stages, options):
+        if not options.general_coreset:
+            return ["method general-core needs --general-coreset PATH (the CoreSet to protect)"]
+        return []
+
+    plan = staticmethod(_sequential_plan)
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        return _masked(model, ctx.general_coreset, "freeze-core", ctx.weight_decay,
+                       {"general_coreset": ctx.options.general_coreset})
+
+
+for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore):
+    register_method(_m)

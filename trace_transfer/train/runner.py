@@ -1,0 +1,507 @@
+"""Sequential runner: train a stream of tasks stage by stage, checkpoint and evaluate after each.
+
+``run_sequence`` is the one library call behind ``trace-transfer finetune``. Its layout on disk::
+
+    OUT/run.json              the run's identity (model, stages, method, options, config); resume checks it
+    OUT/stage_0/eval.json     scores of the base model on every task, then stage_0/COMPLETE
+    OUT/stage_k/              HF model dir (safetensors) + tokenizer + stage.json + eval.json, then COMPLETE
+    OUT/results.json          R, AA/BWT/FWT, forgetting, per-stage losses, provenance (rewritten after each stage)
+    OUT/results.md            the accuracy matrix as a markdown table
+    OUT/accuracy_matrix.png   with plot=True
+
+A stage is *complete* only when its checkpoint, its eval row and — written last, atomically — its
+``COMPLETE`` marker exist. ``resume=True`` discards anything after the last complete stage and
+continues from that stage's checkpoint. Every stage starts by loading the previous stage's
+checkpoint from disk and reseeding with ``cfg.seed + k``, so an uninterrupted run and a run killed
+and resumed take exactly the same path and give bit-identical weights and scores.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import random
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trace_transfer._version import versions
+from trace_transfer.checkpoint import write_json_atomic, write_text_atomic
+from trace_transfer.errors import ArtifactNotFoundError, ConfigError
+from trace_transfer.evaluation.continual import continual_metrics, format_matrix_markdown
+from trace_transfer.train.loop import TrainConfig, train
+from trace_transfer.train.methods import MethodOptions, PrepareContext, RunPlan, Stage, get_method
+
+__all__ = ["run_sequence", "RunResult", "Stage", "MethodOptions", "completed_stages"]
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+RESULTS_FORMAT = "trace-transfer/results"
+# Test hook: "K:N" hard-kills the process (SIGKILL, no cleanup) after optimizer step N of stage K,
+# the way an OOM kill or a pre-empted node would; used by the resume test.
+KILL_ENV = "TRACE_TRANSFER_KILL_AT"
+
+
+@dataclass
+class RunResult:
+    """What ``run_sequence`` returns (the same content as ``results.json``)."""
+
+    out_dir: Path
+    results: dict[str, Any]
+
+    @property
+    def R(self) -> list[list[float]]:
+        return self.results["R"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.results["metrics"]
+
+
+def _stage_dir(out: Path, k: int) -> Path:
+    return out / f"stage_{k}"
+
+
+def completed_stages(out_dir: str | os.PathLike) -> list[int]:
+    """Indices ``0..k`` of consecutive complete stages (marker present) in ``out_dir``."""
+    out, done = Path(out_dir), []
+    k = 0
+    while (_stage_dir(out, k) / MARKER).exists():
+        done.append(k)
+        k += 1
+    return done
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is a dependency, but seeding must not be the reason a run fails
+        pass
+
+
+def _identity(model_ref: str, stages: Sequence[Stage], method: str, options: MethodOptions, cfg: TrainConfig,
+              eval_limit: int | None, deepspeed_config: str | None, monitor: Sequence[str]) -> dict[str, Any]:
+    return {
+        "monitor": list(monitor),
+        "model": str(model_ref),
+        "stages": [{"task": s.task, "coreset": s.coreset} for s in stages],
+        "method": method,
+        "method_options": options.to_dict(),
+        "config": cfg.to_dict(),
+        "eval_limit": eval_limit,
+        "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
+    }
+
+
+def _check_resume(out: Path, identity: dict[str, Any], resume: bool) -> list[int]:
+    import json
+
+    run_json = out / "run.json"
+    done = completed_stages(out)
+    if not run_json.exists():
+        if done:
+            raise ConfigError(f"{out} holds completed stages but no run.json; choose a new --out")
+        return []
+    if not resume:
+        raise ConfigError(
+            f"{out} already holds a run ({len(done)} completed stage(s)); pass --resume to continue it "
+            f"or choose a new --out"
+        )
+    previous = json.loads(run_json.read_text())["identity"]
+    diffs = [k for k in identity if previous.get(k) != identity[k]]
+    if diffs:
+        raise ConfigError(
+            f"--resume: {out} was started with different settings; resume with the original ones or use a new --out",
+            [f"{k}: was {previous.get(k)!r}, now {identity[k]!r}" for k in diffs],
+        )
+    return done
+
+
+def _discard_incomplete(out: Path, keep_upto: int) -> None:
+    """Remove stage directories after the last complete one (a killed stage's partial output)."""
+    for p in out.iterdir():
+        if p.name.startswith("stage_") and p.name[6:].isdigit() and int(p.name[6:]) > keep_upto:
+            shutil.rmtree(p)
+        elif p.name.startswith(".stage_") and p.is_dir():  # temp dirs of an interrupted checkpoint write
+            shutil.rmtree(p)
+
+
+def _load_coresets(stages: Sequence[Stage], options: MethodOptions, model: torch.nn.Module, needed: bool):
+    from trace_transfer.coreset import CoreSet
+
+    cores = [CoreSet.load(s.coreset) if (needed and s.coreset) else None for s in stages]
+    general = CoreSet.load(options.general_coreset) if options.general_coreset else None
+    for c in [*cores, general]:
+        if c is not None:
+            c.check_fits(model)
+    return cores, general
+
+
+def _coreset_summary(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    from trace_transfer.coreset import CoreSet
+
+    cs = CoreSet.load(path)
+    keep = ("strategy", "task", "tasks", "ratio", "granularity", "budget", "alpha", "beta", "seed", "preset")
+    return {"path": str(path), "selected_params": cs.num_selected(), "total_params": cs.num_total(),
+            **{k: cs.metadata[k] for k in keep if k in cs.metadata}}
+
+
+def _tokenized(tokenizer, examples: list[Any], seq_len: int) -> list[dict[str, Any]]:
+    from trace_transfer.data import tokenize_examples
+
+    return tokenize_examples(tokenizer, examples, seq_len)
+
+
+def _batch_fn(features: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int) -> Callable[[int], Any]:
+    """``epoch -> batches``: a fresh permutation per epoch from ``seed`` (and nothing else)."""
+    from trace_transfer.data import collate
+
+    def batches(epoch: int):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(features), generator=g).tolist()
+        # Full batches only (equal-sized steps); a dataset smaller than one batch is one batch.
+        n_full = max(1, len(order) // batch_size)
+        for b in range(n_full):
+            yield collate([features[j] for j in order[b * batch_size : (b + 1) * batch_size]], pad_id)
+
+    return batches
+
+
+def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size) -> dict[str, Any]:
+    from trace_transfer.evaluation.metrics import evaluate
+
+    scores = {}
+    for task in tasks:
+        r = evaluate(model, tokenizer, task, limit=eval_limit, batch_size=eval_batch_size)
+        scores[task.name] = {"score": r.score, "metric": r.metric, "n": r.n, "higher_is_better": r.higher_is_better}
+    return scores
+
+
+def _save_checkpoint(model, tokenizer, out: Path, k: int, stage_info: dict[str, Any]) -> Path:
+    """HF directory (safetensors + tokenizer) written to a temp dir, then renamed into place."""
+    final = _stage_dir(out, k)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".stage_{k}.", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "stage.json", stage_info)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def _kill_hook(stage: int) -> Callable[[int, float], None] | None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    k, n = (int(x) for x in spec.split(":"))
+    if k != stage:
+        return None
+
+    def on_step(step: int, loss: float) -> None:
+        if step + 1 >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def run_sequence(
+    model_ref: str | os.PathLike,
+    stages: Sequence[Stage | tuple[str, str | None] | str],
+    method: str,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    eval_limit: int | None = None,
+    resume: bool = False,
+    deepspeed_config: str | os.PathLike | None = None,
+    *,
+    options: MethodOptions | None = None,
+    eval_batch_size: int = 32,
+    plot: bool = False,
+    progress: Callable[[str], None] | None = None,
+    monitor: Sequence[str] = (),
+) -> RunResult:
+    """Train ``stages`` in order with ``method``; checkpoint and evaluate every task after each stage.
+
+    Args:
+        model_ref: HF model id or directory (the base model, evaluated as row 0 of R).
+        stages: ``Stage(task, coreset)`` (or ``(task, coreset)`` tuples, or bare task refs).
+        method: a registered method (``trace``, ``full``, ``lora``, ``joint``, ``replay``, ``general-core``).
+        out_dir: run directory (see the module docstring for its layout).
+        cfg: optimisation settings (a fresh optimizer and schedule per stage); stage k uses seed ``cfg.seed + k``.
+        eval_limit: evaluate the first ``eval_limit`` examples of each task (None = all).
+        resume: continue after the last complete stage of an interrupted run in ``out_dir``.
+        deepspeed_config: a DeepSpeed JSON config; training then goes through
+            ``trace_transfer.train.ds.deepspeed_train`` (launch under ``torchrun``/``deepspeed``).
+        options: method options (isolation, replay share, general CoreSet, LoRA rank).
+        plot: also draw ``accuracy_matrix.png``.
+        progress: called with one-line status messages.
+        monitor: tasks that are evaluated at every row but never trained (e.g. ``synthetic:general``,
+            to watch general ability erode); reported as ``results["monitor"]``, not part of R.
+
+    Returns:
+        :class:`RunResult` with ``R`` and the continual metrics (also in ``out_dir/results.json``).
+
+    Raises:
+        ConfigError: unknown method, missing CoreSets, a task repeated, or ``out_dir`` holding a
+            different run (or any run without ``resume``).
+        ModelMismatchError: a CoreSet does not fit the model.
+
+    Example:
+        >>> run_sequence("tiny", [Stage("synthetic:math", "cores/math.coreset.safetensors"), ...],
+        ...              "trace", "runs/trace", TrainConfig(lr=3e-4, max_steps=150, batch_size=32))
+    """
+    from trace_transfer.data import load_task, pad_id_of
+    from trace_transfer.models import load_model, load_tokenizer
+
+    cfg = cfg or TrainConfig(epochs=3.0)
+    options = options or MethodOptions()
+    stages = [s if isinstance(s, Stage) else Stage(s) if isinstance(s, str) else Stage(*s) for s in stages]
+    say = progress or (lambda msg: logger.info(msg))
+    meth = get_method(method)
+    problems = meth.check(stages, options)
+    if not stages:
+        problems.append("no stages: give at least one --stage TASK")
+    names = [s.task for s in stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"task(s) {dupes} appear in more than one stage; each task is one column of R")
+    for s in stages:
+        if s.coreset and not Path(s.coreset).exists():
+            problems.append(f"CoreSet file not found: {s.coreset} (stage {s.task})")
+    if options.general_coreset and not Path(options.general_coreset).exists():
+        problems.append(f"general CoreSet file not found: {options.general_coreset}")
+    if deepspeed_config and not Path(deepspeed_config).exists():
+        problems.append(f"DeepSpeed config not found: {deepspeed_config}")
+    if problems:
+        raise ConfigError(f"cannot run method {method!r}", problems)
+
+    out = Path(out_dir)
+    ranks = _Ranks(deepspeed_config is not None)
+    identity = _identity(str(model_ref), stages, method, options, cfg, eval_limit,
+                         str(deepspeed_config) if deepspeed_config else None, monitor)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
+    done = _check_resume(out, identity, resume)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    if ranks.main:
+        _discard_incomplete(out, done[-1] if done else -1)
+        write_json_atomic(out / "run.json", {"identity": identity, "started": started, "versions": versions()})
+    ranks.barrier()
+
+    tasks = [load_task(s.task) for s in stages]
+    task_names = [t.name for t in tasks]
+    monitored = [load_task(m) for m in monitor]
+    monitor_names = [t.name for t in monitored]
+    monitor_rows: list[list[float]] = []
+    tokenizer = load_tokenizer(str(model_ref))
+    plans = meth.plan(stages)
+
+    rows: list[list[float]] = []
+    stage_records: list[dict[str, Any]] = []
+    for k in done:  # what the interrupted run already has
+        ev = _read_json(_stage_dir(out, k) / "eval.json")
+        rows.append([ev["scores"][n]["score"] for n in task_names])
+        monitor_rows.append([ev["monitor"][n]["score"] for n in monitor_names])
+        if k > 0:
+            stage_records.append(_read_json(_stage_dir(out, k) / "stage.json"))
+    if done:
+        say(f"resuming {out}: stages 0..{done[-1]} complete")
+
+    if 0 not in done:
+        if ranks.main:
+            _seed_everything(cfg.seed)
+            model = load_model(str(model_ref))
+            say("evaluating the base model on every task")
+            scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
+            watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
+            _stage_dir(out, 0).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(_stage_dir(out, 0) / "eval.json", {"stage": 0, "scores": scores, "monitor": watched})
+            monitor_rows.append([watched[n]["score"] for n in monitor_names])
+            write_text_atomic(_stage_dir(out, 0) / MARKER, "stage 0 (base) evaluated\n")
+            rows.append([scores[n]["score"] for n in task_names])
+            del model
+        ranks.barrier()
+
+    per_task_examples: list[list[Any]] | None = None
+    for run in plans:
+        k = run.index
+        if k in done:
+            continue
+        if per_task_examples is None:
+            per_task_examples = [list(t.train_examples()) for t in tasks]
+        seed = cfg.seed + k
+        _seed_everything(seed)
+        # Always start from the checkpoint on disk: a resumed run then takes the very same path.
+        model = load_model(str(model_ref) if k == 1 else str(_stage_dir(out, k - 1)))
+        cores, general = _load_coresets(stages, options, model, needed=(method == "trace"))
+        ctx = PrepareContext(stages=stages, coresets=cores, general_coreset=general, options=options,
+                             weight_decay=cfg.weight_decay)
+        examples = meth.examples(run, per_task_examples, options, random.Random(seed))
+        features = _tokenized(tokenizer, examples, cfg.seq_len)
+        prepared = meth.prepare(model, run, ctx)
+        stage_cfg = cfg
+        if cfg.max_steps > 0 and run.steps_factor != 1:
+            stage_cfg = replace(cfg, max_steps=cfg.max_steps * run.steps_factor)
+        label = "+".join(task_names[t] for t in run.tasks)
+        say(f"stage {k}/{len(plans)} ({method}, {label}): {len(examples)} examples, "
+            f"{prepared.info.get('trainable_params', '?')} trainable parameters")
+        batches = _batch_fn(features, stage_cfg.batch_size, pad_id_of(tokenizer), seed)
+        if deepspeed_config is not None:
+            result = _train_deepspeed(prepared, batches, stage_cfg, deepspeed_config, _kill_hook(k))
+        else:
+            result = train(prepared.model, batches, stage_cfg, params=prepared.params,
+                           on_step=_kill_hook(k), after_step=prepared.after_step)
+        model = prepared.finish(prepared.model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        record = {
+            "stage": k,
+            "tasks": [task_names[t] for t in run.tasks],
+            "coreset": stages[run.tasks[0]].coreset if len(run.tasks) == 1 else None,
+            "seed": seed,
+            "num_examples": len(examples),
+            "train": result.to_dict(),
+            "method_info": prepared.info,
+            "config": stage_cfg.to_dict(),
+        }
+        stage_records.append(record)
+        if ranks.main:
+            _save_checkpoint(model, tokenizer, out, k, record)
+            say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
+                f"evaluating")
+            scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
+            watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
+            write_json_atomic(_stage_dir(out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
+            monitor_rows.append([watched[n]["score"] for n in monitor_names])
+            # The marker goes last: only now is the stage complete for --resume.
+            write_text_atomic(_stage_dir(out, k) / MARKER, f"stage {k} complete\n")
+            rows.append([scores[n]["score"] for n in task_names])
+            _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=False,
+                           monitor=(monitor_names, monitor_rows))
+        ranks.barrier()
+        del model, prepared
+
+    if ranks.main:
+        results = _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=plot,
+                                 monitor=(monitor_names, monitor_rows))
+    ranks.barrier()
+    if not ranks.main:
+        results = _read_json(out / "results.json")
+    return RunResult(out_dir=out, results=results)
+
+
+class _Ranks:
+    """Rank awareness for DeepSpeed runs: every rank trains; rank 0 alone writes and evaluates."""
+
+    def __init__(self, distributed: bool):
+        self.distributed = False
+        self.rank = 0
+        if distributed:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                import deepspeed
+
+                deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+            self.distributed = True
+            self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step):
+    try:
+        from trace_transfer.train.ds import deepspeed_train
+    except ImportError as exc:
+        raise ArtifactNotFoundError(
+            "--deepspeed needs trace_transfer.train.ds and the deepspeed package: pip install 'trace-transfer[deepspeed]'"
+        ) from exc
+    return deepspeed_train(prepared.model, batches, cfg, deepspeed_config, params=prepared.params,
+                           on_step=on_step, after_step=prepared.after_step)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _write_results(out: Path, identity, stages, task_names, rows, stage_records, started, plot: bool,
+                   monitor: tuple[list[str], list[list[float]]] = ([], [])) -> dict[str, Any]:
+    complete = len(rows) - 1 == (1 if identity["method"] == "joint" else len(stages))
+    metrics = continual_metrics(rows) if len(rows) >= 2 else None
+    labels = ["before"] + [
+        f"after {'+'.join(r['tasks'])}" for r in stage_records
+    ]
+    results = {
+        "format": RESULTS_FORMAT,
+        "complete": complete,
+        "tasks": task_names,
+        "row_labels": labels,
+        "R": rows,
+        "metrics": metrics,
+        "monitor": {"tasks": monitor[0], "rows": monitor[1]} if monitor[0] else None,
+        "per_stage": [
+            {"stage": r["stage"], "tasks": r["tasks"], "seed": r["seed"], "steps": r["train"]["steps"],
+             "first_loss": r["train"]["first_loss"], "last_loss": r["train"]["last_loss"],
+             "losses": r["train"]["losses"], "seconds": r["train"]["seconds"], "method_info": r["method_info"]}
+            for r in stage_records
+        ],
+        "provenance": {
+            **identity,
+            "coresets": [_coreset_summary(s.coreset) for s in stages],
+            "general_coreset": _coreset_summary(identity["method_options"].get("general_coreset")),
+            "seeds": {"base": identity["config"]["seed"], "stage_k": "config.seed + k"},
+            "versions": versions(),
+            "started": started,
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        },
+    }
+    write_json_atomic(out / "results.json", results)
+    md = [f"# {identity['method']} on {' → '.join(task_names)}", ""]
+    md.append(format_matrix_markdown(rows, task_names, labels))
+    if metrics is not None:
+        def f(v):
+            return "n/a" if v is None else f"{v:+.3f}" if v < 0 or v > 0 else "0.000"
+
+        md += ["", f"AA {metrics['aa']:.3f} · BWT {f(metrics['bwt'])} · FWT {f(metrics['fwt'])} · "
+               f"mean forgetting {f(metrics['mean_forgetting'])}",
+               "", "BWT = 1/(T-1) Σ_{j<T} (R[T][j] − R[j][j]); FWT = 1/(T-1) Σ_{j≥2} (R[j−1][j] − R[0][j])."]
+    if monitor[0]:
+        md += ["", "Monitored (evaluated, never trained):", "",
+               format_matrix_markdown(monitor[1], monitor[0], labels[: len(monitor[1])])]
+    write_text_atomic(out / "results.md", "\n".join(md) + "\n")
+    if plot and len(rows) >= 2:
+        from trace_transfer.report.plots import plot_accuracy_matrix
+
+        plot_accuracy_matrix(rows, task_names, labels, out / "accuracy_matrix.png",
+                             title=f"{identity['method']}: accuracy matrix R")
+    return results
