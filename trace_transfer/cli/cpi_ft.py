@@ -1,0 +1,77 @@
+"""`trace-transfer cpi-ft`: the whole CPI-FT method in one command (thin glue over trace_transfer.cpi_ft)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+
+@click.command("cpi-ft")
+@click.option("--model", required=True, help="Base model: HF id or local directory.")
+@click.option("--task", "tasks", multiple=True, required=True, help="Task reference (repeat; at least two).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--ratio", type=float, default=0.01, show_default=True,
+              help="Core region per task: share of parameters with the largest update (paper: 0.01).")
+@click.option("--granularity", type=click.Choice(["element", "row", "column", "head", "tensor"]), default="element",
+              show_default=True, help="Unit of the core regions (paper: element).")
+@click.option("--scope", default="all", show_default=True, help="Tensor groups the core regions compete in.")
+@click.option("--tau", type=float, default=0.1, show_default=True, help="Jaccard threshold for clustering (paper: 0.1).")
+@click.option("--cluster-method", type=click.Choice(["components", "louvain"]), default="components", show_default=True)
+@click.option("--collision", type=click.Choice(["update", "auto", "score", "first", "last", "error"]), default="update",
+              show_default=True, help="Who wins where cores overlap (update: the task that moved the element most).")
+@click.option("--per-row", is_flag=True, help="SLERP one angle per row instead of per tensor.")
+@click.option("--sft", type=click.Choice(["sequence", "groups"]), default="sequence", show_default=True,
+              help="Pipeline SFT: one stage per task (R like every method) or per group on mixed data (paper).")
+@click.option("--freeze", type=click.Choice(["all", "prior"]), default="all", show_default=True,
+              help="Freeze every task's core in every SFT stage, or only earlier stages' cores (paper wording).")
+@click.option("--keep-deltas", is_flag=True, help="Keep the per-task update files (as large as the model).")
+@click.option("--epochs", type=float, default=3.0, show_default=True, help="Step 1: epochs per task.")
+@click.option("--max-steps", type=int, default=0, show_default=True, help="Step 1: optimizer steps; 0 = from --epochs.")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="Step 1: peak learning rate.")
+@click.option("--sft-epochs", type=float, default=None, help="Step 5: epochs per stage [default: --epochs].")
+@click.option("--sft-max-steps", type=int, default=None, help="Step 5: optimizer steps per stage [default: --max-steps].")
+@click.option("--sft-lr", type=float, default=None, help="Step 5: peak learning rate [default: --lr].")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW decay (never on frozen elements).")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")
+def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
+            keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
+            weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot) -> None:
+    """CPI-FT: per-task fine-tuning -> core regions -> clustering -> transplant + SLERP -> pipeline SFT.
+
+    Evaluated like `trace-transfer finetune` (OUT/results.json with R, AA, BWT, FWT; row 0 = MODEL).
+
+    \b
+    Example:
+      trace-transfer cpi-ft --model tiny --task synthetic:math --task synthetic:medical --task synthetic:code \\
+          --ratio 0.01 --tau 0.1 --max-steps 150 --lr 3e-4 --batch-size 32 --out runs/cpi-ft --plot
+    """
+    from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+    from trace_transfer.errors import TraceTransferError
+    from trace_transfer.train.loop import TrainConfig
+
+    try:
+        ft_cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                             seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                             scheduler=scheduler, precision=precision, seed=seed)
+        sft_cfg = replace(ft_cfg, **{k: v for k, v in (("epochs", sft_epochs), ("max_steps", sft_max_steps),
+                                                        ("lr", sft_lr)) if v is not None})
+        cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
+                          collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
+        cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
+               eval_batch_size=eval_batch_size, resume=resume, plot=plot, progress=lambda m: click.echo(m, err=True))
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((Path(out_dir) / "results.md").read_text())
+    click.echo(f"wrote {Path(out_dir) / 'results.json'}")

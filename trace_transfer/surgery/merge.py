@@ -1,0 +1,304 @@
+"""Streaming merges of model directories: slerp, lerp, transplant (and any registered method).
+
+One tensor at a time is read from every input model, merged and handed to ``ShardedWriter``, so
+memory holds one tensor per model, never a whole checkpoint. The output is an HF model dir (sharded
+safetensors + index, config/tokenizer copied from the first model, ``surgery.json`` provenance with
+a per-tensor report).
+
+Methods (``register_merge_method`` adds more; each is one function of one tensor):
+
+* ``slerp`` / ``lerp`` — interpolate all models (``t`` for two, ``weights`` for any number). With
+  CoreSets, only the elements of their union change (``restrict="inside"``) or only the elements
+  outside it (``restrict="outside"``); every other element keeps the first model's value.
+* ``transplant`` — CPI-FT step 3: each model's core elements (one CoreSet per model, same order) are
+  copied into a backbone; collisions follow ``collision`` (see ``transplant.py``; ``update`` here: the
+  model whose element moved furthest from ``base`` wins). What fills the
+  non-core elements is ``fill``: ``first`` (the first model), ``base`` (the ``base`` model),
+  or ``slerp`` / ``lerp`` of all models over the non-core elements — ``fill="slerp"`` is CPI-FT
+  steps 3 and 4 in one pass.
+
+Example:
+    >>> merge_models(["ft/math", "ft/code"], "merged", "slerp", options=MergeOptions(t=0.3))
+    >>> merge_models(["ft/math", "ft/code"], "merged", "transplant",
+    ...              coresets=["cores/math.coreset.safetensors", "cores/code.coreset.safetensors"],
+    ...              options=MergeOptions(fill="slerp"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from trace_transfer.coreset import CoreSet
+from trace_transfer.errors import ConfigError
+from trace_transfer.surgery._modeldir import (
+    WEIGHTS_PREFIX,
+    check_same_tensors,
+    copy_model_files,
+    open_model,
+    prepare_out_dir,
+    provenance,
+    write_provenance,
+)
+from trace_transfer.surgery.slerp import DOT_THRESHOLD, MULTI_METHODS, lerp_many, normalize_weights, slerp_many
+from trace_transfer.surgery.transplant import COLLISION_RULES, bits, expanded_score, transplant_tensor
+
+__all__ = ["merge_models", "MergeOptions", "MergeReport", "TensorJob", "register_merge_method", "merge_methods",
+           "RESTRICT_MODES", "FILL_MODES", "MERGE_COLLISION_RULES"]
+
+RESTRICT_MODES = ("inside", "outside")
+FILL_MODES = ("first", "base", "slerp", "lerp")
+# Merge-level collision rules: the tensor-level ones plus ``update`` (largest |model − base| wins,
+# CPI-FT's own notion of importance), which needs the base model and so lives here.
+MERGE_COLLISION_RULES = (*COLLISION_RULES, "update")
+
+
+@dataclass
+class MergeOptions:
+    """Options of a merge; each method reads the ones it needs."""
+
+    t: float | None = field(default=None, metadata={"help": "two models: 0 gives model 1, 1 gives model 2"})
+    weights: list[float] | None = field(default=None, metadata={"help": "one non-negative weight per model"})
+    per_row: bool = field(default=False, metadata={"help": "SLERP: one angle per row instead of per tensor"})
+    multi: str = field(default="pairwise", metadata={"help": "SLERP over >2 models: pairwise | nlerp"})
+    restrict: str = field(default="inside", metadata={"help": "with CoreSets: change only inside | outside them"})
+    fill: str = field(default="first", metadata={"help": "transplant: non-core from first | base | slerp | lerp"})
+    collision: str = field(default="auto", metadata={"help": "transplant collision rule: " + " | ".join(MERGE_COLLISION_RULES)})
+    dot_threshold: float = field(default=DOT_THRESHOLD, metadata={"help": "SLERP: |cos| above which to lerp"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.t is not None and self.weights is not None:
+            problems.append("give either t (two models) or weights (one per model), not both")
+        if self.t is not None and not 0.0 <= self.t <= 1.0:
+            problems.append(f"t={self.t} is outside [0, 1]")
+        for key, value, valid in (("multi", self.multi, MULTI_METHODS), ("restrict", self.restrict, RESTRICT_MODES),
+                                  ("fill", self.fill, FILL_MODES), ("collision", self.collision, MERGE_COLLISION_RULES)):
+            if value not in valid:
+                problems.append(f"{key}={value!r} is not one of {', '.join(valid)}")
+        if not 0.0 < self.dot_threshold <= 1.0:
+            problems.append(f"dot_threshold={self.dot_threshold} must be in (0, 1]")
+        if problems:
+            raise ConfigError("invalid merge options:", problems)
+
+    def resolved_weights(self, n: int) -> list[float]:
+        if self.t is not None:
+            if n != 2:
+                raise ConfigError(f"t applies to exactly two models, got {n}; give --weight once per model instead")
+            return [1.0 - self.t, self.t]
+        return normalize_weights(self.weights, n)
+
+
+@dataclass
+class TensorJob:
+    """Everything a merge method sees for one tensor."""
+
+    name: str
+    tensors: list[torch.Tensor]                  # one per model, in model order
+    masks: list[torch.Tensor | None] | None      # per model (full shape), when CoreSets were given
+    scores: list[torch.Tensor | None] | None     # per model (full shape), when those CoreSets carry scores
+    base: torch.Tensor | None                    # the base model's tensor, when a base was given
+
+    def union_mask(self) -> torch.Tensor | None:
+        """Union of the per-model masks; None when no CoreSets were given (no restriction at all),
+        all False when CoreSets were given but none has a core element in this tensor."""
+        if self.masks is None:
+            return None
+        out = torch.zeros(self.tensors[0].shape, dtype=torch.bool)
+        for m in self.masks:
+            if m is not None:
+                out |= m
+        return out
+
+
+MergeFn = Callable[[TensorJob, MergeOptions, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Method:
+    fn: MergeFn
+    coresets: str  # "optional" or "per-model"
+    help: str
+
+
+_METHODS: dict[str, _Method] = {}
+
+
+def register_merge_method(name: str, *, coresets: str = "optional", help: str = "") -> Callable[[MergeFn], MergeFn]:
+    """Register a merge method: ``fn(job, options, stats) -> tensor`` (``stats``: per-tensor counts to fill).
+
+    ``coresets="per-model"`` makes one CoreSet per model mandatory (as for transplant).
+    """
+    if coresets not in ("optional", "per-model"):
+        raise ValueError(f"coresets={coresets!r}: expected 'optional' or 'per-model'")
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        _METHODS[name] = _Method(fn, coresets, help or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def merge_methods() -> dict[str, str]:
+    """``{name: one-line help}`` of the registered merge methods."""
+    return {n: m.help for n, m in _METHODS.items()}
+
+
+def _untouched(mask: torch.Tensor | None, opts: MergeOptions) -> bool:
+    """True when a CoreSet restriction leaves nothing of this tensor to merge."""
+    return mask is not None and opts.restrict == "inside" and not bool(mask.any())
+
+
+@register_merge_method("slerp", help="spherical interpolation (per tensor or per row), weighted for >2 models")
+def _slerp(job: TensorJob, opts: MergeOptions, stats: dict) -> torch.Tensor:
+    if _untouched(job.union_mask(), opts):
+        return job.tensors[0]
+    return slerp_many(job.tensors, opts.resolved_weights(len(job.tensors)), method=opts.multi, per_row=opts.per_row,
+                      mask=job.union_mask(), invert_mask=opts.restrict == "outside",
+                      dot_threshold=opts.dot_threshold, info=stats)
+
+
+@register_merge_method("lerp", help="weighted linear average")
+def _lerp(job: TensorJob, opts: MergeOptions, stats: dict) -> torch.Tensor:
+    if _untouched(job.union_mask(), opts):
+        return job.tensors[0]
+    return lerp_many(job.tensors, opts.resolved_weights(len(job.tensors)), mask=job.union_mask(),
+                     invert_mask=opts.restrict == "outside")
+
+
+@register_merge_method("transplant", coresets="per-model",
+                       help="copy each model's core elements into one backbone (CPI-FT step 3)")
+def _transplant(job: TensorJob, opts: MergeOptions, stats: dict) -> torch.Tensor:
+    union = job.union_mask()  # never None: transplant requires one CoreSet per model
+    if opts.fill == "base":
+        backbone = job.base
+    elif opts.fill in ("slerp", "lerp") and bool(union.all()):
+        backbone = job.tensors[0]  # nothing outside the cores to fuse
+    elif opts.fill == "slerp":
+        # The non-core elements are fused; the angle is measured on them alone (see slerp.py).
+        backbone = slerp_many(job.tensors, opts.resolved_weights(len(job.tensors)), method=opts.multi,
+                              per_row=opts.per_row, mask=union, invert_mask=True,
+                              dot_threshold=opts.dot_threshold, info=stats)
+    elif opts.fill == "lerp":
+        backbone = lerp_many(job.tensors, opts.resolved_weights(len(job.tensors)), mask=union, invert_mask=True)
+    else:
+        backbone = job.tensors[0]
+    if not bool(union.any()):
+        return backbone  # no model has core elements here
+    scores, rule = job.scores, opts.collision
+    if rule == "update":  # the donor that moved the element furthest from the base wins
+        base = job.base.to(torch.float32)
+        scores = [None if m is None else (t.to(torch.float32) - base).abs() for t, m in zip(job.tensors, job.masks)]
+        rule = "score"
+    out, row = transplant_tensor(backbone, job.tensors, job.masks, scores, rule=rule, name=job.name)
+    stats.update(row)
+    return out
+
+
+@dataclass
+class MergeReport:
+    """What a merge did, per tensor and in total (also written to ``surgery.json``)."""
+
+    out_dir: Path
+    method: str
+    per_tensor: dict[str, dict[str, Any]]
+    record: dict[str, Any]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("numel", "changed", "core", "collisions", "conflicts", "rows", "fallback_rows")
+        return {k: sum(int(r.get(k) or 0) for r in self.per_tensor.values()) for k in keys}
+
+    def collisions(self) -> dict[str, dict[str, Any]]:
+        """Per-tensor rows of the tensors where cores collided."""
+        return {n: r for n, r in self.per_tensor.items() if r.get("collisions")}
+
+
+def merge_models(
+    models: Sequence[str | Path],
+    out_dir: str | Path,
+    method: str = "slerp",
+    *,
+    coresets: Sequence[str | Path | CoreSet] | None = None,
+    base: str | Path | None = None,
+    options: MergeOptions | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MergeReport:
+    """Merge model directories tensor by tensor into ``out_dir`` (an HF model dir).
+
+    Args:
+        models: two or more model dirs of one architecture and size; the first is "model A"
+            (untouched elements, dtype, config files).
+        out_dir: output dir (created; must not be an input).
+        method: a registered method: ``slerp``, ``lerp``, ``transplant``.
+        coresets: CoreSet files/objects — for slerp/lerp any number (their union restricts what
+            changes); for transplant exactly one per model, in model order.
+        base: the base model dir: the backbone for ``transplant`` with ``fill="base"``, the reference
+            of ``collision="update"``.
+        options: :class:`MergeOptions` (t / weights, per_row, restrict, fill, collision, ...).
+        max_shard_bytes: shard size cap of the written safetensors.
+        progress: called as ``progress(i, n, tensor_name)`` after each tensor.
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        ConfigError: unknown method, wrong number of CoreSets/weights, bad options.
+        ModelMismatchError: the models (or a CoreSet) do not share names and shapes.
+    """
+    opts = options or MergeOptions()
+    if method not in _METHODS:
+        raise ConfigError(f"merge method {method!r} is unknown; choose one of {', '.join(_METHODS)}")
+    spec = _METHODS[method]
+    if len(models) < 2:
+        raise ConfigError(f"merging needs at least two --model, got {len(models)}")
+    opts.resolved_weights(len(models))  # fail on bad weights before reading anything
+    loaded = [c if isinstance(c, CoreSet) else CoreSet.load(c) for c in (coresets or [])]
+    if spec.coresets == "per-model" and len(loaded) != len(models):
+        raise ConfigError(f"{method} needs one --coreset per --model (in the same order): got {len(models)} models "
+                          f"and {len(loaded)} CoreSets")
+    if method == "transplant" and base is None and (opts.fill == "base" or opts.collision == "update"):
+        raise ConfigError(f"transplant with {'fill' if opts.fill == 'base' else 'collision'}="
+                          f"'{opts.fill if opts.fill == 'base' else opts.collision}' needs the base model (--base DIR)")
+    out = prepare_out_dir(out_dir, [*models, base])
+
+    readers = [(f"model {i} ({p})", open_model(p, f"model {i}")) for i, p in enumerate(models, start=1)]
+    base_reader = open_model(base, "base model") if base is not None else None
+    names = check_same_tensors(readers + ([(f"base ({base})", base_reader)] if base_reader else []))
+    for cs in loaded:
+        cs.check_fits(readers[0][1])
+    # A CoreSet absent (None) for a tensor is cheaper than an all-False mask of its full shape.
+    core_names = [set(cs.names()) for cs in loaded]
+
+    params = {"method": method, "options": asdict(opts), "max_shard_bytes": max_shard_bytes}
+    inputs = {"models": [str(m) for m in models], "base": str(base) if base else None,
+              "coresets": [str(c) if not isinstance(c, CoreSet) else c.metadata.get("task") for c in (coresets or [])]}
+    record = provenance("merge", inputs, params)
+    per_tensor: dict[str, dict[str, Any]] = {}
+    with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes, metadata={"provenance": record}) as writer:
+        for i, name in enumerate(names, start=1):
+            tensors = [r.get(name) for _, r in readers]
+            masks = scores = None
+            if loaded:
+                masks = [cs.mask(name) if name in cn else None for cs, cn in zip(loaded, core_names)]
+                scores = [expanded_score(cs, name) if name in cn else None for cs, cn in zip(loaded, core_names)]
+            job = TensorJob(name, tensors, masks, scores, base_reader.get(name) if base_reader else None)
+            stats: dict[str, Any] = {}
+            merged = spec.fn(job, opts, stats)
+            stats["numel"] = merged.numel()
+            stats["changed"] = int((bits(merged) != bits(tensors[0].to(merged.dtype))).sum())
+            per_tensor[name] = stats
+            writer.add(name, merged)
+            if progress is not None:
+                progress(i, len(names), name)
+    copy_model_files(models[0], out)
+    report = MergeReport(out, method, per_tensor, record)
+    write_provenance(out, {**record, "totals": report.totals(), "per_tensor": per_tensor})
+    return report
