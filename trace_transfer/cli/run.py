@@ -1,0 +1,41 @@
+"""`trace-transfer run PIPELINE.yaml`: the whole small-to-large pipeline from one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/<name>). Reusing it resumes: finished steps are skipped.")
+@click.option("--force", multiple=True, metavar="STEP",
+              help="Redo STEP even if done (a name or prefix: probe, cores/target-lf, finetune/full). Repeatable.")
+@click.option("--check", is_flag=True, help="Only validate the config (all problems at once) and exit.")
+def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check: bool) -> None:
+    """Run the pipeline described by PIPELINE (YAML): models → probes → CoreSets → CKA layer map →
+    transfer → every method's sequential fine-tuning on the target → report.
+
+    \b
+    Example:
+      trace-transfer run examples/pipelines/tiny.yaml --out runs/tiny
+      trace-transfer run examples/pipelines/tiny.yaml --out runs/tiny --force finetune/trace-lf
+    """
+    from trace_transfer.errors import ConfigError
+    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.pipeline.run import run_pipeline
+    from trace_transfer.report.summary import print_table
+
+    try:
+        cfg = load_pipeline(pipeline)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if check:
+        click.echo(f"{pipeline}: valid ({len(cfg.tasks)} tasks, methods: {', '.join(cfg.methods)})")
+        return
+    run_dir = run_dir or Path("runs") / cfg.name
+    result = run_pipeline(cfg, run_dir, force=force, base_dir=pipeline.parent, say=click.echo)
+    print_table(result.summary)
+    click.echo(f"report: {result.artifacts['report'] / 'report.html'}")

@@ -1,0 +1,350 @@
+"""``trace-transfer run``: the small-to-large pipeline as content-addressed steps.
+
+The run directory mirrors the data flow of DESIGN §2::
+
+    models/{source,target}[-pretrained]   built / pretrained models (or the given hub id / dir)
+    probe/{source,target}/<task>          warm-start Δ + Fisher per task
+    cores/{source,target}-{lf,cs,random}  one CoreSet per task
+    cores/target-general                  general-core protection's core (LF on the general task)
+    cka, layermap                         CKA matrix, layer map
+    cores/transfer-{lf,cs}                source CoreSets mapped onto the target
+    finetune/<method>[@lr]/seed<k>        the sequential runner's output (results.json)
+    report                                summary table, markdown + HTML report, plots
+
+Every step is skipped when its inputs are unchanged (see ``steps.py``), so an interrupted or
+extended run resumes, and ``--force STEP`` redoes one step (and, through hashes, what depends on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
+from trace_transfer.pipeline.steps import StepRunner, stable_hash
+
+logger = logging.getLogger(__name__)
+
+# method name -> (runner method, which CoreSets it trains on)
+_CORE_SOURCE = {
+    "trace-lf": "target-lf",
+    "trace-cs": "target-cs",
+    "trace-random": "target-random",
+    "transfer-lf": "transfer-lf",
+    "transfer-cs": "transfer-cs",
+}
+BASELINES = ("full", "joint", "lora", "replay")
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method label -> per-seed results
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _task_key(task: str) -> str:
+    from trace_transfer.scoring import coreset_filename
+
+    return coreset_filename(task.split("?")[0].removeprefix("synthetic:")).removesuffix(".coreset.safetensors")
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    force: tuple[str, ...] = (),
+    base_dir: Path | None = None,
+    say: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Run every step of ``cfg`` under ``run_dir`` and return the collected results.
+
+    Args:
+        cfg: a validated :class:`PipelineConfig` (see :func:`load_pipeline`).
+        run_dir: the run directory; reusing it resumes.
+        force: step names (or prefixes such as ``probe``) to redo even if done.
+        base_dir: resolves relative paths in the config (default: current directory).
+        say: progress callback (one line per event).
+    """
+    base_dir = Path(base_dir or Path.cwd())
+    runner = StepRunner(Path(run_dir), force=force, on_event=say)
+    out = PipelineResult(Path(run_dir))
+    needs_target_cores = {m for m in cfg.methods if m.startswith("trace-")}
+    needs_transfer = {m for m in cfg.methods if m.startswith("transfer-")}
+
+    # 1. models ------------------------------------------------------------------------------------
+    source = _model_step(runner, "source", cfg.source, base_dir)
+    target = _model_step(runner, "target", cfg.target, base_dir)
+
+    # 2. probes --------------------------------------------------------------------------------------
+    probe_params = cfg.probe.model_dump()
+    sides = []
+    if needs_transfer:
+        sides.append(("source", source))
+    if needs_target_cores or "general-core" in cfg.methods:
+        sides.append(("target", target))
+    probe_steps: dict[str, list[str]] = {}
+    for side, (model_ref, model_step) in sides:
+        tasks = list(cfg.tasks) if (side == "source" or needs_target_cores) else []
+        if side == "target" and "general-core" in cfg.methods:
+            tasks.append(cfg.general_task)
+        for task in tasks:
+            name = f"probe/{side}/{_task_key(task)}"
+            runner.step(name, {"task": task, "model": model_ref, **probe_params},
+                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0]), depends=_deps(model_step))
+            probe_steps.setdefault(side, []).append(name)
+
+    # 3. scoring --------------------------------------------------------------------------------------
+    core_dirs: dict[str, str] = {}
+    strategies_for = {
+        "source": sorted({m.split("-")[1] for m in needs_transfer}),
+        "target": sorted({m.split("-")[1] for m in needs_target_cores}),
+    }
+    for side, strategies in strategies_for.items():
+        task_probes = [p for p in probe_steps.get(side, []) if not p.endswith("/" + _task_key(cfg.general_task))]
+        for strategy in strategies:
+            name = f"cores/{side}-{strategy}"
+            runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(), "seed": cfg.seeds[0]},
+                        _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg), depends=task_probes)
+            core_dirs[f"{side}-{strategy}"] = name
+    if "general-core" in cfg.methods:
+        gp = f"probe/target/{_task_key(cfg.general_task)}"
+        runner.step("cores/target-general", {"strategy": "lf", **cfg.scoring.model_dump()},
+                    _score_fn([runner.records[gp].dir], "lf", cfg), depends=[gp])
+
+    # 4. CKA + layer map + transfer -------------------------------------------------------------------
+    if needs_transfer:
+        lm = cfg.layer_map
+        runner.step("cka", {**lm.model_dump(), "source": source[0], "target": target[0]},
+                    _cka_fn(source[0], target[0], lm, base_dir), depends=_deps(source[1]) + _deps(target[1]))
+        runner.step("layermap", {"method": lm.method, "bootstrap": lm.bootstrap, "seed": cfg.seeds[0]},
+                    _layermap_fn(runner.records["cka"].dir, lm), depends=["cka"])
+        out.artifacts["cka"] = runner.records["cka"].dir
+        out.artifacts["layermap"] = runner.records["layermap"].dir / "layer_map.json"
+        for strategy in strategies_for["source"]:
+            name = f"cores/transfer-{strategy}"
+            src_cores = core_dirs[f"source-{strategy}"]
+            runner.step(name, {"ratio": cfg.scoring.ratio, "source_rules": cfg.source.rules,
+                               "target_rules": cfg.target.rules},
+                        _transfer_fn(runner.records[src_cores].dir, cfg, source[0], target[0],
+                                     runner.records["layermap"].dir / "layer_map.json", base_dir),
+                        depends=[src_cores, "layermap"])
+            core_dirs[f"transfer-{strategy}"] = name
+
+    # 5. fine-tuning: every method x seed on the target ----------------------------------------------
+    for method in cfg.methods:
+        lrs = [cfg.training.lr] + (list(cfg.training.lr_sweep) if method == "full" else [])
+        for lr in lrs:
+            label = method if lr == cfg.training.lr else f"{method}@{lr:g}"
+            for seed in cfg.seeds:
+                name = f"finetune/{label}/seed{seed}"
+                deps = _deps(target[1])
+                core_step = core_dirs.get(_CORE_SOURCE.get(method, ""))
+                if core_step:
+                    deps.append(core_step)
+                if method == "general-core":
+                    deps.append("cores/target-general")
+                params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
+                          "training": cfg.training.model_dump(), "eval": cfg.eval.model_dump(),
+                          "launch": cfg.launch.model_dump()}
+                rec = runner.step(name, params, _finetune_fn(method, lr, seed, cfg, target[0], runner, core_step,
+                                                             base_dir), depends=deps, resumable=True)
+                out.results.setdefault(label, []).append(_read_results(rec.dir))
+
+    # 6. report -------------------------------------------------------------------------------------
+    from trace_transfer.report.summary import summarise
+
+    out.summary = summarise(cfg, out.results)
+    report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
+    rec = runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds},
+                      _report_fn(cfg, runner, out), depends=report_deps)
+    out.artifacts["report"] = rec.dir
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Step bodies. Each returns a function of the step directory that writes the artifact there.
+# --------------------------------------------------------------------------------------------------
+
+
+def _deps(step: str | None) -> list[str]:
+    return [step] if step else []
+
+
+def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) -> tuple[str, str | None]:
+    """Return (model reference, producing step name or None for a given hub id / dir)."""
+    if spec.model is not None:
+        local = Path(spec.model).expanduser()
+        if not local.is_absolute() and (base_dir / local).exists():
+            return str((base_dir / local).resolve()), None
+        return spec.model, None
+    build = spec.build
+
+    def build_fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.models import build_tiny_model
+
+        build_tiny_model(build.arch, d / "model", layers=build.layers, hidden=build.hidden, heads=build.heads,
+                         kv_heads=build.kv_heads, tokenizer=build.tokenizer, seed=build.seed)
+        return {"model": "model"}
+
+    name = f"models/{side}"
+    runner.step(name, build.model_dump(), build_fn)
+    model_dir, step = runner.records[name].dir / "model", name
+    if spec.pretrain is not None:
+        pre = spec.pretrain
+
+        def pretrain_fn(d: Path) -> dict[str, Any]:
+            from trace_transfer.pretrain import pretrain
+
+            res = pretrain(model_dir, d / "model", task=pre.task, steps=pre.steps, batch_size=pre.batch_size,
+                           lr=pre.lr, seq_len=pre.seq_len, seed=build.seed)
+            return {"model": "model", "final_loss": res.final_loss, "scores": res.scores, "seconds": res.seconds}
+
+        step = f"models/{side}-pretrained"
+        runner.step(step, pre.model_dump(), pretrain_fn, depends=[name])
+        model_dir = runner.records[step].dir / "model"
+    return str(model_dir), step
+
+
+def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.probe import ProbeConfig, probe
+
+        p = cfg.probe
+        res = probe(model_ref, task, d, ProbeConfig(epochs=p.epochs, max_steps=p.max_steps, lr=p.lr,
+                                                    batch_size=p.batch_size, seq_len=p.seq_len, fisher=p.fisher,
+                                                    seed=seed))
+        return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
+
+    return fn
+
+
+def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.scoring import score
+
+        s = cfg.scoring
+        cores = score(probe_dirs, strategy, s.ratio, d, granularity=s.granularity, budget=s.budget,
+                      alpha=s.alpha, beta=s.beta, seed=cfg.seeds[0])
+        return {"coresets": {t: c.num_selected() for t, c in cores.items()}}
+
+    return fn
+
+
+def _cka_fn(source: str, target: str, lm, base_dir: Path):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.cka import compute_cka
+
+        probes = lm.probes
+        if (base_dir / probes).exists():
+            probes = str(base_dir / probes)
+        res = compute_cka(source, target, probes, d, variant=_variant(lm.variant), pooling=lm.pooling,
+                          max_probes=lm.max_probes, progress=False)
+        return {"shape": list(res.matrix.shape)}
+
+    return fn
+
+
+def _variant(v: str) -> str:
+    return {"debiased": "linear-debiased", "linear": "linear", "rbf": "rbf"}[v]
+
+
+def _layermap_fn(cka_dir: Path, lm):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.cka import CKAResult
+        from trace_transfer.layermap import map_layers
+
+        m = map_layers(CKAResult.load(cka_dir), lm.method, bootstrap=lm.bootstrap)
+        m.save(d / "layer_map.json")
+        return {"forward": {str(k): v for k, v in m.forward.items()}}
+
+    return fn
+
+
+def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path, base_dir: Path):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.checkpoint import write_json_atomic
+        from trace_transfer.coreset import CoreSet
+        from trace_transfer.transfer import transfer
+
+        kw = {}
+        if cfg.source.rules:
+            kw["source_rules"] = str(base_dir / cfg.source.rules)
+        if cfg.target.rules:
+            kw["target_rules"] = str(base_dir / cfg.target.rules)
+        counts = {}
+        for f in sorted(src_dir.glob("*.coreset.safetensors")):
+            cs, report = transfer(CoreSet.load(f), source, target, layer_map, ratio=cfg.scoring.ratio, **kw)
+            cs.save(d / f.name)
+            write_json_atomic(d / f.name.replace(".coreset.safetensors", ".report.json"), report.to_dict()
+                              if hasattr(report, "to_dict") else vars(report))
+            counts[f.name] = cs.num_selected()
+        return {"coresets": counts}
+
+    return fn
+
+
+def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
+                 core_step: str | None, base_dir: Path):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.train.loop import TrainConfig
+        from trace_transfer.train.runner import MethodOptions, Stage, run_sequence
+
+        t = cfg.training
+        stages = []
+        for task in cfg.tasks:
+            coreset = None
+            if core_step:
+                coreset = str(runner.records[core_step].dir / f"{_task_key(task)}.coreset.safetensors")
+            stages.append(Stage(task, coreset))
+        opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
+        runner_method = "trace" if method in _CORE_SOURCE else method
+        if method == "general-core":
+            gdir = runner.records["cores/target-general"].dir
+            opts = MethodOptions(general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
+        train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+                                seq_len=t.seq_len, seed=seed)
+        ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
+        if method == "cpi-ft":
+            from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+
+            res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
+                         eval_batch_size=cfg.eval.batch_size, resume=True)
+        else:
+            res = run_sequence(target, stages, runner_method, d, train_cfg, eval_limit=cfg.eval.limit,
+                               deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True)
+        _prune_checkpoints(d)
+        return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
+
+    return fn
+
+
+def _prune_checkpoints(run_dir: Path) -> None:
+    """Keep only the last stage's weights: the pipeline compares methods by their results, and a
+    dozen methods x seeds x stages of checkpoints would fill a disk for a real target."""
+    stages = sorted((p for p in run_dir.glob("stage_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    for p in stages[:-1]:
+        for w in p.glob("*.safetensors"):
+            w.unlink()
+
+
+def _read_results(d: Path) -> dict[str, Any]:
+    import json
+
+    f = d / "results.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _report_fn(cfg: PipelineConfig, runner: StepRunner, out: PipelineResult):
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.report.report import write_report
+
+        paths = write_report(d, cfg, out.summary, out.results, {n: r.dir for n, r in runner.records.items()})
+        return {"files": [str(p.relative_to(d)) for p in paths], "hash": stable_hash(out.summary)}
+
+    return fn

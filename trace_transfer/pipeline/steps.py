@@ -1,0 +1,111 @@
+"""Content-addressed pipeline steps: skip what is done, redo what changed.
+
+Each step owns a directory under the run directory. When it finishes it writes ``step.json`` (last,
+atomically) holding the hash of its inputs: parameters, the code version, and the ``step.json``
+hashes of the steps it consumed. A rerun whose inputs hash the same skips the step, so an
+interrupted or extended run resumes where it stopped; changing a parameter redoes that step and
+everything downstream, because their input hashes change too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trace_transfer._version import __version__, versions
+from trace_transfer.checkpoint import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+STEP_FILE = "step.json"
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON encoding (sorted keys; paths as strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StepRecord:
+    name: str
+    dir: Path
+    hash: str
+    skipped: bool
+    seconds: float
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class StepRunner:
+    """Runs named steps in a run directory with skip-if-done semantics.
+
+    Args:
+        run_dir: where every step's directory lives.
+        force: step names (or name prefixes, e.g. ``probe`` for ``probe/source/math``) to redo.
+        on_event: callback ``(message)`` for progress output.
+    """
+
+    def __init__(self, run_dir: Path, force: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.force = tuple(force)
+        self.records: dict[str, StepRecord] = {}
+        self._say = on_event or (lambda msg: logger.info(msg))
+
+    def _forced(self, name: str) -> bool:
+        return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
+
+    def step(
+        self,
+        name: str,
+        params: dict[str, Any],
+        fn: Callable[[Path], dict[str, Any] | None],
+        depends: list[str] = (),
+        resumable: bool = False,
+    ) -> StepRecord:
+        """Run ``fn(step_dir)`` unless ``step_dir/step.json`` records the same input hash.
+
+        ``fn`` returns a small JSON-able dict stored in step.json (paths relative to the step dir
+        are fine); it must write its artifacts under ``step_dir``. ``resumable=True`` keeps a
+        partial directory of an interrupted attempt with the same inputs, for bodies that resume
+        themselves (the sequential runner continues after its last complete stage).
+        """
+        dep_hashes = {d: self.records[d].hash for d in depends}
+        h = stable_hash({"name": name, "params": params, "deps": dep_hashes, "tool": __version__})
+        step_dir = self.run_dir / name
+        marker = step_dir / STEP_FILE
+        if marker.exists() and not self._forced(name):
+            try:
+                done = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                done = {}
+            if done.get("hash") == h:
+                rec = StepRecord(name, step_dir, h, True, 0.0, done.get("result", {}))
+                self.records[name] = rec
+                self._say(f"[skip] {name} (done, inputs unchanged)")
+                return rec
+        attempt = step_dir / ".attempt"
+        same_inputs = attempt.exists() and attempt.read_text() == h
+        if step_dir.exists() and not (resumable and same_inputs):  # stale output of an earlier attempt
+            shutil.rmtree(step_dir)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        attempt.write_text(h)
+        self._say(f"[run ] {name}")
+        t0 = time.perf_counter()
+        result = fn(step_dir) or {}
+        seconds = time.perf_counter() - t0
+        write_json_atomic(
+            marker,
+            {"name": name, "hash": h, "params": params, "depends": dep_hashes, "result": result,
+             "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions()},
+        )
+        rec = StepRecord(name, step_dir, h, False, seconds, result)
+        self.records[name] = rec
+        self._say(f"[done] {name} in {seconds:.1f}s")
+        return rec

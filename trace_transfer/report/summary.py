@@ -1,0 +1,109 @@
+"""Aggregate per-seed sequential-runner results into the paper's Table 1/4 shape.
+
+For every method: the final score on each task (last row of R), the average (AA), the change
+against the best baseline's average, BWT and FWT (GEM), the plasticity (score on each task right
+after its own stage) — as mean ± std over seeds (std with ddof=1; 0 for a single seed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+BASELINE_METHODS = ("full", "joint", "lora", "replay")
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``{"tasks", "methods": {label: {...}}, "best_baseline", "rows"}`` from per-seed results.json dicts."""
+    tasks: list[str] = []
+    methods: dict[str, Any] = {}
+    for label, runs in results.items():
+        runs = [r for r in runs if r.get("R")]
+        if not runs:
+            continue
+        tasks = tasks or list(runs[0]["tasks"])
+        final = [[run["R"][-1][j] for run in runs] for j in range(len(tasks))]
+        plast = [[(run["metrics"].get("plasticity") or [None] * len(tasks))[j] for run in runs]
+                 for j in range(len(tasks))]
+        entry = {
+            "n_seeds": len(runs),
+            "final": [_mean_std(v) for v in final],
+            "plasticity": [_mean_std(v) for v in plast],
+            "aa": _mean_std([run["metrics"]["aa"] for run in runs]),
+            "bwt": _mean_std([run["metrics"].get("bwt") for run in runs]),
+            "fwt": _mean_std([run["metrics"].get("fwt") for run in runs]),
+            "base": [_mean_std([run["R"][0][j] for run in runs]) for j in range(len(tasks))],
+        }
+        methods[label] = entry
+    baselines = {k: v for k, v in methods.items() if k.split("@")[0] in BASELINE_METHODS and v["aa"][0] is not None}
+    best = max(baselines, key=lambda k: baselines[k]["aa"][0]) if baselines else None
+    for label, entry in methods.items():
+        entry["delta_vs_best_baseline"] = (
+            entry["aa"][0] - methods[best]["aa"][0] if best and entry["aa"][0] is not None else None
+        )
+    return {"tasks": tasks, "methods": methods, "best_baseline": best,
+            "seeds": list(getattr(cfg, "seeds", []) or []),
+            "conventions": {
+                "final": "R[T][j]: score on task j after the last stage",
+                "aa": "mean of the last row of R",
+                "bwt": "mean over j<T of R[T][j] - R[j][j] (denominator T-1); joint has none",
+                "fwt": "mean over j>=2 of R[j-1][j] - R[0][j] (denominator T-1)",
+                "plasticity": "R[j][j]: score on task j right after its own stage",
+                "spread": "mean ± sample std over seeds",
+            }}
+
+
+def _fmt(ms: tuple[float | None, float | None], pct: bool = True, signed: bool = False) -> str:
+    m, s = ms
+    if m is None:
+        return "n/a"
+    scale = 100.0 if pct else 1.0
+    body = f"{m * scale:+.1f}" if signed else f"{m * scale:.1f}"
+    return body + (f" ± {s * scale:.1f}" if s else "")
+
+
+def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (scores in %)."""
+    header = ["method", *summary["tasks"], "avg", "Δ vs best baseline", "BWT", "FWT"]
+    rows = []
+    for label, e in summary["methods"].items():
+        delta = e["delta_vs_best_baseline"]
+        rows.append([
+            label + (" (best baseline)" if label == summary["best_baseline"] else ""),
+            *[_fmt(v) for v in e["final"]],
+            _fmt(e["aa"]),
+            "—" if delta is None or label == summary["best_baseline"] else f"{100 * delta:+.1f}",
+            _fmt(e["bwt"], signed=True),
+            _fmt(e["fwt"], signed=True),
+        ])
+    return header, rows
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    header, rows = summary_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(summary: dict[str, Any], title: str = "results (scores in %, mean ± std over seeds)") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = summary_rows(summary)
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
