@@ -92,3 +92,19 @@ def test_interrupted_step_is_redone(tmp_path):
         StepRunner(tmp_path).step("a", {}, boom)
     rec = StepRunner(tmp_path).step("a", {}, lambda d: {"ok": True})
     assert not rec.skipped and not (rec.dir / "partial").exists()
+
+
+def test_models_without_a_rule_are_reported_before_training(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "my_new_arch", "architectures": ["X"]}))
+    bad = {**GOOD, "source": {"model": "./m"}, "target": {"build": {"arch": "no-such-family"}}}
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(p)
+    msg = str(e.value)
+    assert "my_new_arch" in msg and "rules init" in msg  # says how to draft the missing rule
+    assert "no-such-family" in msg
+    # without a transfer method no rule is needed
+    p.write_text(yaml.safe_dump({**bad, "target": {"build": {"arch": "qwen3"}}, "methods": ["full"]}))
+    assert load_pipeline(p).source.model == "./m"

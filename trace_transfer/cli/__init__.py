@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import click
 
@@ -48,19 +49,16 @@ def main(verbose: int) -> None:
       trace-transfer score --strategy lf --probe probes/math --ratio 0.05 --out cores
       trace-transfer finetune --model tiny --stage synthetic:math:cores/math.coreset.safetensors --out run
     """
+    if verbose < 2:  # transformers' per-load tqdm bars drown our own progress lines; -vv brings them back
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _register() -> None:
+    # Strict on purpose: a command module that fails to import must fail loudly, not vanish from --help.
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:  # command not built yet in this checkout
-            if exc.name == f"{__name__}.{name}":
-                continue
-            raise
-        main.add_command(module.command)
+        main.add_command(importlib.import_module(f"{__name__}.{name}").command)
 
 
 _register()

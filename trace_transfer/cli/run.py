@@ -12,7 +12,8 @@ import click
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/<name>). Reusing it resumes: finished steps are skipped.")
 @click.option("--force", multiple=True, metavar="STEP",
-              help="Redo STEP even if done (a name or prefix: probe, cores/target-lf, finetune/full). Repeatable.")
+              help="Redo STEP even if done, and the steps that consume it (a name or path prefix: probe, "
+                   "cores/target-lf, finetune/full). Repeatable.")
 @click.option("--check", is_flag=True, help="Only validate the config (all problems at once) and exit.")
 def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check: bool) -> None:
     """Run the pipeline described by PIPELINE (YAML): models → probes → CoreSets → CKA layer map →

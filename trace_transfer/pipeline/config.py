@@ -67,6 +67,9 @@ class ProbeSpec(_Strict):
     batch_size: int = 8
     seq_len: int = 1024
     fisher: Literal["batch", "per-sample"] = "batch"
+    fisher_batches: int = Field(0, ge=0, description="mini-batches for the Fisher; 0 = one pass over the probe data")
+    max_examples: int = Field(0, ge=0, description="probe on the first N training examples of each task; 0 = all "
+                              "(cap it for large sets such as synthetic:general's 80k)")
 
 
 class ScoringSpec(_Strict):
@@ -198,6 +201,9 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
             problems.append(f"{side}.model: directory {spec.model!r} does not exist")
         if spec.rules and not _resolve(spec.rules, base_dir).exists():
             problems.append(f"{side}.rules: rule file {spec.rules!r} does not exist")
+    if any(m.startswith("transfer-") for m in cfg.methods):
+        for side in ("source", "target"):
+            problems += _rule_problems(side, getattr(cfg, side), base_dir)
     if cfg.launch.deepspeed and not _resolve(cfg.launch.deepspeed, base_dir).exists():
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(
@@ -205,6 +211,36 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     ).exists() and not cfg.layer_map.probes.startswith("hf:"):
         problems.append(f"layer_map.probes: probe file {cfg.layer_map.probes!r} does not exist")
     return problems
+
+
+def _rule_problems(side: str, spec: ModelSpec, base_dir: Path) -> list[str]:
+    """Transfer maps tensors by role, so both models need a rule file; find out before any training."""
+    from trace_transfer.errors import RuleError
+    from trace_transfer.rules import find_rules
+
+    if spec.build is not None:
+        from trace_transfer.models import _resolve_arch
+
+        try:
+            _, arch = _resolve_arch(spec.build.arch)
+        except ConfigError as exc:
+            return [f"{side}.build.arch: {exc}"]
+        config: dict[str, Any] = {"model_type": arch.model_type}
+    else:
+        local = _resolve(spec.model, base_dir)
+        if not (local / "config.json").is_file():
+            return []  # a hub id: its config is only known once downloaded; transfer checks it then
+        import json
+
+        config = json.loads((local / "config.json").read_text())
+    rules = str(_resolve(spec.rules, base_dir)) if spec.rules else None
+    if rules and not Path(rules).exists():
+        return []  # reported above
+    try:
+        find_rules(config, rules)
+    except RuleError as exc:
+        return [f"{side}: {exc}"]
+    return []
 
 
 def _looks_local(ref: str) -> bool:

@@ -218,6 +218,7 @@ def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
         p = cfg.probe
         res = probe(model_ref, task, d, ProbeConfig(epochs=p.epochs, max_steps=p.max_steps, lr=p.lr,
                                                     batch_size=p.batch_size, seq_len=p.seq_len, fisher=p.fisher,
+                                                    fisher_batches=p.fisher_batches, max_examples=p.max_examples,
                                                     seed=seed))
         return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
 

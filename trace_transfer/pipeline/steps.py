@@ -47,7 +47,8 @@ class StepRunner:
 
     Args:
         run_dir: where every step's directory lives.
-        force: step names (or name prefixes, e.g. ``probe`` for ``probe/source/math``) to redo.
+        force: step names (or name prefixes, e.g. ``probe`` for ``probe/source/math``) to redo; a
+            step consuming a step redone in this invocation is redone too.
         on_event: callback ``(message)`` for progress output.
     """
 
@@ -56,6 +57,7 @@ class StepRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.force = tuple(force)
         self.records: dict[str, StepRecord] = {}
+        self._ran: set[str] = set()  # steps executed in this invocation: their dependents must follow
         self._say = on_event or (lambda msg: logger.info(msg))
 
     def _forced(self, name: str) -> bool:
@@ -80,7 +82,8 @@ class StepRunner:
         h = stable_hash({"name": name, "params": params, "deps": dep_hashes, "tool": __version__})
         step_dir = self.run_dir / name
         marker = step_dir / STEP_FILE
-        if marker.exists() and not self._forced(name):
+        upstream_redone = any(d in self._ran for d in depends)
+        if marker.exists() and not self._forced(name) and not upstream_redone:
             try:
                 done = json.loads(marker.read_text())
             except json.JSONDecodeError:
@@ -92,7 +95,7 @@ class StepRunner:
                 return rec
         attempt = step_dir / ".attempt"
         same_inputs = attempt.exists() and attempt.read_text() == h
-        if step_dir.exists() and not (resumable and same_inputs):  # stale output of an earlier attempt
+        if step_dir.exists() and not (resumable and same_inputs and not upstream_redone):  # stale output of an earlier attempt
             shutil.rmtree(step_dir)
         step_dir.mkdir(parents=True, exist_ok=True)
         attempt.write_text(h)
@@ -107,5 +110,6 @@ class StepRunner:
         )
         rec = StepRecord(name, step_dir, h, False, seconds, result)
         self.records[name] = rec
+        self._ran.add(name)
         self._say(f"[done] {name} in {seconds:.1f}s")
         return rec
