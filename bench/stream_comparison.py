@@ -15,7 +15,9 @@ Configurations (all through ``trace_transfer.train.runner.run_sequence``, one ca
 * ``joint`` (all three tasks mixed, 450 steps) and ``replay`` (10% of each earlier task mixed in);
 * ``trace`` with LF, CS and random CoreSets of the *same budget* (row granularity, 5% of the
   parameters of each layer group, ``budget=params``), probed with a 1-epoch warm start; LF also with
-  strict isolation and at a higher lr.
+  strict isolation and at a higher lr;
+* ``general-core`` (LF core of ``synthetic:general`` frozen, complement trained) and ``cpi-ft``
+  (``trace_transfer.cpi_ft``, paper settings: element core regions of 1%, τ = 0.1).
 
 Prints the accuracy matrices and a summary table; writes ``<work>/stream_comparison.json``. Every
 run is resumable: rerunning the script skips the configurations (and stages) already done.
@@ -53,6 +55,10 @@ def configs(lrs_full: list[float]) -> list[dict]:
         {"name": "trace-lf-strict-3e-4", "method": "trace", "lr": 3e-4, "cores": "lf", "isolation": "strict"},
         {"name": "trace-lf-0.001", "method": "trace", "lr": 1e-3, "cores": "lf"},
         {"name": "trace-random-0.001", "method": "trace", "lr": 1e-3, "cores": "random"},
+        # general-core protection: freeze the LF core scored on the base-skill mixture, train the rest
+        {"name": "general-core-3e-4", "method": "general-core", "lr": 3e-4},
+        # CPI-FT: per-task FT -> element core regions (1%) -> cluster -> transplant + SLERP -> frozen-core SFT
+        {"name": "cpi-ft-3e-4", "method": "cpi-ft", "lr": 3e-4},
     ]
     return out
 
@@ -61,7 +67,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_base(work: Path, base: str | None, seed: int) -> Path:
+def ensure_base(work: Path, base: str | None, seed: int, layers: int = 4, hidden: int = 192) -> Path:
     from trace_transfer.models import build_tiny_model
     from trace_transfer.pretrain import pretrain
 
@@ -72,7 +78,8 @@ def ensure_base(work: Path, base: str | None, seed: int) -> Path:
         return path
     tiny = work / "tiny"
     if not (tiny / "model.safetensors").exists():
-        build_tiny_model("llama", tiny, layers=4, hidden=192, heads=6, kv_heads=2, tokenizer="char", seed=seed)
+        build_tiny_model("llama", tiny, layers=layers, hidden=hidden, heads=6 if hidden % 6 == 0 else 4, kv_heads=2,
+                         tokenizer="char", seed=seed)
     log("pretraining the base on synthetic:general (2,400 steps, batch 32)")
     pretrain(tiny, path, steps=2400, batch_size=32, seed=seed)
     return path
@@ -103,6 +110,17 @@ def ensure_cores(work: Path, base: Path, args) -> dict[str, list[str]]:
                            budget=args.budget, seed=args.seed)
             paths = [out / coreset_filename(t) for t in result]
         cores[strategy] = [str(p) for p in paths]
+    # general-core protection: the LF core of the base-skill mixture (same budget and granularity)
+    gd = work / "probes" / "general"
+    if not (gd / "probe.json").exists():
+        log("probing synthetic:general for general-core protection")
+        probe(str(base), "synthetic:general", gd, ProbeConfig(lr=args.probe_lr, max_steps=args.probe_steps,
+                                                              batch_size=32, seq_len=32, device="cpu",
+                                                              max_examples=1600, seed=args.seed))
+    gout = work / "cores" / f"general-lf-{args.granularity}-{args.ratio:g}"
+    if not (gout / coreset_filename("general")).exists():
+        score([str(gd)], "lf", args.ratio, gout, granularity=args.granularity, budget=args.budget, seed=args.seed)
+    cores["general"] = [str(gout / coreset_filename("general"))]
     return cores
 
 
@@ -160,6 +178,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed (data order, LoRA init); base, probes and CoreSets stay those of seed 0")
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--layers", type=int, default=4, help="base model depth (scale trend)")
+    ap.add_argument("--hidden", type=int, default=192, help="base model width (scale trend)")
     args = ap.parse_args()
 
     import torch
@@ -179,7 +199,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = ensure_base(work, args.base, 0)
+    base = ensure_base(work, args.base, 0, layers=args.layers, hidden=args.hidden)
     cores = ensure_cores(work, base, argparse.Namespace(**{**vars(args), "seed": 0}))
     todo = configs([float(x) for x in args.full_lrs.split(",")])
     if args.only:
@@ -192,16 +212,23 @@ def main() -> None:
         stages = [Stage(t, p) for t, p in zip(STREAM, core_paths)]
         cfg = TrainConfig(lr=c["lr"], max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           warmup_ratio=0.03, seed=args.seed)
-        opts = MethodOptions(isolation=c.get("isolation", "none"), replay_share=c.get("replay_share", 0.1))
+        opts = MethodOptions(isolation=c.get("isolation", "none"), replay_share=c.get("replay_share", 0.1),
+                             general_coreset=cores["general"][0] if c["method"] == "general-core" else None)
         log(f"{c['name']}: {c['method']} at lr {c['lr']:g}")
         t1 = time.time()
         run_dir = work / "runs" / (c["name"] if args.seed == 0 else f"{c['name']}-seed{args.seed}")
-        r = run_sequence(str(base), stages, c["method"], run_dir, cfg, eval_limit=args.eval_limit,
-                         resume=True, options=opts, monitor=MONITOR, plot=True, progress=log)
+        if c["method"] == "cpi-ft":
+            from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+
+            r = cpi_ft(str(base), STREAM, run_dir, CpiFtConfig(), ft_cfg=cfg, eval_limit=args.eval_limit,
+                       resume=True, plot=True, progress=log)
+        else:
+            r = run_sequence(str(base), stages, c["method"], run_dir, cfg, eval_limit=args.eval_limit,
+                             resume=True, options=opts, monitor=MONITOR, plot=True, progress=log)
         log(f"{c['name']}: done in {time.time() - t1:.0f}s, AA {r.metrics['aa']:.3f}")
         summaries.append(summarise(c["name"], r.results))
         matrices[c["name"]] = {"R": r.R, "row_labels": r.results["row_labels"], "tasks": r.results["tasks"],
-                               "monitor": r.results["monitor"], "metrics": r.metrics,
+                               "monitor": r.results.get("monitor"), "metrics": r.metrics,
                                "losses": [(s["first_loss"], s["last_loss"]) for s in r.results["per_stage"]]}
 
     # ---- print ----

@@ -202,13 +202,23 @@ def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) 
             from trace_transfer.pretrain import pretrain
 
             res = pretrain(model_dir, d / "model", task=pre.task, steps=pre.steps, batch_size=pre.batch_size,
-                           lr=pre.lr, seq_len=pre.seq_len, seed=build.seed)
+                           lr=pre.lr, seq_len=pre.seq_len, seed=build.seed, progress=_every_tenth(runner.say))
             return {"model": "model", "final_loss": res.final_loss, "scores": res.scores, "seconds": res.seconds}
 
         step = f"models/{side}-pretrained"
         runner.step(step, pre.model_dump(), pretrain_fn, depends=[name])
         model_dir = runner.records[step].dir / "model"
     return str(model_dir), step
+
+
+def _every_tenth(say: Callable[[str], None]) -> Callable[[str, int, int], None]:
+    """A ``(stage, done, total)`` progress callback that reports every 10% of a long loop."""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if total and (done == total or done % max(1, total // 10) == 0):
+            say(f"       {stage} {done}/{total}")
+
+    return report
 
 
 def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
@@ -315,10 +325,12 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
             from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
-                         eval_batch_size=cfg.eval.batch_size, resume=True)
+                         eval_batch_size=cfg.eval.batch_size, resume=True,
+                         progress=lambda msg: runner.say(f"       {msg}"))
         else:
             res = run_sequence(target, stages, runner_method, d, train_cfg, eval_limit=cfg.eval.limit,
-                               deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True)
+                               deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True,
+                               progress=lambda msg: runner.say(f"       {msg}"))
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 

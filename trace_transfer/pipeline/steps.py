@@ -58,7 +58,7 @@ class StepRunner:
         self.force = tuple(force)
         self.records: dict[str, StepRecord] = {}
         self._ran: set[str] = set()  # steps executed in this invocation: their dependents must follow
-        self._say = on_event or (lambda msg: logger.info(msg))
+        self.say = on_event or (lambda msg: logger.info(msg))
 
     def _forced(self, name: str) -> bool:
         return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
@@ -91,7 +91,7 @@ class StepRunner:
             if done.get("hash") == h:
                 rec = StepRecord(name, step_dir, h, True, 0.0, done.get("result", {}))
                 self.records[name] = rec
-                self._say(f"[skip] {name} (done, inputs unchanged)")
+                self.say(f"[skip] {name} (done, inputs unchanged)")
                 return rec
         attempt = step_dir / ".attempt"
         same_inputs = attempt.exists() and attempt.read_text() == h
@@ -99,7 +99,7 @@ class StepRunner:
             shutil.rmtree(step_dir)
         step_dir.mkdir(parents=True, exist_ok=True)
         attempt.write_text(h)
-        self._say(f"[run ] {name}")
+        self.say(f"[run ] {name}")
         t0 = time.perf_counter()
         result = fn(step_dir) or {}
         seconds = time.perf_counter() - t0
@@ -111,5 +111,5 @@ class StepRunner:
         rec = StepRecord(name, step_dir, h, False, seconds, result)
         self.records[name] = rec
         self._ran.add(name)
-        self._say(f"[done] {name} in {seconds:.1f}s")
+        self.say(f"[done] {name} in {seconds:.1f}s")
         return rec
