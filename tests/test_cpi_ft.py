@@ -117,3 +117,39 @@ def test_core_regions_pick_the_largest_updates(tmp_path):
     assert not (tmp_path / "cores" / "deltas").exists()
     rows = core_regions(tmp_path / "base", {"t": tmp_path / "tuned"}, tmp_path / "rows", ratio=0.2, granularity="row")
     assert rows["t"].unit_mask("model.layers.0.mlp.w.weight").tolist() == [True, False, False, False]
+
+
+def test_magnitude_strategy_and_sft_method_registered_without_importing_cpi_ft():
+    """A fresh process (as `trace-transfer score --strategy magnitude` is) must see both built-ins."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from trace_transfer.scoring import STRATEGIES\n"
+            "from trace_transfer.train.methods import available_methods\n"
+            "assert 'trace_transfer.cpi_ft' not in sys.modules\n"
+            "print(sorted(STRATEGIES), available_methods())\n"
+            "assert 'magnitude' in STRATEGIES, sorted(STRATEGIES)\n"
+            "assert 'cpi-ft-sft' in available_methods(), available_methods()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_score_cli_magnitude_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    save_file({"model.layers.0.mlp.w.weight": torch.arange(20, dtype=torch.float32).reshape(4, 5) - 10},
+              str(probe / "delta.safetensors"))
+    (probe / "probe.json").write_text(json.dumps({"task": "t", "tensors": ["model.layers.0.mlp.w.weight"]}))
+    res = subprocess.run([sys.executable, "-m", "trace_transfer", "score", "--strategy", "magnitude", "--probe",
+                          str(probe), "--ratio", "0.25", "--granularity", "row", "--out", str(tmp_path / "cores")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cs = CoreSet.load(tmp_path / "cores" / "t.coreset.safetensors")
+    assert cs.metadata["strategy"] == "magnitude"
+    assert cs.unit_mask("model.layers.0.mlp.w.weight").tolist() == [True, False, False, False]

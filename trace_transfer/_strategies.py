@@ -1,4 +1,5 @@
-"""The built-in scoring strategies: ``lf`` (TRACE-LF), ``cs`` (TRACE-CS) and ``random`` (the control).
+"""The built-in scoring strategies: ``lf`` (TRACE-LF), ``cs`` (TRACE-CS), ``random`` (the control) and
+``magnitude`` (CPI-FT's core regions: the largest fine-tuning updates).
 
 Each is registered with :func:`trace_transfer.scoring.register_strategy`; see that module for the
 contract and for how units, budgets and ties work. Imported by ``scoring`` itself, so the built-ins
@@ -209,5 +210,36 @@ class Random:
         def fn(name: str, start: int, stop: int) -> torch.Tensor:
             g = torch.Generator().manual_seed(self._seed(run, task, name, start))
             return torch.rand(stop - start, generator=g)
+
+        return fn
+
+
+@register_strategy("magnitude")
+class Magnitude:
+    """CPI-FT core regions: score = |Δ| per element (RMS of Δ over a unit at coarser granularities)."""
+
+    min_tasks = 1
+
+    def check(self, run: ScoringRun) -> None:
+        pass
+
+    def unit_scores(self, run: ScoringRun) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for p in run.probes:
+            scores = {}
+            for i, name in enumerate(run.names):
+                (sq,) = reduce_units([p.delta], name, run.layouts[name], lambda c: [square(c[0])], run.chunk_elems)
+                scores[name] = torch.sqrt(sq / run.unit_size(name))
+                run.tick(f"scoring {p.task}", i + 1, len(run.names))
+            run.notes.append({"score": "RMS of the fine-tuning update over the unit (CPI-FT)"})
+            out.append(scores)
+        return out
+
+    def element_scores(self, run: ScoringRun, t: int) -> Callable[[str, int, int], torch.Tensor]:
+        p = run.probes[t]
+        run.notes.append({"score": "|fine-tuning update| per element (CPI-FT)"})
+
+        def fn(name: str, start: int, stop: int) -> torch.Tensor:
+            return torch.abs(p.delta.window(name, start, stop))  # a new tensor: the mapped window stays read-only
 
         return fn

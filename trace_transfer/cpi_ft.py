@@ -6,16 +6,17 @@ The five steps, each a library piece that can also be run on its own:
    task's **core region**: the parameters with the largest update magnitude ``|θ_task − θ_0|``
    (:func:`core_regions`; per element by default, as the paper — any scoring granularity works; the
    paper's budget is p = 1%). Selection goes through :func:`trace_transfer.scoring.score` with the
-   ``magnitude`` strategy registered here, so budgets, granularities, tie-breaking and streaming are
-   the same as TRACE's.
+   built-in ``magnitude`` strategy (``trace_transfer._strategies``), so budgets, granularities,
+   tie-breaking and streaming are the same as TRACE's.
 2. **Task clustering** by core-region overlap (:func:`trace_transfer.surgery.clustering.cluster_tasks`).
 3. **Transplantation** of each task's core elements from its fine-tuned model into one backbone, and
 4. **SLERP fusion** of the non-core elements across the task models — both in one streaming pass
    (:func:`trace_transfer.surgery.merge.merge_models`, ``transplant`` with ``fill="slerp"``);
    where cores collide, the task whose element moved furthest from the base wins (``collision="update"``).
 5. **Pipeline SFT** of the merged model with core regions frozen (``apply_coreset(mode="freeze-core")``)
-   through the sequential runner, method ``cpi-ft-sft`` registered here. Tasks are trained group by
-   group (groups in order of their first task, tasks in input order within a group):
+   through the sequential runner, built-in method ``cpi-ft-sft`` (``trace_transfer.train.methods``).
+   Tasks are trained group by group (groups in order of their first task, tasks in input order
+   within a group):
 
    * ``sft="sequence"`` (default): one stage per task, so the accuracy matrix ``R`` is ``(T+1)×T``
      exactly like every other method's and AA/BWT/FWT line up with TRACE and the baselines;
@@ -65,12 +66,12 @@ from trace_transfer._version import versions
 from trace_transfer.checkpoint import ShardedWriter, write_json_atomic, write_text_atomic
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError
-from trace_transfer.scoring import coreset_filename, register_strategy, score
+from trace_transfer.scoring import coreset_filename, score
 from trace_transfer.surgery._modeldir import check_same_tensors, open_model
 from trace_transfer.surgery.clustering import CLUSTER_METHODS, cluster_tasks
 from trace_transfer.surgery.merge import MERGE_COLLISION_RULES, MergeOptions, merge_models
 from trace_transfer.train.loop import TrainConfig
-from trace_transfer.train.methods import Prepared, RunPlan, Stage, register_method
+from trace_transfer.train.methods import Stage, get_method
 
 __all__ = ["cpi_ft", "CpiFtConfig", "CpiFtResult", "core_regions", "SFT_MODES", "FREEZE_MODES"]
 
@@ -78,45 +79,12 @@ logger = logging.getLogger(__name__)
 
 SFT_MODES = ("sequence", "groups")
 FREEZE_MODES = ("all", "prior")
-SFT_METHOD = "cpi-ft-sft"
+SFT_METHOD = "cpi-ft-sft"  # the runner method of step 5, built into trace_transfer.train.methods
 
 
 # --------------------------------------------------------------------------------------------------
-# Step 1b: core regions = largest update magnitude (a scoring strategy)
+# Step 1b: core regions = largest update magnitude (the built-in ``magnitude`` scoring strategy)
 # --------------------------------------------------------------------------------------------------
-
-
-@register_strategy("magnitude")
-class Magnitude:
-    """CPI-FT core regions: score = |Δ| per element (RMS of Δ over a unit at coarser granularities)."""
-
-    min_tasks = 1
-
-    def check(self, run) -> None:
-        pass
-
-    def unit_scores(self, run) -> list[dict[str, torch.Tensor]]:
-        from trace_transfer._granularity import reduce_units
-
-        out = []
-        for p in run.probes:
-            scores = {}
-            for i, name in enumerate(run.names):
-                (sq,) = reduce_units([p.delta], name, run.layouts[name], lambda c: [c[0] * c[0]], run.chunk_elems)
-                scores[name] = torch.sqrt(sq / run.unit_size(name))
-                run.tick(f"scoring {p.task}", i + 1, len(run.names))
-            run.notes.append({"score": "RMS of the fine-tuning update over the unit (CPI-FT)"})
-            out.append(scores)
-        return out
-
-    def element_scores(self, run, t: int) -> Callable[[str, int, int], torch.Tensor]:
-        p = run.probes[t]
-        run.notes.append({"score": "|fine-tuning update| per element (CPI-FT)"})
-
-        def fn(name: str, start: int, stop: int) -> torch.Tensor:
-            return torch.abs(p.delta.window(name, start, stop))  # a new tensor: the mapped window stays read-only
-
-        return fn
 
 
 def core_regions(
@@ -167,59 +135,6 @@ def core_regions(
     return cores
 
 
-# --------------------------------------------------------------------------------------------------
-# Step 5: pipeline SFT with core regions frozen (a runner method)
-# --------------------------------------------------------------------------------------------------
-
-
-class CpiFtSft:
-    """Runner method: every stage freezes the CoreSet named by its ``Stage.coreset`` and trains the rest.
-
-    Consecutive stages naming the *same* CoreSet file form one training run over their tasks' data
-    mixed (a CPI-FT group); give every stage its own file for one run per task.
-    """
-
-    name = SFT_METHOD
-
-    def check(self, stages, options):
-        return [f"stage {i + 1} ({s.task}) has no frozen CoreSet (TASK:FROZEN.coreset.safetensors)"
-                for i, s in enumerate(stages) if not s.coreset]
-
-    def plan(self, stages):
-        plans, start = [], 0
-        for i in range(1, len(stages) + 1):
-            if i == len(stages) or stages[i].coreset != stages[start].coreset:
-                tasks = tuple(range(start, i))
-                plans.append(RunPlan(index=len(plans) + 1, tasks=tasks, steps_factor=len(tasks)))
-                start = i
-        return plans
-
-    @staticmethod
-    def examples(run, per_task, options, rng):
-        return [ex for t in run.tasks for ex in per_task[t]]
-
-    def prepare(self, model, run, ctx):
-        from trace_transfer.train.masking import apply_coreset
-
-        path = ctx.stages[run.tasks[0]].coreset
-        frozen = CoreSet.load(path)
-        frozen.check_fits(model)
-        info: dict[str, Any] = {"frozen_coreset": path, "frozen_params": frozen.num_selected()}
-        if frozen.num_selected() == 0:  # freeze="prior", first stage: nothing to protect yet
-            for p in model.parameters():
-                p.requires_grad_(True)
-            return Prepared(model=model, info={**info, "trainable_params": sum(p.numel() for p in model.parameters())})
-        handle = apply_coreset(model, frozen, mode="freeze-core")
-
-        def finish(m):
-            handle.remove()
-            return m
-
-        return Prepared(model=model, params=handle.param_groups(ctx.weight_decay), after_step=handle.after_step,
-                        finish=finish, info={**info, **handle.summary()})
-
-
-register_method(CpiFtSft)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +292,7 @@ def cpi_ft(
     results = dict(sft.results)
     R = [base_row] + [list(r) for r in sft.R[1:]]
     labels = ["before (base)"] + list(results.get("row_labels", [])[1:])
-    n_runs = len(CpiFtSft().plan(stages))
+    n_runs = len(get_method(SFT_METHOD).plan(stages))
     results.update({
         "R": R,
         "row_labels": labels,

@@ -49,7 +49,7 @@ def parse_stage(spec: str):
 @click.option("--stage", "stage_specs", multiple=True, required=True,
               help="TASK[:CORESET], once per stage, in training order (TASK may contain colons).")
 @click.option("--method", default="trace", show_default=True,
-              help="trace | full | lora | joint | replay | general-core (or a registered plug-in method).")
+              help="trace | full | lora | joint | replay | general-core | cpi-ft-sft (or a registered plug-in method).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--isolation", type=click.Choice(["none", "strict"]), default="none", show_default=True,
               help="trace: 'strict' also freezes earlier stages' cores.")

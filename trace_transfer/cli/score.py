@@ -1,4 +1,4 @@
-"""`trace-transfer score`: probe directories → one CoreSet per task (LF, CS or random)."""
+"""`trace-transfer score`: probe directories → one CoreSet per task (LF, CS, random or magnitude)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from trace_transfer.errors import TraceTransferError
 
 @click.command("score")
 @click.option("--strategy", default="lf", show_default=True,
-              help="lf (α·L2 + β·Fisher) | cs (cross-task specificity, needs >= 3 tasks) | random (control).")
+              help="lf (α·L2 + β·Fisher) | cs (cross-task specificity, needs >= 3 tasks) | random (control) | "
+                   "magnitude (CPI-FT core regions: largest |Δ|) | any registered strategy.")
 @click.option("--probe", "probe_dirs", multiple=True, required=True, type=click.Path(file_okay=False),
               help="A probe directory (from `trace-transfer probe`); repeat once per task.")
 @click.option("--ratio", type=float, required=True, help="Share of the budget to select, e.g. 0.05 for 5%.")

@@ -26,6 +26,9 @@ Built-in methods:
                 training set).
 * ``general-core`` freeze a CoreSet scored on general data (``general_coreset``) in every stage and
                 fine-tune its complement ("Selective Parameter Optimization").
+* ``cpi-ft-sft`` CPI-FT step 5 (``trace_transfer.cpi_ft``): every stage freezes the CoreSet named by
+                its ``Stage.coreset`` and trains the rest; consecutive stages naming the same file form
+                one run over their tasks' data mixed (a CPI-FT group).
 """
 
 from __future__ import annotations
@@ -330,5 +333,42 @@ class GeneralCore:
                        {"general_coreset": ctx.options.general_coreset})
 
 
-for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore):
+class CpiFtSft:
+    """CPI-FT pipeline SFT: freeze the stage's CoreSet (the tasks' core regions), train the rest.
+
+    Consecutive stages naming the *same* CoreSet file form one training run over their tasks' data
+    mixed (a CPI-FT group); give every stage its own file for one run per task.
+    """
+
+    name = "cpi-ft-sft"
+
+    def check(self, stages, options):
+        return [f"stage {i + 1} ({s.task}) has no frozen CoreSet (TASK:FROZEN.coreset.safetensors)"
+                for i, s in enumerate(stages) if not s.coreset]
+
+    def plan(self, stages):
+        plans, start = [], 0
+        for i in range(1, len(stages) + 1):
+            if i == len(stages) or stages[i].coreset != stages[start].coreset:
+                tasks = tuple(range(start, i))
+                plans.append(RunPlan(index=len(plans) + 1, tasks=tasks, steps_factor=len(tasks)))
+                start = i
+        return plans
+
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        from trace_transfer.coreset import CoreSet
+
+        path = ctx.stages[run.tasks[0]].coreset
+        frozen = CoreSet.load(path)
+        frozen.check_fits(model)
+        info: dict[str, Any] = {"frozen_coreset": path, "frozen_params": frozen.num_selected()}
+        if frozen.num_selected() == 0:  # freeze="prior", first run: nothing to protect yet
+            _train_everything(model)
+            return Prepared(model=model, info={**info, "trainable_params": sum(p.numel() for p in model.parameters())})
+        return _masked(model, frozen, "freeze-core", ctx.weight_decay, info)
+
+
+for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore, CpiFtSft):
     register_method(_m)
