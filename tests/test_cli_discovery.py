@@ -97,3 +97,31 @@ def test_coreset_show_on_element_coreset_and_algebra(tmp_path):
         _ok(runner.invoke(main, ["coreset", *cmd, "--out", str(tmp_path / cmd[0])]))
         got = CoreSet.load(tmp_path / f"{cmd[0]}.coreset.safetensors")
         assert all(torch.equal(got.mask(n), expect.mask(n)) for n in shapes), cmd[0]
+
+
+def test_coreset_stats_one_file_and_several(tmp_path):
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (4, 4), "model.layers.0.mlp.up_proj.weight": (6, 4),
+              "model.layers.1.self_attn.q_proj.weight": (4, 4), "model.norm.weight": (4,)}
+    g = torch.Generator().manual_seed(0)
+    sets = [CoreSet.from_masks({n: torch.rand(s, generator=g) < 0.3 for n, s in shapes.items()}, shapes, {"task": t})
+            for t in ("a", "b", "c")]
+    paths = [str(cs.save(tmp_path / cs.metadata["task"])) for cs in sets]
+    runner = CliRunner()
+
+    out = _ok(runner.invoke(main, ["coreset", "stats", paths[0], "--per", "module"]))
+    assert f"selected {sets[0].num_selected()} of 60 parameters" in out
+    assert "share of each tensor" in out and "selected per module" in out
+    assert "self_attn.q_proj.weight" in out and "Jaccard" not in out
+
+    out = _ok(runner.invoke(main, ["coreset", "stats", *paths[:2]]))
+    j = sets[0].jaccard(sets[1])
+    assert f"Jaccard {j:.4f}" in out and "pairwise Jaccard" in out and "Jaccard per layer" in out
+
+    out = _ok(runner.invoke(main, ["coreset", "stats", *paths, "--per", "layer"]))
+    assert "pairwise Jaccard" in out and "common to all 3" in out
+    for x, y in ((0, 1), (0, 2), (1, 2)):
+        assert f"{sets[x].jaccard(sets[y]):.4f}" in out
+    assert "1·2" in out and "2·3" in out and "all" in out
+
+    out = runner.invoke(main, ["coreset", "stats"])
+    assert out.exit_code != 0

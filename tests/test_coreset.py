@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trace_transfer.coreset import CoreSet, UnitLayout, overlap_stats
+from trace_transfer.coreset import CoreSet, UnitLayout, overlap_stats, pairwise_overlap, selection_stats
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ModelMismatchError
 
 SHAPES = {
@@ -120,6 +120,36 @@ def test_overlap_stats_per_layer_and_module():
     assert st["per_module"]["self_attn.q_proj.weight"] == pytest.approx(16 / 32)
     assert st["overall"]["intersection"] == 16
     assert st["overall"]["union"] == a.num_selected() + 32 - 16
+
+
+def test_selection_stats_per_layer_module_and_tensor():
+    st = selection_stats(_mixed())
+    # layer 0: q 16 of 32, down 8 of 24, norm 4 of 4; layer 1: down 5 of 24 (elements 0, 5, 10, 15, 20), q 0 of 32
+    assert st["per_layer"][0] == {"selected": 28, "total": 60, "share": pytest.approx(28 / 60)}
+    assert st["per_layer"][1] == {"selected": 5, "total": 56, "share": pytest.approx(5 / 56)}
+    assert st["per_layer"]["global"] == {"selected": 0, "total": 40, "share": 0.0}
+    assert st["per_module"]["mlp.down_proj.weight"]["selected"] == 13
+    assert st["per_module"]["mlp.down_proj.weight"]["total"] == 48
+    assert st["per_tensor"]["model.layers.0.input_layernorm.weight"]["share"] == 1.0
+    assert st["overall"] == {"selected": 33, "total": 156, "share": pytest.approx(33 / 156)}
+
+
+def test_pairwise_overlap_matrix_and_common_to_all():
+    a = _mixed()
+    b = CoreSet.from_masks({"model.layers.0.self_attn.q_proj.weight": torch.ones(8, 4, dtype=torch.bool)}, SHAPES)
+    c = CoreSet.from_masks({"model.layers.1.mlp.down_proj.weight": torch.ones(4, 6, dtype=torch.bool)}, SHAPES)
+    st = pairwise_overlap([a, b, c])
+    assert st["selected"] == [33, 32, 24]
+    assert st["jaccard"][0][1] == st["jaccard"][1][0] == pytest.approx(16 / (33 + 32 - 16))
+    assert st["jaccard"][0][2] == pytest.approx(5 / (33 + 24 - 5))
+    assert st["jaccard"][1][2] == 0.0 and st["jaccard"][2][2] == 1.0
+    assert st["pairs"][0, 1] == overlap_stats(a, b)
+    assert st["all"]["intersection"] == 0 and st["all"]["union"] == 33 + 32 + 24 - 16 - 5
+    assert st["all"]["per_layer"][0] == 0.0
+    two = pairwise_overlap([a, b])
+    assert two["all"]["per_layer"] == overlap_stats(a, b)["per_layer"]
+    with pytest.raises(ValueError, match="at least two"):
+        pairwise_overlap([a])
 
 
 def test_mismatch_errors_name_the_tensor():

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ FORMAT = "trace-transfer/coreset"
 FORMAT_VERSION = 1
 SUFFIX = ".coreset.safetensors"
 
-__all__ = ["CoreSet", "UnitLayout", "overlap_stats", "FORMAT_VERSION", "SUFFIX"]
+__all__ = ["CoreSet", "UnitLayout", "overlap_stats", "pairwise_overlap", "selection_stats", "split_layer", "FORMAT_VERSION", "SUFFIX"]
 
 
 @dataclass(frozen=True)
@@ -521,49 +519,5 @@ class CoreSet:
         return values.reshape(n)
 
 
-# --------------------------------------------------------------------------------------------------
-# Overlap statistics
-# --------------------------------------------------------------------------------------------------
-
-_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def split_layer(name: str) -> tuple[int | None, str]:
-    """``model.layers.3.mlp.up_proj.weight`` → ``(3, "mlp.up_proj.weight")``; non-layer tensors → None."""
-    m = _LAYER_RE.search(name)
-    if not m:
-        return None, name
-    return int(m.group(1)), name[m.end() :]
-
-
-def overlap_stats(a: CoreSet, b: CoreSet) -> dict[str, Any]:
-    """Jaccard overlap (in elements) of two CoreSets over the same model: overall, per layer, per
-    module (tensor name with the layer index removed) and per tensor."""
-    inter, union = a.intersection(b), a.union(b)
-    per_tensor, per_layer, per_module = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
-    for name in a.all_names():
-        i, u = inter.num_selected(name), union.num_selected(name)
-        if u == 0:
-            continue
-        per_tensor[name] = i / u
-        layer, module = split_layer(name)
-        for key, table in ((layer if layer is not None else "global", per_layer), (module, per_module)):
-            table[key][0] += i
-            table[key][1] += u
-    total_u = union.num_selected()
-
-    def _ratio(t: dict) -> dict:
-        return {k: v[0] / v[1] for k, v in t.items() if v[1]}
-
-    return {
-        "overall": {
-            "jaccard": inter.num_selected() / total_u if total_u else 0.0,
-            "intersection": inter.num_selected(),
-            "union": total_u,
-            "a_selected": a.num_selected(),
-            "b_selected": b.num_selected(),
-        },
-        "per_layer": _ratio(per_layer),
-        "per_module": _ratio(per_module),
-        "per_tensor": per_tensor,
-    }
+# Statistics live in their own module; re-exported here, where users and the rest of the package look.
+from trace_transfer._coreset_stats import overlap_stats, pairwise_overlap, selection_stats, split_layer  # noqa: E402

@@ -19,6 +19,7 @@ def command():
     \b
     Examples:
       trace-transfer coreset show cores/math.coreset.safetensors --heatmap math.png
+      trace-transfer coreset stats cores/math.coreset.safetensors
       trace-transfer coreset stats cores/math.coreset.safetensors cores/code.coreset.safetensors
       trace-transfer coreset union cores/math.coreset.safetensors cores/code.coreset.safetensors --out both
     """
@@ -43,28 +44,8 @@ def _cell(share: float) -> str:
     return f"{100 * share:.0f}%" if share >= 0.01 else f"{100 * share:.1g}%"
 
 
-@command.command("show")
-@click.argument("file", type=_FILE)
-@click.option("--heatmap", type=click.Path(dir_okay=False), default=None,
-              help="Also draw the layer × module importance heatmap (TRACE Fig. 6 layout) to this PNG.")
-@click.option("--value", type=click.Choice(["auto", "score", "selected"]), default="auto", show_default=True,
-              help="Heatmap value: mean per-unit score (auto when scores are stored) or the share selected.")
-def show(file, heatmap, value):
-    """Print what FILE selected, per layer × module (■ whole tensor, n% partial, · nothing).
-
-    \b
-    Example:
-      trace-transfer coreset show cores/math.coreset.safetensors --heatmap math-importance.png
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from trace_transfer.report.importance import layer_module_grid, short_names
-
-    cs = _load(file)
+def _print_summary(console, file, cs) -> None:
     m = cs.metadata
-    grid = layer_module_grid(cs)
-    console = Console()
     facts = {k: m.get(k) for k in ("strategy", "granularity", "budget", "ratio", "preset") if m.get(k) is not None}
     if m.get("scope"):
         facts["scope"] = ",".join(m["scope"])
@@ -73,6 +54,13 @@ def show(file, heatmap, value):
         f"selected {cs.num_selected():,} of {cs.num_total():,} parameters ({100 * cs.ratio():.2f}%), "
         f"{len(cs.names())} of {len(cs.all_names())} tensors touched"
     )
+
+
+def _print_grid(console, grid) -> None:
+    from rich.table import Table
+
+    from trace_transfer.report.importance import short_names
+
     table = Table(title="share of each tensor selected")
     table.add_column("layer", justify="right")
     for mod in short_names(grid.modules):
@@ -89,6 +77,31 @@ def show(file, heatmap, value):
         for name, share, mean in grid.globals:
             g.add_row(name, _cell(share) or "·", "" if mean is None else f"{mean:.4f}")
         console.print(g)
+
+
+@command.command("show")
+@click.argument("file", type=_FILE)
+@click.option("--heatmap", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the layer × module importance heatmap (TRACE Fig. 6 layout) to this PNG.")
+@click.option("--value", type=click.Choice(["auto", "score", "selected"]), default="auto", show_default=True,
+              help="Heatmap value: mean per-unit score (auto when scores are stored) or the share selected.")
+def show(file, heatmap, value):
+    """Print what FILE selected, per layer × module (■ whole tensor, n% partial, · nothing).
+
+    \b
+    Example:
+      trace-transfer coreset show cores/math.coreset.safetensors --heatmap math-importance.png
+    """
+    from rich.console import Console
+
+    from trace_transfer.report.importance import layer_module_grid
+
+    cs = _load(file)
+    m = cs.metadata
+    grid = layer_module_grid(cs)
+    console = Console()
+    _print_summary(console, file, cs)
+    _print_grid(console, grid)
     if heatmap:
         from trace_transfer.report.plots import plot_importance_heatmap
 
@@ -150,34 +163,85 @@ def complement(file, out):
         raise click.ClickException(str(exc)) from exc
 
 
-@command.command("stats")
-@click.argument("a", type=_FILE)
-@click.argument("b", type=_FILE)
+@command.command("stats", short_help="Selection of one CoreSet per layer × module, or overlap (Jaccard) of several.")
+@click.argument("files", nargs=-1, required=True, type=_FILE)
 @click.option("--per", type=click.Choice(["layer", "module", "tensor"]), default="layer", show_default=True,
-              help="Breakdown of the Jaccard overlap.")
-def stats(a, b, per):
-    """Jaccard overlap of two CoreSets, overall and per layer/module/tensor.
+              help="Breakdown: of the selection (one FILE) or of the Jaccard overlap (several).")
+def stats(files, per):
+    """One FILE: what it selects per layer × module. Several: their pairwise Jaccard overlap matrix,
+    and the overlap per layer/module/tensor (each pair, and common to all).
 
     \b
-    Example:
+    Examples:
+      trace-transfer coreset stats cores/math.coreset.safetensors --per module
       trace-transfer coreset stats cores/math.coreset.safetensors cores/code.coreset.safetensors --per module
+      trace-transfer coreset stats cores/*.coreset.safetensors
     """
     from rich.console import Console
+
+    sets = [_load(f) for f in files]
+    try:
+        if len(sets) == 1:
+            _print_selection(Console(), files[0], sets[0], per)
+        else:
+            _print_overlap(Console(), files, sets, per)
+    except (TraceTransferError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _print_selection(console, file, cs, per) -> None:
     from rich.table import Table
 
-    from trace_transfer.coreset import overlap_stats
+    from trace_transfer.coreset import selection_stats
+    from trace_transfer.report.importance import layer_module_grid
 
-    try:
-        st = overlap_stats(_load(a), _load(b))
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
-    o = st["overall"]
-    console = Console()
-    console.print(f"Jaccard {o['jaccard']:.4f}: intersection {o['intersection']:,}, union {o['union']:,} "
-                  f"(A {o['a_selected']:,}, B {o['b_selected']:,})")
+    st = selection_stats(cs)
+    _print_summary(console, file, cs)
+    _print_grid(console, layer_module_grid(cs))
+    table = Table(title=f"selected per {per}")
+    for col in (per, "selected", "total", "share"):
+        table.add_column(col, justify="left" if col == per else "right")
+    for key, c in st[f"per_{per}"].items():
+        table.add_row(str(key), f"{c['selected']:,}", f"{c['total']:,}", f"{100 * c['share']:.2f}%")
+    console.print(table)
+
+
+def _print_overlap(console, files, sets, per) -> None:
+    from rich.table import Table
+
+    from trace_transfer.coreset import pairwise_overlap
+
+    st = pairwise_overlap(sets)
+    n = len(sets)
+    legend = Table(title="CoreSets")
+    for col in ("#", "task", "selected", "file"):
+        legend.add_column(col, justify="right" if col in ("#", "selected") else "left")
+    for i, (f, cs) in enumerate(zip(files, sets), start=1):
+        legend.add_row(str(i), str(cs.metadata.get("task") or ""), f"{cs.num_selected():,}", str(f))
+    console.print(legend)
+    matrix = Table(title="pairwise Jaccard")
+    matrix.add_column("#", justify="right")
+    for j in range(n):
+        matrix.add_column(str(j + 1), justify="right")
+    for i, row in enumerate(st["jaccard"], start=1):
+        matrix.add_row(str(i), *[f"{v:.4f}" for v in row])
+    console.print(matrix)
+    if n == 2:
+        o = st["pairs"][0, 1]["overall"]
+        console.print(f"Jaccard {o['jaccard']:.4f}: intersection {o['intersection']:,}, union {o['union']:,} "
+                      f"(A {o['a_selected']:,}, B {o['b_selected']:,})")
+    else:
+        a = st["all"]
+        console.print(f"common to all {n}: Jaccard {a['jaccard']:.4f}: intersection {a['intersection']:,}, "
+                      f"union {a['union']:,}")
+    columns = {f"{i + 1}·{j + 1}": p[f"per_{per}"] for (i, j), p in st["pairs"].items()}
+    if n > 2:
+        columns["all"] = st["all"][f"per_{per}"]
+    keys = list(dict.fromkeys(k for c in columns.values() for k in c))
     table = Table(title=f"Jaccard per {per}")
     table.add_column(per)
-    table.add_column("jaccard", justify="right")
-    for key, j in st[f"per_{per}"].items():
-        table.add_row(str(key), f"{j:.4f}")
+    for label in columns:
+        table.add_column(label if n > 2 else "jaccard", justify="right")
+    for key in keys:
+        table.add_row(str(key), *[f"{c[key]:.4f}" if key in c else "" for c in columns.values()])
     console.print(table)
