@@ -125,3 +125,21 @@ def test_coreset_stats_one_file_and_several(tmp_path):
 
     out = runner.invoke(main, ["coreset", "stats"])
     assert out.exit_code != 0
+
+
+def test_coreset_algebra_cli_records_input_hashes(tmp_path):
+    import hashlib
+
+    shapes = {"model.layers.0.mlp.up_proj.weight": (6, 4), "model.norm.weight": (4,)}
+    g = torch.Generator().manual_seed(1)
+    paths = [CoreSet.from_masks({n: torch.rand(s, generator=g) < 0.3 for n, s in shapes.items()}, shapes,
+                                {"task": t}).save(tmp_path / t) for t in ("a", "b", "c")]
+    runner = CliRunner()
+    _ok(runner.invoke(main, ["coreset", "union", *map(str, paths), "--out", str(tmp_path / "u")]))
+    meta = CoreSet.load(tmp_path / "u.coreset.safetensors").metadata
+    assert meta["operation"] == "union" and meta["tool_version"] and meta["created"]
+    assert [(i["file"], i["sha256"]) for i in meta["inputs"]] == [
+        (str(p.resolve()), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
+    _ok(runner.invoke(main, ["coreset", "diff", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "d")]))
+    meta = CoreSet.load(tmp_path / "d.coreset.safetensors").metadata
+    assert meta["operation"] == "difference" and [i["task"] for i in meta["inputs"]] == ["a", "b"]

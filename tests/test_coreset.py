@@ -152,6 +152,50 @@ def test_pairwise_overlap_matrix_and_common_to_all():
         pairwise_overlap([a])
 
 
+def test_algebra_results_record_provenance(tmp_path):
+    import hashlib
+    import json
+
+    from trace_transfer._version import __version__
+
+    a = _mixed()
+    b = CoreSet.from_masks({"model.layers.0.self_attn.q_proj.weight": torch.ones(8, 4, dtype=torch.bool)}, SHAPES,
+                           {"task": "code", "strategy": "cs"})
+    c = CoreSet.from_masks({"model.layers.1.mlp.down_proj.weight": torch.ones(4, 6, dtype=torch.bool)}, SHAPES)
+    paths = [a.save(tmp_path / "a"), b.save(tmp_path / "b"), c.save(tmp_path / "c")]
+    sha = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    la, lb, lc = (CoreSet.load(p) for p in paths)
+
+    overlap_stats(la, lb)
+    assert la._sha256 is None and lb._sha256 is None  # statistics use the algebra but never hash files
+
+    u = CoreSet.load((la | lb | lc).save(tmp_path / "u")).metadata
+    assert u["operation"] == "union" and u["tool_version"] == __version__ and u["created"].endswith("+00:00")
+    assert [i["file"] for i in u["inputs"]] == [str(p.resolve()) for p in paths]  # a | b | c: three inputs
+    assert [i["sha256"] for i in u["inputs"]] == sha
+    assert u["inputs"][0]["task"] == "math" and u["inputs"][1]["strategy"] == "cs"
+    assert u["inputs"][0]["selected_params"] == a.num_selected()
+
+    d = CoreSet.load(((la & lb) - lc).save(tmp_path / "d")).metadata
+    assert d["operation"] == "difference" and d["inputs"][1]["sha256"] == sha[2]
+    nested = d["inputs"][0]
+    assert nested["operation"] == "intersection" and [i["sha256"] for i in nested["inputs"]] == sha[:2]
+
+    comp = CoreSet.load((~la).save(tmp_path / "comp")).metadata
+    assert comp["operation"] == "complement" and comp["inputs"][0]["sha256"] == sha[0]
+    assert json.loads(json.dumps(comp))  # plain JSON all the way down
+
+    mem = (a | b).metadata  # built in memory: no file to hash, the inputs still named
+    assert [i.get("task") for i in mem["inputs"]] == ["math", "code"] and "file" not in mem["inputs"][0]
+
+    stale = CoreSet.load(paths[2])
+    for n in stale.all_names():
+        stale.unit_mask(n)  # masks in memory, so the algebra itself succeeds
+    b.save(paths[2])  # replaced after loading: its hash would describe other masks
+    with pytest.raises(ArtifactError, match="changed since"):
+        (la | stale).save(tmp_path / "x")
+
+
 def test_mismatch_errors_name_the_tensor():
     cs = _mixed()
     wrong = dict(SHAPES, **{"model.layers.1.mlp.down_proj.weight": (4, 7)})

@@ -374,6 +374,15 @@ def fingerprint_of(source: Any) -> dict[str, Any]:
     return {"hash": digest, "num_tensors": len(shapes), "num_params": sum(_numel(s) for s in shapes.values())}
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 16 MiB blocks: the content hash provenance records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _numel(shape: list[int] | tuple[int, ...]) -> int:
     n = 1
     for d in shape:

@@ -17,8 +17,10 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,14 @@ import torch
 from safetensors import safe_open
 
 from trace_transfer._version import __version__
-from trace_transfer.checkpoint import METADATA_KEY, atomic_path, fingerprint_of, named_shapes, save_safetensors_atomic
+from trace_transfer.checkpoint import (
+    METADATA_KEY,
+    atomic_path,
+    file_sha256,
+    fingerprint_of,
+    named_shapes,
+    save_safetensors_atomic,
+)
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ModelMismatchError
 
 FORMAT = "trace-transfer/coreset"
@@ -107,6 +116,11 @@ ELEMENT = UnitLayout("element")
 TENSOR = UnitLayout("tensor")
 
 
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _numel(shape: Iterable[int]) -> int:
     n = 1
     for d in shape:
@@ -143,6 +157,11 @@ class CoreSet:
         self._masks: dict[str, torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
         self._file = _lazy_file
+        self._file_stat: tuple[int, int, int] | None = None  # set by load()
+        self._sha256: str | None = None
+        # Inputs of a set-algebra result whose file hash is taken when the result is saved, so that
+        # overlap statistics (which use the algebra) never hash anything.
+        self._hash_on_save: list[tuple[dict[str, Any], CoreSet]] = []
         self._stored_masks: set[str] = set()
         self._stored_scores: set[str] = set()
         self._stored_counts: dict[str, int] = {}
@@ -208,6 +227,7 @@ class CoreSet:
         path = Path(path)
         if not path.exists():
             raise ArtifactNotFoundError(f"CoreSet file not found: {path}")
+        stat = _stat(path)  # before the header is read: a file replaced in between reads as changed
         try:
             with safe_open(str(path), framework="pt") as fh:
                 raw = (fh.metadata() or {}).get(METADATA_KEY)
@@ -230,6 +250,7 @@ class CoreSet:
         for key in ("format", "format_version"):
             header.pop(key, None)
         cs = cls(shapes, layouts, metadata=header, _lazy_file=path)
+        cs._file_stat = stat
         cs._stored_masks = {k[len("mask/") :] for k in keys if k.startswith("mask/")}
         cs._stored_scores = {k[len("score/") :] for k in keys if k.startswith("score/")}
         # Per-tensor counts from the header answer names()/num_selected() without unpacking masks
@@ -238,7 +259,13 @@ class CoreSet:
         return cs
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically to ``path`` (``.coreset.safetensors`` is appended if missing)."""
+        """Write atomically to ``path`` (``.coreset.safetensors`` is appended if missing).
+
+        A set-algebra result records the sha256 of its input files here (see :meth:`union`).
+        """
+        for ref, src in self._hash_on_save:
+            ref["sha256"] = src.file_sha256()
+        self._hash_on_save = []
         path = Path(path)
         if not path.name.endswith(SUFFIX):
             path = path.with_name(path.name.removesuffix(".safetensors") + SUFFIX)
@@ -331,6 +358,26 @@ class CoreSet:
         return path
 
     # -- queries -------------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> Path | None:
+        """The file this CoreSet was loaded from (None when built in memory)."""
+        return self._file
+
+    def file_sha256(self) -> str | None:
+        """sha256 of the file this CoreSet was loaded from (computed once; None when built in memory).
+
+        Raises:
+            ArtifactError: the file was replaced or modified since it was loaded.
+        """
+        if self._file is None:
+            return None
+        if self._sha256 is None:
+            if _stat(self._file) != self._file_stat:
+                raise ArtifactError(f"{self._file} changed since this CoreSet was loaded from it, so its content "
+                                    f"hash would not describe the loaded masks; load it again")
+            self._sha256 = file_sha256(self._file)
+        return self._sha256
 
     def all_names(self) -> list[str]:
         """Every tensor of the model (the universe), in model order."""
@@ -449,20 +496,23 @@ class CoreSet:
                     scores[name] = torch.maximum(sa, sb)
                 elif sa is not None:
                     scores[name] = sa
-        meta = {
-            "strategy": f"{op}",
-            "operands": [self.metadata.get("task"), other.metadata.get("task")],
-            "fingerprint": self.metadata.get("fingerprint") or fingerprint_of(self._shapes),
-        }
-        return CoreSet(self._shapes, layouts, masks, scores, meta)
+        return self._derived({"or": "union", "and": "intersection", "sub": "difference"}[op], [self, other],
+                             layouts, masks, scores)
 
     def union(self, other: CoreSet) -> CoreSet:
+        """Elements core in either. The result's metadata records its provenance: ``operation``,
+        ``inputs`` (per input: task, strategy, selected parameters and — for an input loaded from a
+        file — its absolute path and sha256, taken when the result is saved; an unsaved algebra result
+        as input nests its own ``operation``/``inputs``, or is flattened into the same associative
+        operation, so ``a | b | c`` lists three inputs), ``tool_version`` and ``created`` (UTC)."""
         return self._binary(other, "or")
 
     def intersection(self, other: CoreSet) -> CoreSet:
+        """Elements core in both (provenance as for :meth:`union`)."""
         return self._binary(other, "and")
 
     def difference(self, other: CoreSet) -> CoreSet:
+        """Elements core in this CoreSet but not in ``other`` (provenance as for :meth:`union`)."""
         return self._binary(other, "sub")
 
     def complement(self) -> CoreSet:
@@ -471,12 +521,38 @@ class CoreSet:
         for name, shape in self._shapes.items():
             layout = self.layout(name)
             layouts[name], masks[name] = layout, ~self.unit_mask(name)
+        return self._derived("complement", [self], layouts, masks, None)
+
+    def _derived(self, op: str, operands: list[CoreSet], layouts, masks, scores) -> CoreSet:
+        inputs: list[dict[str, Any]] = []
+        hash_on_save: list[tuple[dict[str, Any], CoreSet]] = []
+        for cs in operands:
+            m = cs.metadata
+            hash_on_save += cs._hash_on_save
+            if cs._file is None and op in ("union", "intersection") and m.get("operation") == op:
+                inputs += m["inputs"]  # the same dicts, so the hashes still to take land in them
+                continue
+            ref: dict[str, Any] = {k: m[k] for k in ("task", "strategy") if m.get(k) is not None}
+            ref["selected_params"] = cs.num_selected()
+            if cs._file is not None:
+                ref.update(file=str(cs._file.resolve()), sha256=cs._sha256)
+                if cs._sha256 is None:
+                    hash_on_save.append((ref, cs))
+            elif m.get("operation"):
+                ref.update(operation=m["operation"], inputs=m.get("inputs", []))
+            inputs.append(ref)
         meta = {
-            "strategy": "complement",
-            "operands": [self.metadata.get("task")],
+            "strategy": op,
+            "operation": op,
+            "inputs": inputs,
+            "operands": [ref.get("task") for ref in inputs],
             "fingerprint": self.metadata.get("fingerprint") or fingerprint_of(self._shapes),
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(),
         }
-        return CoreSet(self._shapes, layouts, masks, None, meta)
+        out = CoreSet(self._shapes, layouts, masks, scores, meta)
+        out._hash_on_save = hash_on_save
+        return out
 
     __or__ = union
     __and__ = intersection
