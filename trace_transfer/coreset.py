@@ -43,7 +43,8 @@ FORMAT = "trace-transfer/coreset"
 FORMAT_VERSION = 1
 SUFFIX = ".coreset.safetensors"
 
-__all__ = ["CoreSet", "UnitLayout", "overlap_stats", "pairwise_overlap", "selection_stats", "split_layer", "FORMAT_VERSION", "SUFFIX"]
+__all__ = ["CoreSet", "UnitLayout", "overlap_stats", "pairwise_overlap", "selection_stats", "split_layer",
+           "FORMAT_VERSION", "SUFFIX"]
 
 
 @dataclass(frozen=True)
