@@ -222,22 +222,79 @@ def test_a_stage_without_its_marker_is_redone(tiny_llama, cores, tmp_path):
     assert not (out / ".stage_2.leftover").exists()
 
 
+def _torchrun_or_skip():
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("needs torchrun")
+    return torchrun
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_two_ranks_only_rank_0_writes_and_its_failure_stops_both(tiny_llama, cores, tmp_path, mode):
+    """The runner's DeepSpeed path on 2 gloo ranks (training through the plain loop, so no DeepSpeed
+    start-up): rank 1 writes nothing, yet returns rank 0's results; a rank that reaches the run-directory
+    check late does not mistake rank 0's fresh run.json for an earlier run; an error on rank 0 ends rank 1
+    too, at once, instead of leaving it at a barrier until the process group times out."""
+    from pathlib import Path
+
+    script = Path(__file__).parent / "ds_scripts" / "runner_ranks.py"
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text("{}")
+    out = tmp_path / "run"
+    stages = json.dumps([[MATH, cores[0]], [CODE, cores[2]]])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [_torchrun_or_skip(), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           str(script), str(tiny_llama), stages, str(out), str(ds_config), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["writes"] == []
+    if mode == "fail":
+        assert r0["error"].startswith("OSError: no space left")
+        assert r1["error"].startswith("RuntimeError: rank 0 failed while saving and evaluating stage 1: OSError")
+        assert r1["seconds"] < 100  # the process group's timeout is 120 s
+        assert not (out / "stage_1").exists() and not (out / "results.json").exists()
+        return
+    assert "error" not in r0 and "error" not in r1, (r0, r1)
+    assert r0["R"] == r1["R"] and len(r0["R"]) == 3 and (r0["rank"], r1["rank"]) == (0, 1)
+    written = {Path(p).relative_to(out).as_posix() for p in r0["writes"]}
+    assert {"run.json", "stage_0/eval.json", "stage_0/COMPLETE", "stage_1", "stage_1/eval.json", "stage_2",
+            "results.json", "results.md", "accuracy_matrix.png"} <= written
+    assert json.loads((out / "results.json").read_text())["complete"]
+
+
+def test_plain_runner_refuses_a_multi_process_launch(tiny_llama, cores, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without a DeepSpeed config"):
+        run_sequence(tiny_llama, _stages(cores, 1), "full", tmp_path / "run", CFG, eval_limit=2)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_finetune_under_deepspeed_zero3_two_cpu_ranks(tiny_llama, cores, tmp_path):
     """The same runner through the DeepSpeed glue: 2 ranks on CPU (gloo), ZeRO-3, a row-level CoreSet per
     stage. Non-core elements stay bit-identical, the loss goes down, rank 0 writes one results.json."""
     import shutil
-    import socket
     from pathlib import Path
 
     pytest.importorskip("deepspeed")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None or (shutil.which("c++") is None and shutil.which("g++") is None):
-        pytest.skip("needs torchrun and a C++ compiler (DeepSpeed builds a small CPU op)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    torchrun = _torchrun_or_skip()
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (DeepSpeed builds a small CPU op)")
+    port = _free_port()
     ds_config = Path(__file__).parents[1] / "examples" / "deepspeed" / "ds_zero3.json"
     out = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

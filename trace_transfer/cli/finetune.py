@@ -113,5 +113,6 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
                               progress=lambda m: click.echo(m, err=True))
     except (TraceTransferError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo((Path(out_dir) / "results.md").read_text())
-    click.echo(f"wrote {Path(out_dir) / 'results.json'}")
+    if result.rank == 0:  # under torchrun every rank returns here; one table is enough
+        click.echo((Path(out_dir) / "results.md").read_text())
+        click.echo(f"wrote {Path(out_dir) / 'results.json'}")

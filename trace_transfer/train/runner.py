@@ -9,6 +9,12 @@
     OUT/results.md            the accuracy matrix as a markdown table
     OUT/accuracy_matrix.png   with plot=True
 
+Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
+file above and evaluates, while the other ranks wait for it (an error on rank 0 is raised on every
+rank rather than leaving them at the next collective). Without ``deepspeed_config`` the runner is
+single-process and refuses to start under a multi-process launcher, where every rank would train its
+own copy and write the same files.
+
 A stage is *complete* only when its checkpoint, its eval row and — written last, atomically — its
 ``COMPLETE`` marker exist. ``resume=True`` discards anything after the last complete stage and
 continues from that stage's checkpoint. Every stage starts by loading the previous stage's
@@ -56,6 +62,7 @@ class RunResult:
 
     out_dir: Path
     results: dict[str, Any]
+    rank: int = 0  # the process's rank under torchrun/DeepSpeed: only rank 0 wrote anything
 
     @property
     def R(self) -> list[list[float]]:
@@ -296,17 +303,21 @@ def run_sequence(
 
     out = Path(out_dir)
     ranks = _Ranks(deepspeed_config is not None)
+    if not ranks.main:
+        say = _quiet
     identity = _identity(str(model_ref), stages, method, options, cfg, eval_limit,
                          str(deepspeed_config) if deepspeed_config else None, monitor)
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-    ranks.barrier()
+    ranks.on_main("creating the run directory", lambda: out.mkdir(parents=True, exist_ok=True))
     done = _check_resume(out, identity, resume)
+    # Every rank has read OUT before rank 0 changes it (else a slower rank sees the fresh run.json).
+    ranks.barrier()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    if ranks.main:
+
+    def prepare_out() -> None:
         _discard_incomplete(out, done[-1] if done else -1)
         write_json_atomic(out / "run.json", {"identity": identity, "started": started, "versions": versions()})
-    ranks.barrier()
+
+    ranks.on_main("preparing the run directory", prepare_out)
 
     tasks = [load_task(s.task) for s in stages]
     task_names = [t.name for t in tasks]
@@ -327,20 +338,24 @@ def run_sequence(
     if done:
         say(f"resuming {out}: stages 0..{done[-1]} complete")
 
+    def evaluate_into(model, k: int) -> None:
+        scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
+        watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
+        _stage_dir(out, k).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_stage_dir(out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
+        # The marker goes last: only now is the stage complete for --resume.
+        marker = "stage 0 (base) evaluated\n" if k == 0 else f"stage {k} complete\n"
+        write_text_atomic(_stage_dir(out, k) / MARKER, marker)
+        monitor_rows.append([watched[n]["score"] for n in monitor_names])
+        rows.append([scores[n]["score"] for n in task_names])
+
     if 0 not in done:
-        if ranks.main:
+        def base_row() -> None:
             _seed_everything(cfg.seed)
-            model = load_model(str(model_ref))
             say("evaluating the base model on every task")
-            scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
-            watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
-            _stage_dir(out, 0).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(_stage_dir(out, 0) / "eval.json", {"stage": 0, "scores": scores, "monitor": watched})
-            monitor_rows.append([watched[n]["score"] for n in monitor_names])
-            write_text_atomic(_stage_dir(out, 0) / MARKER, "stage 0 (base) evaluated\n")
-            rows.append([scores[n]["score"] for n in task_names])
-            del model
-        ranks.barrier()
+            evaluate_into(load_model(str(model_ref)), 0)
+
+        ranks.on_main("evaluating the base model", base_row)
 
     per_task_examples: list[list[Any]] | None = None
     for run in plans:
@@ -367,6 +382,7 @@ def run_sequence(
             f"{prepared.info.get('trainable_params', '?')} trainable parameters")
         batches = _batch_fn(features, stage_cfg.batch_size, pad_id_of(tokenizer), seed)
         if deepspeed_config is not None:
+            # Collective: every rank trains, and every rank gets the model back unsharded.
             result = _train_deepspeed(prepared, batches, stage_cfg, deepspeed_config, _kill_hook(k))
         else:
             result = train(prepared.model, batches, stage_cfg, params=prepared.params,
@@ -385,46 +401,55 @@ def run_sequence(
             "config": stage_cfg.to_dict(),
         }
         stage_records.append(record)
-        if ranks.main:
+
+        def save_and_evaluate() -> None:
             _save_checkpoint(model, tokenizer, out, k, record)
             say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
                 f"evaluating")
-            scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
-            watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
-            write_json_atomic(_stage_dir(out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
-            monitor_rows.append([watched[n]["score"] for n in monitor_names])
-            # The marker goes last: only now is the stage complete for --resume.
-            write_text_atomic(_stage_dir(out, k) / MARKER, f"stage {k} complete\n")
-            rows.append([scores[n]["score"] for n in task_names])
+            evaluate_into(model, k)
             _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=False,
                            monitor=(monitor_names, monitor_rows))
-        ranks.barrier()
+
+        # The next stage loads this checkpoint on every rank: all wait until rank 0 has written it.
+        ranks.on_main(f"saving and evaluating stage {k}", save_and_evaluate)
         del model, prepared
 
-    if ranks.main:
-        results = _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=plot,
-                                 monitor=(monitor_names, monitor_rows))
-    ranks.barrier()
+    results = ranks.on_main("writing the results", lambda: _write_results(
+        out, identity, stages, task_names, rows, stage_records, started, plot=plot,
+        monitor=(monitor_names, monitor_rows)))
     if not ranks.main:
         results = _read_json(out / "results.json")
-    return RunResult(out_dir=out, results=results)
+    return RunResult(out_dir=out, results=results, rank=ranks.rank)
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 class _Ranks:
     """Rank awareness for DeepSpeed runs: every rank trains; rank 0 alone writes and evaluates."""
 
     def __init__(self, distributed: bool):
+        import torch.distributed as dist
+
         self.distributed = False
         self.rank = 0
-        if distributed:
-            import torch.distributed as dist
+        if not distributed:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+                int(os.environ.get("WORLD_SIZE", "1"))
+            if world > 1:
+                raise ConfigError(
+                    f"launched as {world} processes (torchrun/deepspeed) without a DeepSpeed config: the plain "
+                    f"training loop is single-process, so every rank would train its own copy and write the same "
+                    f"files; pass --deepspeed CONFIG (deepspeed_config=...) or run one process"
+                )
+            return
+        if not dist.is_initialized():
+            import deepspeed
 
-            if not dist.is_initialized():
-                import deepspeed
-
-                deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
-            self.distributed = True
-            self.rank = dist.get_rank()
+            deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+        self.distributed = True
+        self.rank = dist.get_rank()
 
     @property
     def main(self) -> bool:
@@ -435,6 +460,29 @@ class _Ranks:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def on_main(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and hold the other ranks until it has finished (None there).
+
+        A failure on rank 0 is raised on every rank: the others would otherwise wait at the next
+        collective until the process group's timeout.
+        """
+        value, error = None, None
+        if self.main:
+            try:
+                value = fn()
+            except BaseException as exc:  # re-raised below, after the other ranks have heard of it
+                error = exc
+        if self.distributed:
+            import torch.distributed as dist
+
+            status = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(status, src=0)
+            if status[0] is not None and not self.main:
+                raise RuntimeError(f"rank 0 failed while {what}: {status[0]}")
+        if error is not None:
+            raise error
+        return value
 
 
 def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step):
