@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from trace_transfer.checkpoint import ShardedWriter, atomic_path, fingerprint_of, open_checkpoint
+from trace_transfer.checkpoint import (
+    ContentHash,
+    ShardedWriter,
+    atomic_path,
+    file_sha256,
+    fingerprint_of,
+    open_checkpoint,
+)
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError
 
 
@@ -79,3 +86,33 @@ def test_fingerprint_ignores_dtype_but_not_shape():
     a = {"w": torch.zeros(2, 3)}
     assert fingerprint_of(a) == fingerprint_of({"w": torch.zeros(2, 3, dtype=torch.bfloat16)})
     assert fingerprint_of(a)["hash"] != fingerprint_of({"w": torch.zeros(3, 2)})["hash"]
+
+
+def test_content_hash_is_the_sorted_tensor_digests_whatever_the_order_or_sharding(tmp_path):
+    import hashlib
+
+    ts = {**_tensors(), "b16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)}
+    rows = sorted([n, str(t.dtype).removeprefix("torch."), list(t.shape),
+                   hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()]
+                  for n, t in ts.items())
+    expect = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    forward, backward = ContentHash(), ContentHash()
+    for n, t in ts.items():
+        forward.update(n, t)
+    for n, t in reversed(list(ts.items())):
+        backward.update(n, t)
+    assert forward.hexdigest() == backward.hexdigest() == expect
+    with ShardedWriter(tmp_path, "m", max_shard_bytes=20_000) as w:
+        for n, t in ts.items():
+            w.add(n, t)
+    streamed = ContentHash()
+    for n, t in open_checkpoint(tmp_path, prefix="m").iter_tensors():
+        streamed.update(n, t)
+    assert streamed.hexdigest() == expect
+    changed = ContentHash()
+    for n, t in ts.items():
+        changed.update(n, t.clone().index_fill_(0, torch.tensor([0]), 0) if n == "layers.0.w" else t)
+    assert changed.hexdigest() != expect
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc" * 1000)
+    assert file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()

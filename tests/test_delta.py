@@ -136,3 +136,39 @@ def test_dtype_mismatch_is_refused(tmp_path):
     half = write_model(tmp_path / "half", {n: r.get(n).to(torch.bfloat16) for n in r.names()})
     with pytest.raises(ModelMismatchError, match="dtype"):
         extract(base, half, cs, tmp_path / "delta")
+
+
+def test_provenance_identifies_base_tuned_and_coreset(tmp_path):
+    import hashlib
+
+    from trace_transfer.checkpoint import ContentHash, fingerprint_of
+
+    def content(model_dir):
+        h = ContentHash()
+        for n, t in open_checkpoint(model_dir).iter_tensors():
+            h.update(n, t)
+        return h.hexdigest()
+
+    base, tuned, cs = make_pair(tmp_path, torch.float32)
+    cs_file = cs.save(tmp_path / "math")
+    extract(base, tuned, cs_file, tmp_path / "delta")
+    man = read_manifest(tmp_path / "delta")
+    prov = man["provenance"]
+    assert prov["inputs"] == {"base": str(base), "tuned": str(tuned), "coreset": str(cs_file)}
+    assert prov["params"]["allow_outside"] is False and "max_shard_bytes" in prov["params"]
+    assert "torch" in prov["versions"] and prov["created"]
+    fp = prov["fingerprints"]
+    for role, path in (("base", base), ("tuned", tuned)):
+        assert fp[role]["path"] == str(path.resolve())
+        assert fp[role]["fingerprint"] == fingerprint_of(open_checkpoint(path))
+        assert fp[role]["content_sha256"] == content(path)
+    assert fp["coreset"]["sha256"] == hashlib.sha256(cs_file.read_bytes()).hexdigest()
+    assert fp["coreset"]["path"] == str(cs_file.resolve()) and fp["coreset"]["task"] == "math"
+    header = open_checkpoint(tmp_path / "delta", prefix="task_delta").metadata["provenance"]
+    assert header["fingerprints"]["coreset"] == fp["coreset"] and "content_sha256" not in header["fingerprints"]["base"]
+
+    apply(base, tmp_path / "delta", tmp_path / "rebuilt")
+    rec = json.loads((tmp_path / "rebuilt" / "surgery.json").read_text())["fingerprints"]
+    assert rec["base"]["content_sha256"] == fp["base"]["content_sha256"]
+    manifest_bytes = (tmp_path / "delta" / "delta.json").read_bytes()
+    assert rec["delta"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()

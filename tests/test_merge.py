@@ -162,3 +162,46 @@ def test_transplant_update_rule_picks_the_largest_move(tmp_path):
     with pytest.raises(ConfigError, match="needs the base model"):
         merge_models(paths[1:], tmp_path / "x", "transplant", coresets=[full, full],
                      options=MergeOptions(collision="update"))
+
+
+def _content(model_dir: Path) -> str:
+    from trace_transfer.checkpoint import ContentHash
+
+    h = ContentHash()
+    for n, t in open_checkpoint(model_dir).iter_tensors():
+        h.update(n, t)
+    return h.hexdigest()
+
+
+def test_provenance_identifies_every_input(models, tmp_path):
+    import hashlib
+
+    from trace_transfer.checkpoint import fingerprint_of
+
+    xs = [read(p) for p in models]
+    m1, m2 = torch.zeros(6, 4, dtype=torch.bool), torch.zeros(6, 4, dtype=torch.bool)
+    m1[0:2], m2[3:5] = True, True
+    files = [CoreSet.from_masks({"a.weight": m}, xs[0], metadata={"task": t}).save(tmp_path / t)
+             for m, t in ((m1, "t1"), (m2, "t2"))]
+    merge_models(models[:2], tmp_path / "tp", "transplant", coresets=files, base=models[2],
+                 options=MergeOptions(fill="base", collision="update"))
+    record = json.loads((tmp_path / "tp" / "surgery.json").read_text())
+    assert record["inputs"]["models"] == [str(m) for m in models[:2]]  # as given
+    fp = record["fingerprints"]
+    for rec, m in zip([*fp["models"], fp["base"]], models):
+        assert rec["path"] == str(m.resolve())
+        assert rec["fingerprint"] == fingerprint_of(open_checkpoint(m))
+        assert rec["content_sha256"] == _content(m)
+    assert [c["sha256"] for c in fp["coresets"]] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert [c["path"] for c in fp["coresets"]] == [str(f.resolve()) for f in files]
+    assert [c["task"] for c in fp["coresets"]] == ["t1", "t2"] and fp["coresets"][0]["selected_params"] == 8
+    assert record["params"]["options"]["collision"] == "update" and "torch" in record["versions"]
+    assert record["created"]
+    header = open_checkpoint(tmp_path / "tp").metadata["provenance"]
+    assert header["fingerprints"]["models"][0]["fingerprint"] == fp["models"][0]["fingerprint"]
+    assert "content_sha256" not in header["fingerprints"]["models"][0]  # known only after streaming
+
+    merge_models(models[:2], tmp_path / "mem", "slerp", coresets=[CoreSet.load(files[0])],
+                 options=MergeOptions(t=0.5))  # a CoreSet object loaded from a file is identified by it too
+    mem = json.loads((tmp_path / "mem" / "surgery.json").read_text())["fingerprints"]
+    assert mem["base"] is None and mem["coresets"][0]["sha256"] == fp["coresets"][0]["sha256"]

@@ -374,6 +374,31 @@ def fingerprint_of(source: Any) -> dict[str, Any]:
     return {"hash": digest, "num_tensors": len(shapes), "num_params": sum(_numel(s) for s in shapes.values())}
 
 
+class ContentHash:
+    """A model's content hash, taken while a verb streams its tensors anyway (no extra read).
+
+    sha256 over the name-sorted list of ``[name, dtype, shape, sha256 of the tensor's bytes]``, so it
+    does not depend on the order the tensors are read in nor on how the checkpoint is sharded: every
+    verb that streams the same model records the same hash.
+
+    Example:
+        >>> h = ContentHash()
+        >>> for name, t in reader.iter_tensors():
+        ...     h.update(name, t)
+        >>> h.hexdigest()
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[Any]] = {}
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._rows[name] = [name, _dtype_name(tensor.dtype), list(tensor.shape), hashlib.sha256(raw).hexdigest()]
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(json.dumps(sorted(self._rows.values())).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 (hex) of a file's bytes, read in 16 MiB blocks: the content hash provenance records."""
     h = hashlib.sha256()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_transfer._version import versions
-from trace_transfer.checkpoint import CheckpointReader, atomic_path, open_checkpoint, write_json_atomic
+from trace_transfer.checkpoint import CheckpointReader, atomic_path, fingerprint_of, open_checkpoint, write_json_atomic
 from trace_transfer.errors import ArtifactNotFoundError, ConfigError, ModelMismatchError
 
 PROVENANCE_FILE = "surgery.json"
@@ -102,15 +102,41 @@ def prepare_out_dir(out_dir: str | Path, inputs: Iterable[str | Path]) -> Path:
     return out
 
 
-def provenance(verb: str, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The provenance block every surgery artifact carries."""
-    return {
+def provenance(verb: str, inputs: dict[str, Any], params: dict[str, Any],
+               fingerprints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance block every surgery artifact carries.
+
+    ``inputs`` names each input as given (paths); ``fingerprints`` identifies it: per role a
+    :func:`model_record` / :func:`coreset_record` (or a list of them).
+    """
+    record = {
         "verb": verb,
         "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in inputs.items()},
         "params": params,
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if fingerprints is not None:
+        record["fingerprints"] = fingerprints
+    return record
+
+
+def model_record(path: str | Path, reader: CheckpointReader) -> dict[str, Any]:
+    """An input model's identity: absolute path and fingerprint (tensor names + shapes). The verb adds
+    ``content_sha256`` (a :class:`~trace_transfer.checkpoint.ContentHash`) once it has streamed the
+    tensors, in the JSON record it writes at the end."""
+    return {"path": str(Path(path).resolve()), "fingerprint": fingerprint_of(reader)}
+
+
+def coreset_record(cs: Any) -> dict[str, Any]:
+    """An input CoreSet's identity: task, strategy, selected parameters, model fingerprint and — when
+    it was loaded from a file — the file's absolute path and sha256."""
+    m = cs.metadata
+    rec = {"task": m.get("task"), "strategy": m.get("strategy"), "selected_params": cs.num_selected(),
+           "fingerprint": m.get("fingerprint")}
+    if cs.source is not None:
+        rec.update(path=str(Path(cs.source).resolve()), sha256=cs.file_sha256())
+    return rec
 
 
 def write_provenance(out_dir: str | Path, record: dict[str, Any]) -> Path:

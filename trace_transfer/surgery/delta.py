@@ -8,8 +8,10 @@ can serve many tasks, each as a small delta. A delta directory holds:
   ``old/T`` the base values at those indices (both in the tensor's own dtype, so ``revert`` is exact
   too), and ``base_sha256/T`` / ``tuned_sha256/T`` (32 bytes each) over the whole tensor's bytes;
 * a header (``trace_transfer`` metadata) with the base model's fingerprint, every tensor's shape and
-  dtype, the CoreSet it was cut with and the provenance;
-* ``delta.json``, the same plus per-tensor counts and the size ratio to a full checkpoint;
+  dtype, the CoreSet it was cut with and the provenance (inputs as given; ``fingerprints``: base and
+  tuned model paths and names+shapes fingerprints, the CoreSet's file and sha256; parameters; versions);
+* ``delta.json``, the same plus per-tensor counts, the size ratio to a full checkpoint and both
+  models' ``content_sha256`` (taken while streaming them);
 * ``files/{base,tuned}/``: the non-weight files (config, tokenizer, ...) that differ between the two
   model dirs, so ``apply``/``revert`` rebuild the other dir's files too.
 
@@ -27,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -40,8 +43,10 @@ import torch
 from trace_transfer.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
+    ContentHash,
     ShardedWriter,
     atomic_path,
+    file_sha256,
     fingerprint_of,
     open_checkpoint,
     write_json_atomic,
@@ -52,7 +57,9 @@ from trace_transfer.surgery._modeldir import (
     WEIGHTS_PREFIX,
     check_same_tensors,
     copy_model_files,
+    coreset_record,
     model_files,
+    model_record,
     open_model,
     prepare_out_dir,
     provenance,
@@ -162,13 +169,19 @@ def extract(
                     "selected_params": cs.num_selected(), "fingerprint": cs.metadata.get("fingerprint")},
         "allow_outside": allow_outside,
         "provenance": provenance("delta-extract", {"base": str(base), "tuned": str(tuned), "coreset": str(coreset)},
-                                 {"allow_outside": allow_outside, "max_shard_bytes": max_shard_bytes}),
+                                 {"allow_outside": allow_outside, "max_shard_bytes": max_shard_bytes},
+                                 {"base": model_record(base, rb), "tuned": model_record(tuned, rt),
+                                  "coreset": coreset_record(cs)}),
     }
     per_tensor: dict[str, dict[str, Any]] = {}
     offenders: list[tuple[str, int, int]] = []
-    with ShardedWriter(out, DELTA_PREFIX, max_shard_bytes=max_shard_bytes, metadata=header) as writer:
+    hashes = {"base": ContentHash(), "tuned": ContentHash()}
+    # The header gets the record as it is now: content hashes exist only once every tensor is read.
+    with ShardedWriter(out, DELTA_PREFIX, max_shard_bytes=max_shard_bytes, metadata=copy.deepcopy(header)) as writer:
         for i, (name, b) in enumerate(rb.iter_tensors(), start=1):
             t = rt.get(name)
+            hashes["base"].update(name, b)
+            hashes["tuned"].update(name, t)
             bb, tb = bits(b).reshape(-1), bits(t).reshape(-1)
             changed = bb != tb
             n_changed = int(changed.sum())
@@ -197,6 +210,8 @@ def extract(
                 f"({cs.metadata.get('task') or coreset}); was it trained under a different CoreSet? "
                 f"Pass --allow-outside (allow_outside=True) to store them anyway:\n  " + "\n  ".join(lines)
             )
+    for role, h in hashes.items():
+        header["provenance"]["fingerprints"][role]["content_sha256"] = h.hexdigest()
     delta_bytes = sum(f.stat().st_size for f in _delta_files(out))
     files = _store_differing_files(base, tuned, out)
     full_bytes = rt.nbytes()
@@ -261,12 +276,16 @@ def _rebuild(source: str | Path, delta: str | Path, out_dir: str | Path, directi
     touched = [k[len("idx/"):] for k in rd.names() if k.startswith("idx/")]
     touched_set = set(touched)
     out = prepare_out_dir(out_dir, [source, delta])
-    record = provenance(f"delta-{direction}", {role.split()[0]: str(source), "delta": str(delta)},
-                        {"max_shard_bytes": max_shard_bytes})
+    delta_id = {"path": str(Path(delta).resolve()), "manifest_sha256": file_sha256(Path(delta) / MANIFEST)}
+    record = provenance(f"delta-{direction}", {have: str(source), "delta": str(delta)},
+                        {"max_shard_bytes": max_shard_bytes}, {have: model_record(source, rs), "delta": delta_id})
     elements = 0
     names = rs.names()
-    with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes, metadata={"provenance": record}) as writer:
+    source_hash = ContentHash()
+    with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes,
+                       metadata={"provenance": copy.deepcopy(record)}) as writer:
         for i, (name, x) in enumerate(rs.iter_tensors(), start=1):
+            source_hash.update(name, x)
             if name in touched_set:
                 if not torch.equal(_sha256_tensor(x), rd.get(f"{have}_sha256/{name}")):
                     raise ModelMismatchError(
@@ -287,6 +306,7 @@ def _rebuild(source: str | Path, delta: str | Path, out_dir: str | Path, directi
             if progress is not None:
                 progress(i, len(names), name)
     _restore_files(source, delta, out, manifest.get("files", {}), want)
+    record["fingerprints"][have]["content_sha256"] = source_hash.hexdigest()
     write_provenance(out, {**record, "tensors_patched": len(touched), "elements_patched": elements, "verified": True})
     return RebuildReport(out, direction, len(touched), elements, True)
 

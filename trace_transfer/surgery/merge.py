@@ -3,7 +3,10 @@
 One tensor at a time is read from every input model, merged and handed to ``ShardedWriter``, so
 memory holds one tensor per model, never a whole checkpoint. The output is an HF model dir (sharded
 safetensors + index, config/tokenizer copied from the first model, ``surgery.json`` provenance with
-a per-tensor report).
+a per-tensor report). The provenance names every input (``inputs``: paths as given) and identifies it
+(``fingerprints``: per model and base its absolute path, names+shapes fingerprint and — in
+``surgery.json``, taken while streaming — ``content_sha256``; per CoreSet its task, counts and, for a
+file, path and sha256), with the parameters, package versions and time.
 
 Methods (``register_merge_method`` adds more; each is one function of one tensor):
 
@@ -26,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,13 +37,15 @@ from typing import Any
 
 import torch
 
-from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ContentHash, ShardedWriter
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError
 from trace_transfer.surgery._modeldir import (
     WEIGHTS_PREFIX,
     check_same_tensors,
     copy_model_files,
+    coreset_record,
+    model_record,
     open_model,
     prepare_out_dir,
     provenance,
@@ -280,16 +286,25 @@ def merge_models(
     params = {"method": method, "options": asdict(opts), "max_shard_bytes": max_shard_bytes}
     inputs = {"models": [str(m) for m in models], "base": str(base) if base else None,
               "coresets": [str(c) if not isinstance(c, CoreSet) else c.metadata.get("task") for c in (coresets or [])]}
-    record = provenance("merge", inputs, params)
+    fingerprints = {"models": [model_record(p, r) for p, (_, r) in zip(models, readers)],
+                    "base": model_record(base, base_reader) if base_reader else None,
+                    "coresets": [coreset_record(cs) for cs in loaded]}
+    record = provenance("merge", inputs, params, fingerprints)
+    hashes = [ContentHash() for _ in readers] + ([ContentHash()] if base_reader else [])
     per_tensor: dict[str, dict[str, Any]] = {}
-    with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes, metadata={"provenance": record}) as writer:
+    # The header gets the record as it is now: content hashes exist only once every tensor is read.
+    with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes,
+                       metadata={"provenance": copy.deepcopy(record)}) as writer:
         for i, name in enumerate(names, start=1):
             tensors = [r.get(name) for _, r in readers]
+            base_t = base_reader.get(name) if base_reader else None
+            for h, t in zip(hashes, [*tensors, base_t]):
+                h.update(name, t)
             masks = scores = None
             if loaded:
                 masks = [cs.mask(name) if name in cn else None for cs, cn in zip(loaded, core_names)]
                 scores = [expanded_score(cs, name) if name in cn else None for cs, cn in zip(loaded, core_names)]
-            job = TensorJob(name, tensors, masks, scores, base_reader.get(name) if base_reader else None)
+            job = TensorJob(name, tensors, masks, scores, base_t)
             stats: dict[str, Any] = {}
             merged = spec.fn(job, opts, stats)
             stats["numel"] = merged.numel()
@@ -298,6 +313,8 @@ def merge_models(
             writer.add(name, merged)
             if progress is not None:
                 progress(i, len(names), name)
+    for rec, h in zip([*fingerprints["models"], fingerprints["base"]], hashes):
+        rec["content_sha256"] = h.hexdigest()
     copy_model_files(models[0], out)
     report = MergeReport(out, method, per_tensor, record)
     write_provenance(out, {**record, "totals": report.totals(), "per_tensor": per_tensor})
