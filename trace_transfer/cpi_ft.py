@@ -72,6 +72,7 @@ from trace_transfer.surgery.clustering import CLUSTER_METHODS, cluster_tasks
 from trace_transfer.surgery.merge import MERGE_COLLISION_RULES, MergeOptions, merge_models
 from trace_transfer.train.loop import TrainConfig
 from trace_transfer.train.methods import Stage, get_method
+from trace_transfer.train.runner import RunResult
 
 __all__ = ["cpi_ft", "CpiFtConfig", "CpiFtResult", "core_regions", "SFT_MODES", "FREEZE_MODES"]
 
@@ -176,19 +177,9 @@ class CpiFtConfig:
 
 
 @dataclass
-class CpiFtResult:
-    """What :func:`cpi_ft` returns (the content of ``OUT/results.json``)."""
-
-    out_dir: Path
-    results: dict[str, Any]
-
-    @property
-    def R(self) -> list[list[float]]:
-        return self.results["R"]
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.results["metrics"]
+class CpiFtResult(RunResult):
+    """What :func:`cpi_ft` returns (the content of ``OUT/results.json``): the runner's result shape,
+    so CPI-FT lines up with the sequential methods, plus ``results["cpi_ft"]`` (groups, collisions)."""
 
 
 def cpi_ft(
