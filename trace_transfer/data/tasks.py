@@ -75,8 +75,9 @@ class FieldSpec(BaseModel):
     prompt: str | None = Field(None, description="prompt column (default 'prompt' unless template or messages)")
     response: str | None = Field(None, description="response column (default 'response' unless messages)")
     messages: str | None = Field(None, description="chat column: list of {role, content}")
-    choices: str | None = Field(None, description="multiple choice: column with the list of choices")
-    answer: str | None = Field(None, description="gold answer column (choice index/text, or final answer)")
+    choices: str | None = Field(None, description="multiple choice: column with the list of choices, or a "
+                                "{label: text} mapping (choices in label order)")
+    answer: str | None = Field(None, description="gold answer column (choice index/text/label, or final answer)")
     tests: str | None = Field(None, description="code_exec: column with test code")
     entry_point: str | None = Field(None, description="code_exec: column with the function name under test")
 
@@ -507,14 +508,20 @@ class _RowFormatter:
         if f.entry_point:
             meta["entry_point"] = row[f.entry_point]
         choices = None
+        answer = row[f.answer] if f.answer else None
         if f.choices:
             choices = row[f.choices]
+            if isinstance(choices, dict):  # {label: text}, e.g. MedQA's options {"A": ..., "D": ...}
+                labels = [str(k) for k in choices]
+                choices = list(choices.values())
+                if isinstance(answer, str) and answer in labels:  # the gold label (answer_idx: "C")
+                    answer = labels.index(answer)
             if not isinstance(choices, list):
                 raise TaskError(f"task {spec.name!r} row {index}: fields.choices column {f.choices!r} must hold a "
-                                f"list, got {type(choices).__name__}")
+                                f"list or a {{label: text}} mapping, got {type(choices).__name__}")
             choices = [str(c) for c in choices]
         return Example(prompt=prompt, response=response, meta=meta, choices=choices,
-                       answer=row[f.answer] if f.answer else None, tests=row[f.tests] if f.tests else None)
+                       answer=answer, tests=row[f.tests] if f.tests else None)
 
     def _chat(self, messages: Any, index: int) -> tuple[str, str]:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m

@@ -49,9 +49,24 @@ class PipelineResult:
 
 
 def _task_key(task: str) -> str:
+    """The task's name made file-safe: probes record it and ``score`` names each CoreSet after it, so
+    the fine-tuning step must look CoreSets up by the same name (for a YAML spec its ``name:``, not
+    its path)."""
+    from trace_transfer.data import load_task
     from trace_transfer.scoring import coreset_filename
 
-    return coreset_filename(task.split("?")[0].removeprefix("synthetic:")).removesuffix(".coreset.safetensors")
+    return coreset_filename(load_task(task).name).removesuffix(".coreset.safetensors")
+
+
+def _resolve_tasks(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
+    """Task files relative to the config's directory, as ``load_pipeline`` checks them (a path that
+    only exists relative to the working directory is kept as given)."""
+
+    def resolve(t: str) -> str:
+        return str(base_dir / t) if not t.startswith("synthetic:") and (base_dir / t).exists() else t
+
+    return cfg.model_copy(update={"tasks": [resolve(t) for t in cfg.tasks],
+                                  "general_task": resolve(cfg.general_task)})
 
 
 def run_pipeline(
@@ -72,6 +87,7 @@ def run_pipeline(
         say: progress callback (one line per event).
     """
     base_dir = Path(base_dir or Path.cwd())
+    cfg = _resolve_tasks(cfg, base_dir)
     runner = StepRunner(Path(run_dir), force=force, on_event=say)
     out = PipelineResult(Path(run_dir))
     needs_target_cores = {m for m in cfg.methods if m.startswith("trace-")}
