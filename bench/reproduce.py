@@ -109,8 +109,14 @@ def aggregate_stream(work: Path, sizes: list[tuple[int, int]]) -> dict:
     out = {}
     for hidden, layers in sizes:
         d = size_dir(work, hidden, layers)
-        files = sorted(d.glob("stream_comparison*.json"))
-        files = [f for f in files if "configs" not in f.name]
+        # One file per seed: the full run's, else a subset run's (``--only``: ``*.Nconfigs.json``).
+        by_seed: dict[str, Path] = {}
+        for f in sorted(d.glob("stream_comparison*.json")):
+            parts = f.name.removesuffix(".json").split(".")
+            seed_key = next((p for p in parts if p.startswith("seed")), "seed0")
+            if seed_key not in by_seed or "configs" in by_seed[seed_key].name:
+                by_seed[seed_key] = f
+        files = list(by_seed.values())
         if not files:
             continue
         per_config: dict[str, list[dict]] = {}

@@ -90,3 +90,37 @@ def test_demo_quick_end_to_end_through_the_cli(tmp_path):
     # rerun: everything cached, nothing redone
     res2 = runner.invoke(main, ["demo", "--quick", "--out", str(out)])
     assert res2.exit_code == 0 and "[run ]" not in res2.output
+
+
+@pytest.mark.distributed
+def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
+    """launch.deepspeed: each fine-tuning step runs as `torchrun -m trace_transfer finetune --deepspeed`
+    (2 CPU ranks over gloo, ZeRO-3), the rest of the pipeline in this process."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (DeepSpeed builds a small CPU op)")
+    ds = Path(__file__).parents[1] / "examples" / "deepspeed" / "ds_zero3.json"
+    conf = {**TINY, "methods": ["trace-lf"], "launch": {"deepspeed": str(ds), "nproc_per_node": 2},
+            "tasks": ["synthetic:math", "synthetic:code"]}
+    p = tmp_path / "ds.yaml"
+    p.write_text(yaml.safe_dump(conf))
+    cfg = load_pipeline(p)
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = run_pipeline(cfg, tmp_path / "run", say=lambda _msg: None)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    step = tmp_path / "run" / "finetune" / "trace-lf" / "seed0"
+    assert "torch.distributed.run" in (step / "launch.sh").read_text() and "--nproc_per_node=2" in (step / "launch.sh").read_text()
+    res = json.loads((step / "results.json").read_text())
+    assert res["complete"] and len(res["R"]) == 3
+    assert res["provenance"]["deepspeed_config"] == str(ds)
+    assert json.loads((step / "step.json").read_text())["result"]["launched"] == "torchrun"
+    assert set(result.summary["methods"]) == {"trace-lf"}

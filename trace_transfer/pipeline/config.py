@@ -94,6 +94,10 @@ class TrainingSpec(_Strict):
     epochs: float = 3.0
     max_steps: int = 0
     batch_size: int = 8
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     seq_len: int = 1024
     lr_sweep: list[float] = Field(default_factory=list, description="extra learning rates for `full`")
     replay_share: float = 0.1
@@ -101,8 +105,12 @@ class TrainingSpec(_Strict):
 
 
 class LaunchSpec(_Strict):
+    """How the target's fine-tuning steps run. With ``deepspeed`` set, each method x seed step is
+    launched as ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``; the
+    rest of the pipeline runs in the calling process."""
+
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config for target training")
-    nproc_per_node: int = 1
+    nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) per fine-tuning launch")
 
 
 class EvalSpec(_Strict):
@@ -204,6 +212,12 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     if any(m.startswith("transfer-") for m in cfg.methods):
         for side in ("source", "target"):
             problems += _rule_problems(side, getattr(cfg, side), base_dir)
+    if cfg.launch.deepspeed and "cpi-ft" in cfg.methods:
+        problems.append("methods: cpi-ft does not run under launch.deepspeed yet; run it in a separate config "
+                        "without launch.deepspeed (or `trace-transfer cpi-ft` directly)")
+    if cfg.launch.nproc_per_node > 1 and not cfg.launch.deepspeed:
+        problems.append("launch.nproc_per_node > 1 needs launch.deepspeed (a plain multi-process run would "
+                        "train one copy per process)")
     if cfg.launch.deepspeed and not _resolve(cfg.launch.deepspeed, base_dir).exists():
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(

@@ -335,7 +335,8 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
             gdir = runner.records["cores/target-general"].dir
             opts = MethodOptions(general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
         train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-                                seq_len=t.seq_len, seed=seed)
+                                grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+                                precision=t.precision, seq_len=t.seq_len, seed=seed)
         ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
         if method == "cpi-ft":
             from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
@@ -343,6 +344,12 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
                          eval_batch_size=cfg.eval.batch_size, resume=True,
                          progress=lambda msg: runner.say(f"       {msg}"))
+        elif ds:
+            # DeepSpeed needs one process per GPU: launch the fine-tuning step under torchrun, while the
+            # pipeline itself (probes, scoring, CKA, transfer, report) stays one process.
+            results = _launch_distributed(d, target, stages, runner_method, opts, train_cfg, ds, cfg, runner.say)
+            _prune_checkpoints(d)
+            return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
         else:
             res = run_sequence(target, stages, runner_method, d, train_cfg, eval_limit=cfg.eval.limit,
                                deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True,
@@ -351,6 +358,51 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 
     return fn
+
+
+def _launch_distributed(d: Path, target: str, stages: list, method: str, opts: Any, train_cfg: Any, ds: str,
+                        cfg: PipelineConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run ``trace-transfer finetune --deepspeed`` on ``launch.nproc_per_node`` local processes.
+
+    The command line is written to ``launch.sh`` and the ranks' output to ``launch.log`` in the step
+    directory, so a failed launch can be rerun by hand; ``--resume`` makes a rerun of the step continue
+    after its last complete stage.
+    """
+    import json
+    import shlex
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous of this launch
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.launch.nproc_per_node}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "trace_transfer", "finetune",
+            "--model", target, "--method", method, "--out", str(d), "--resume", "--deepspeed", ds,
+            "--lr", repr(train_cfg.lr), "--epochs", repr(train_cfg.epochs), "--max-steps", str(train_cfg.max_steps),
+            "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
+            "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
+            "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
+            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size),
+            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
+    if cfg.eval.limit is not None:
+        argv += ["--eval-limit", str(cfg.eval.limit)]
+    if opts.general_coreset:
+        argv += ["--general-coreset", opts.general_coreset]
+    for st in stages:
+        argv += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
+    (d / "launch.sh").write_text(shlex.join(argv) + "\n")
+    say(f"       torchrun x{cfg.launch.nproc_per_node}: {d / 'launch.sh'} (log: {d / 'launch.log'})")
+    with (d / "launch.log").open("a") as log:
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        from trace_transfer.errors import TraceTransferError
+
+        tail = (d / "launch.log").read_text()[-3000:]
+        raise TraceTransferError(f"distributed fine-tuning failed (exit {proc.returncode}); command in "
+                                 f"{d / 'launch.sh'}, log {d / 'launch.log'}; its end:\n{tail}")
+    return json.loads((d / "results.json").read_text())
 
 
 def _prune_checkpoints(run_dir: Path) -> None:
