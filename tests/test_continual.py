@@ -78,3 +78,18 @@ def test_markdown_table():
     assert math.isclose(float(lines[-1].split("|")[-2]), 2.15 / 3, abs_tol=1e-3)
     with pytest.raises(ConfigError):
         format_matrix_markdown(R3, ["a", "b"])
+
+
+def test_lower_is_better_tasks_are_not_averaged_with_accuracies():
+    # columns: accuracy, perplexity, accuracy
+    R = [[0.1, 9.0, 0.2], [0.9, 8.0, 0.3], [0.6, 5.0, 0.4], [0.5, 7.0, 0.8]]
+    m = continual_metrics(R, higher_is_better=[True, False, True])
+    assert m["averaged_tasks"] == [0, 2]
+    assert m["aa"] == pytest.approx((0.5 + 0.8) / 2)
+    assert m["bwt"] == pytest.approx(0.5 - 0.9)  # only task 1 (task 2 is perplexity)
+    assert m["fwt"] == pytest.approx(0.4 - 0.2)  # only task 3
+    # perplexity forgetting: best (lowest) after stage 1..2 is 5.0, final 7.0 -> forgot 2.0
+    assert m["forgetting"][1] == pytest.approx(2.0)
+    assert m["mean_forgetting"] == pytest.approx(0.9 - 0.5)
+    # default: every task averaged, as before
+    assert continual_metrics(R)["averaged_tasks"] == [0, 1, 2]

@@ -21,8 +21,12 @@ guess which variant a number is):
 
 A stream whose stages do not train one task each (``joint``: one stage over all tasks, so ``R`` is
 ``2 x T``) gets AA and the rows, while BWT, FWT, forgetting and plasticity are ``None`` — they are
-not defined without a stage per task. Scores where higher is worse (perplexity) are summarised as
-they are; the caller decides whether such a task belongs in the matrix.
+not defined without a stage per task.
+
+Tasks scored lower-is-better (perplexity; ``higher_is_better[j] = False``) stay in ``R`` but are
+**left out of AA, BWT, FWT and mean forgetting** — averaging a perplexity with accuracies means
+nothing; ``averaged_tasks`` lists the columns that were averaged. Their per-task ``forgetting`` and
+``plasticity`` are still reported, forgetting sign-adjusted (a rise in perplexity is forgetting).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ __all__ = ["continual_metrics", "CONVENTIONS", "format_matrix_markdown"]
 
 CONVENTIONS = {
     "R": "R[i][j] = score on task j after stage i; row 0 = before any stage; columns in stream order",
-    "AA": "mean of the last row over all T tasks",
+    "AA": "mean of the last row over the T tasks (lower-is-better tasks such as perplexity excluded: "
+    "see averaged_tasks)",
     "BWT": "1/(T-1) * sum_{j=1}^{T-1} (R[T][j] - R[j][j]); denominator T-1; negative = forgetting",
     "FWT": "1/(T-1) * sum_{j=2}^{T} (R[j-1][j] - R[0][j]); baseline = row 0 (model before any stage); "
     "denominator T-1",
@@ -61,12 +66,13 @@ def _validate(R: Sequence[Sequence[float]]) -> list[list[float]]:
     return rows
 
 
-def continual_metrics(R: Sequence[Sequence[float]]) -> dict[str, Any]:
+def continual_metrics(R: Sequence[Sequence[float]], higher_is_better: Sequence[bool] | None = None) -> dict[str, Any]:
     """Summarise an accuracy matrix (see the module docstring for every convention).
 
     Args:
         R: ``(S+1) x T`` scores; row 0 before any stage, row ``i`` after stage ``i``. When ``S == T``
             stage ``i`` is taken to have trained task ``i`` (stream order).
+        higher_is_better: per task; default all True. Lower-is-better columns are not averaged.
 
     Returns:
         ``{"R", "num_tasks", "num_stages", "aa", "bwt", "fwt", "forgetting" (list, None for the
@@ -83,12 +89,17 @@ def continual_metrics(R: Sequence[Sequence[float]]) -> dict[str, Any]:
     """
     rows = _validate(R)
     T, S = len(rows[0]), len(rows) - 1
+    hib = [True] * T if higher_is_better is None else [bool(h) for h in higher_is_better]
+    if len(hib) != T:
+        raise ConfigError(f"higher_is_better has {len(hib)} entries for {T} tasks")
+    avg = [j for j in range(T) if hib[j]]  # 0-based columns that enter the averages
     last = rows[-1]
     out: dict[str, Any] = {
         "R": rows,
         "num_tasks": T,
         "num_stages": S,
-        "aa": sum(last) / T,
+        "averaged_tasks": avg,
+        "aa": sum(last[j] for j in avg) / len(avg) if avg else None,
         "bwt": None,
         "fwt": None,
         "forgetting": [None] * T,
@@ -105,18 +116,21 @@ def continual_metrics(R: Sequence[Sequence[float]]) -> dict[str, Any]:
     out["plasticity"] = [rows[j][j - 1] for j in range(1, T + 1)]
     if T < 2:
         return out
-    out["bwt"] = sum(rows[T][j - 1] - rows[j][j - 1] for j in range(1, T)) / (T - 1)
-    out["fwt"] = sum(rows[j - 1][j - 1] - rows[0][j - 1] for j in range(2, T + 1)) / (T - 1)
+    bwt_cols = [j for j in range(1, T) if hib[j - 1]]
+    fwt_cols = [j for j in range(2, T + 1) if hib[j - 1]]
+    out["bwt"] = sum(rows[T][j - 1] - rows[j][j - 1] for j in bwt_cols) / len(bwt_cols) if bwt_cols else None
+    out["fwt"] = sum(rows[j - 1][j - 1] - rows[0][j - 1] for j in fwt_cols) / len(fwt_cols) if fwt_cols else None
     forgetting: list[float | None] = []
     for j in range(1, T + 1):
         if j == T:
             forgetting.append(None)
             continue
-        best = max(rows[i][j - 1] for i in range(1, T))
-        forgetting.append(best - rows[T][j - 1])
+        sign = 1.0 if hib[j - 1] else -1.0  # for perplexity the best is the minimum
+        best = max(sign * rows[i][j - 1] for i in range(1, T))
+        forgetting.append(best - sign * rows[T][j - 1])
     out["forgetting"] = forgetting
-    done = [f for f in forgetting if f is not None]
-    out["mean_forgetting"] = sum(done) / len(done)
+    done = [f for j, f in enumerate(forgetting) if f is not None and hib[j]]
+    out["mean_forgetting"] = sum(done) / len(done) if done else None
     return out
 
 

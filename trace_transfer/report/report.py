@@ -88,9 +88,13 @@ def _plot_cka_with_map(cka_dir: Path, layer_map: Path | None, out: Path) -> None
         xs = sorted(int(k) for k in fwd)
         ax.plot([fwd[str(s)] if str(s) in fwd else fwd[s] for s in xs], xs, "r.-", label="layer map")
         ax.legend(loc="upper left")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("target layer")
     ax.set_ylabel("source layer")
-    ax.set_title("CKA between source and target layers")
+    ax.set_title("CKA between source and target layers (red: forward layer map)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

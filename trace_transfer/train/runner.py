@@ -328,9 +328,11 @@ def run_sequence(
     plans = meth.plan(stages)
 
     rows: list[list[float]] = []
+    directions: dict[str, bool] = {}  # task -> higher_is_better, from its evaluations
     stage_records: list[dict[str, Any]] = []
     for k in done:  # what the interrupted run already has
         ev = _read_json(_stage_dir(out, k) / "eval.json")
+        directions.update({n: ev["scores"][n].get("higher_is_better", True) for n in task_names})
         rows.append([ev["scores"][n]["score"] for n in task_names])
         monitor_rows.append([ev["monitor"][n]["score"] for n in monitor_names])
         if k > 0:
@@ -348,6 +350,7 @@ def run_sequence(
         write_text_atomic(_stage_dir(out, k) / MARKER, marker)
         monitor_rows.append([watched[n]["score"] for n in monitor_names])
         rows.append([scores[n]["score"] for n in task_names])
+        directions.update({n: scores[n]["higher_is_better"] for n in task_names})
 
     if 0 not in done:
         def base_row() -> None:
@@ -408,7 +411,8 @@ def run_sequence(
                 f"evaluating")
             evaluate_into(model, k)
             _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=False,
-                           monitor=(monitor_names, monitor_rows))
+                           monitor=(monitor_names, monitor_rows),
+                           higher_is_better=[directions.get(n, True) for n in task_names])
 
         # The next stage loads this checkpoint on every rank: all wait until rank 0 has written it.
         ranks.on_main(f"saving and evaluating stage {k}", save_and_evaluate)
@@ -416,7 +420,7 @@ def run_sequence(
 
     results = ranks.on_main("writing the results", lambda: _write_results(
         out, identity, stages, task_names, rows, stage_records, started, plot=plot,
-        monitor=(monitor_names, monitor_rows)))
+        monitor=(monitor_names, monitor_rows), higher_is_better=[directions.get(n, True) for n in task_names]))
     if not ranks.main:
         results = _read_json(out / "results.json")
     return RunResult(out_dir=out, results=results, rank=ranks.rank)
@@ -503,9 +507,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_results(out: Path, identity, stages, task_names, rows, stage_records, started, plot: bool,
-                   monitor: tuple[list[str], list[list[float]]] = ([], [])) -> dict[str, Any]:
+                   monitor: tuple[list[str], list[list[float]]] = ([], []),
+                   higher_is_better: list[bool] | None = None) -> dict[str, Any]:
     complete = len(rows) - 1 == (1 if identity["method"] == "joint" else len(stages))
-    metrics = continual_metrics(rows) if len(rows) >= 2 else None
+    metrics = continual_metrics(rows, higher_is_better) if len(rows) >= 2 else None
     labels = ["before"] + [
         f"after {'+'.join(r['tasks'])}" for r in stage_records
     ]
@@ -540,7 +545,7 @@ def _write_results(out: Path, identity, stages, task_names, rows, stage_records,
         def f(v):
             return "n/a" if v is None else f"{v:+.3f}" if v < 0 or v > 0 else "0.000"
 
-        md += ["", f"AA {metrics['aa']:.3f} · BWT {f(metrics['bwt'])} · FWT {f(metrics['fwt'])} · "
+        md += ["", f"AA {f(metrics['aa'])} · BWT {f(metrics['bwt'])} · FWT {f(metrics['fwt'])} · "
                f"mean forgetting {f(metrics['mean_forgetting'])}",
                "", "BWT = 1/(T-1) Σ_{j<T} (R[T][j] − R[j][j]); FWT = 1/(T-1) Σ_{j≥2} (R[j−1][j] − R[0][j])."]
     if monitor[0]:
