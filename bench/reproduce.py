@@ -146,11 +146,13 @@ def aggregate_transfer(run_dir: Path) -> dict | None:
     if not (run_dir / "finetune").exists():
         return None
     results: dict[str, list[dict]] = {}
+    seeds: set[int] = set()
     for method_dir in sorted((run_dir / "finetune").iterdir()):
         for seed_dir in sorted(method_dir.glob("seed*")):
             f = seed_dir / "results.json"
             if f.exists():
                 results.setdefault(method_dir.name, []).append(json.loads(f.read_text()))
+                seeds.add(int(seed_dir.name.removeprefix("seed")))
     summary = summarise(None, results)
     jaccard = {}
     for strategy in ("lf", "cs"):
@@ -169,9 +171,7 @@ def aggregate_transfer(run_dir: Path) -> dict | None:
         tr, na = summary["methods"].get(f"transfer-{strategy}"), summary["methods"].get(f"trace-{strategy}")
         if tr and na and tr["aa"][0] is not None and na["aa"][0] is not None:
             gaps[strategy] = tr["aa"][0] - na["aa"][0]
-    return {"summary": summary, "jaccard": jaccard, "transfer_minus_trace_aa": gaps,
-            "seeds": sorted({r["per_stage"][0]["seed"] for runs in results.values() for r in runs
-                             if r.get("per_stage")})}
+    return {"summary": summary, "jaccard": jaccard, "transfer_minus_trace_aa": gaps, "seeds": sorted(seeds)}
 
 
 def _f(ms, signed=False) -> str:

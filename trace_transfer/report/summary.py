@@ -2,7 +2,8 @@
 
 For every method: the final score on each task (last row of R), the average (AA), the change
 against the best baseline's average, BWT and FWT (GEM), the plasticity (score on each task right
-after its own stage) — as mean ± std over seeds (std with ddof=1; 0 for a single seed).
+after its own stage) — as mean ± std over seeds (std with ddof=1; None for a single seed, so a
+printed "± 0.0" always means several seeds agreed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
         return None, None
     m = sum(vals) / len(vals)
     if len(vals) < 2:
-        return m, 0.0
+        return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
@@ -69,7 +70,7 @@ def _fmt(ms: tuple[float | None, float | None], pct: bool = True, signed: bool =
         return "n/a"
     scale = 100.0 if pct else 1.0
     body = f"{m * scale:+.1f}" if signed else f"{m * scale:.1f}"
-    return body + (f" ± {s * scale:.1f}" if s else "")
+    return body + (f" ± {s * scale:.1f}" if s is not None else "")
 
 
 def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
