@@ -239,7 +239,7 @@ def plot(stream: dict, path: Path) -> None:
         ax.set_ylabel("retention: mean R[T][j], j < T (score at the end)")
         ax.set_title(f"base {size}, seeds {block['seeds']} (mean ± std)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
