@@ -14,7 +14,7 @@ Two parts, both resumable (rerunning skips what is done):
    the same seeds; reports the Transfer − TRACE gap and the Jaccard overlap of transferred and
    target-native CoreSets against the overlap two random CoreSets of that budget would have.
 
-    python bench/reproduce.py --work runs --seeds 0,1,2 --sizes 192x4,96x4
+    python bench/reproduce.py --work runs --seeds 0,1,2 --sizes 192x4,256x6
     python bench/reproduce.py --work runs --aggregate-only     # tables + plot from what exists
 
 Writes ``<work>/reproduce.json``, ``<work>/reproduce.md`` and ``<work>/stability_plasticity.png``.

@@ -36,7 +36,7 @@ def command(quick: bool, run_dir: Path | None, seeds: tuple[int, ...], threads: 
 
     \b
     Example:
-      trace-transfer demo                 # ~15 min on 2 CPU cores the first time
+      trace-transfer demo                 # ~6 min on 2 quiet CPU cores the first time
       trace-transfer demo --quick         # ~2 min smoke test
       trace-transfer demo --show-config > my.yaml && trace-transfer run my.yaml
     """

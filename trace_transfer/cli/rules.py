@@ -8,16 +8,9 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._table import echo_table
+
 _RULES_HELP = "Rule file (or directory of them) to use instead of / before the shipped ones."
-
-
-def _table(headers: list[str], rows: list[list[object]]) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    click.echo("  ".join("-" * w for w in widths))
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -84,7 +77,7 @@ def _print_coverage(res, verbose: bool) -> None:
     click.echo(f"model:     {s['model']}: {s['tensors']} tensors, {s['num_layers']} layers"
                + (f", {s['num_experts']} experts" if s["num_experts"] else "")
                + (f", storage variant {s['variant']}" if s["variant"] else ""))
-    _table(["matched", "ignored", "unmatched", "unused rules", "problems"],
+    echo_table(["matched", "ignored", "unmatched", "unused rules", "problems"],
            [[s["matched"], s["ignored"], s["unmatched"], s["unused_rules"], s["problems"]]])
     if verbose:
         click.echo("\nmatched:")
@@ -166,7 +159,7 @@ def list_(rules_path: Path | None, roles: bool) -> None:
     from trace_transfer.rules import CUSTOM_ROLE_PREFIX, ROLES, available_rules, rules_search_path
 
     if roles:
-        _table(["role", "meaning"], [[r, d] for r, d in ROLES.items()])
+        echo_table(["role", "meaning"], [[r, d] for r, d in ROLES.items()])
         click.echo(f"\nArchitecture-specific tensors: {CUSTOM_ROLE_PREFIX}<name> (reported as having no counterpart on transfer).")
         return
     try:
@@ -180,7 +173,7 @@ def list_(rules_path: Path | None, roles: bool) -> None:
         seen.add(rs.family)
         rows.append([rs.family + (" (shadowed)" if shadowed else ""), ",".join(rs.spec.match.model_type),
                      ",".join(rs.spec.match.architectures), rs.origin, rs.path])
-    _table(["family", "model_type", "architectures", "origin", "path"], rows)
+    echo_table(["family", "model_type", "architectures", "origin", "path"], rows)
     click.echo("\nsearch path: " + " : ".join(str(p) for p in rules_search_path()))
 
 

@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _table(headers: list[str], rows: list[list[object]]) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    click.echo("  ".join("-" * w for w in widths))
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+from trace_transfer.cli._table import echo_table
 
 
 @click.command("transfer")
@@ -61,7 +54,7 @@ def command(coreset_path, source, target, layer_map, ratio, rules, direction, bu
     b = report.budget
     click.echo(f"{report.source_family} -> {report.target_family}  (layer map: {report.direction}, "
                f"{len(report.layer_pairs)} layer pairs)\n")
-    _table(["role", "target slots", "resampled", "via fallback role", "no source", "source slots lost"],
+    echo_table(["role", "target slots", "resampled", "via fallback role", "no source", "source slots lost"],
            [[r["role"], r["mapped"], r["resampled"], r["fallback"], r["no_source"], r["source_lost"]] for r in report.role_rows()])
     if report.source_unmapped:
         by_role: dict[str, list[int]] = {}
@@ -70,7 +63,7 @@ def command(coreset_path, source, target, layer_map, ratio, rules, direction, bu
             row[0] += 1
             row[1] += u["core_params"]
         click.echo("\nsource roles with no counterpart in the target (details: --report):")
-        _table(["role.field", "slots", "core params dropped"], [[k, v[0], v[1]] for k, v in by_role.items()])
+        echo_table(["role.field", "slots", "core params dropped"], [[k, v[0], v[1]] for k, v in by_role.items()])
     if report.companions:
         click.echo("\ncompanions added: " + ", ".join(c["tensor"] for c in report.companions))
     click.echo(f"\nbudget: {b['selected']} / {b['budget']} {b['unit']} (ratio {b['ratio']:.4g} of {b['total']}); "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +333,7 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
         runner_method = "trace" if method in _CORE_SOURCE else method
         if method == "general-core":
             gdir = runner.records["cores/target-general"].dir
-            opts = MethodOptions(general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
+            opts = replace(opts, general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
         train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
                                 grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                                 precision=t.precision, seq_len=t.seq_len, seed=seed)

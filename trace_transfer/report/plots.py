@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 
+def _save(fig, out_path):
+    """Lay out, write the PNG atomically (a crash never leaves half a file), close; return the Path."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from trace_transfer.checkpoint import atomic_path
+
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out_path
+
+
 # --------------------------------------------------------------------------------------------------
 # Accuracy matrix (continual learning)
 # --------------------------------------------------------------------------------------------------
@@ -18,14 +34,10 @@ def plot_accuracy_matrix(R, task_names, row_labels=None, out_path="accuracy_matr
     Returns:
         The path written.
     """
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")  # headless: runs on servers and in CI
     import matplotlib.pyplot as plt
-
-    from trace_transfer.checkpoint import atomic_path
 
     rows = [list(map(float, r)) for r in R]
     labels = list(row_labels) if row_labels is not None else ["before"] + [f"after stage {i}" for i in range(1, len(rows))]
@@ -41,12 +53,7 @@ def plot_accuracy_matrix(R, task_names, row_labels=None, out_path="accuracy_matr
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,15 +75,11 @@ def plot_importance_heatmap(values, layers, modules, out_path="importance.png", 
     Returns:
         The path written.
     """
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")  # headless: runs on servers and in CI
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from trace_transfer.checkpoint import atomic_path
 
     grid = np.array(values, dtype=float).reshape(len(layers), len(modules))
     short = [m.removesuffix(".weight").split(".")[-1] if m.endswith(".weight") else ".".join(m.split(".")[-2:])
@@ -96,12 +99,7 @@ def plot_importance_heatmap(values, layers, modules, out_path="importance.png", 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,15 +119,11 @@ def plot_overlap_heatmap(matrix, names, out_path="overlap.png", groups=None, tau
     Returns:
         The path written.
     """
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")  # headless: runs on servers and in CI
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from trace_transfer.checkpoint import atomic_path
 
     names = list(names)
     order = [names.index(n) for g in groups for n in g] if groups else list(range(len(names)))
@@ -154,9 +148,4 @@ def plot_overlap_heatmap(matrix, names, out_path="overlap.png", groups=None, tau
     if tau is not None:
         heading += f" (tau = {tau:g}, {len(groups or [])} groups)"
     ax.set_title(heading)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
