@@ -3,7 +3,7 @@
 Setting (issue 4): a 32-layer source (width 1024) and a 48-layer target (width 1536), n = 2048 probe
 samples, random features with a planted depth correspondence.
 
-- fast: ``trace_transfer.cka.cka_matrix_from_features``: each layer's kernel built and (U-)centered
+- fast: ``trace_transfer.cka.kernels.cka_matrix_from_features``: each layer's kernel built and (U-)centered
   once, flattened, normalised; the 32 x 48 matrix is one matrix product.
 - baseline "per-pair HSIC": for every (source, target) pair recompute both Grams, center them (O(n²)
   with row/column means) and take the three HSIC values. Same numpy/BLAS, float64.
@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     from trace_transfer.cka import cka_matrix_from_features, resolve_variant
-    from trace_transfer.layermap import map_layers
+    from trace_transfer.cka import map_layers
 
     _, _, debiased = resolve_variant(args.variant)
     Ls, Lt, n = args.source_layers, args.target_layers, args.n

@@ -26,7 +26,7 @@ from trace_transfer.data import collate, load_task, pad_id_of, tokenize_examples
 from trace_transfer.data.synthetic import SKILLS
 from trace_transfer.evaluation.metrics import evaluate
 from trace_transfer.models import build_tiny_model, load_model, load_tokenizer
-from trace_transfer.pretrain import pretrain
+from trace_transfer.train.pretrain import pretrain
 from trace_transfer.train.loop import TrainConfig, train
 
 

@@ -2,7 +2,7 @@
 
 Stream: math → medical → code (the paper's order), each a new *format* over a skill the base model
 already masters (``trace_transfer.data.synthetic``). Base: a char-level Llama (4 layers, d=192,
-~1.6M parameters) pretrained on ``synthetic:general`` with :func:`trace_transfer.pretrain.pretrain`.
+~1.6M parameters) pretrained on ``synthetic:general`` with :func:`trace_transfer.train.pretrain.pretrain`.
 Every configuration trains 150 steps per stage at batch 32 (the measured working regime, DESIGN §4),
 evaluates every task of the stream after every stage (``eval_limit`` examples each) and also
 *monitors* the base skills (``synthetic:general``; never trained) to show general forgetting.
@@ -17,7 +17,7 @@ Configurations (all through ``trace_transfer.train.runner.run_sequence``, one ca
   parameters of each layer group, ``budget=params``), probed with a 1-epoch warm start; LF also with
   strict isolation and at a higher lr;
 * ``general-core`` (LF core of ``synthetic:general`` frozen, complement trained) and ``cpi-ft``
-  (``trace_transfer.cpi_ft``, paper settings: element core regions of 1%, τ = 0.1).
+  (``trace_transfer.surgery.cpi_ft``, paper settings: element core regions of 1%, τ = 0.1).
 
 Prints the accuracy matrices and a summary table; writes ``<work>/stream_comparison.json``. Every
 run is resumable: rerunning the script skips the configurations (and stages) already done.
@@ -69,7 +69,7 @@ def log(msg: str) -> None:
 
 def ensure_base(work: Path, base: str | None, seed: int, layers: int = 4, hidden: int = 192) -> Path:
     from trace_transfer.models import build_tiny_model
-    from trace_transfer.pretrain import pretrain
+    from trace_transfer.train.pretrain import pretrain
 
     if base:
         return Path(base)
@@ -218,7 +218,7 @@ def main() -> None:
         t1 = time.time()
         run_dir = work / "runs" / (c["name"] if args.seed == 0 else f"{c['name']}-seed{args.seed}")
         if c["method"] == "cpi-ft":
-            from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+            from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
             r = cpi_ft(str(base), STREAM, run_dir, CpiFtConfig(), ft_cfg=cfg, eval_limit=args.eval_limit,
                        resume=True, plot=True, progress=log)

@@ -32,7 +32,7 @@ from trace_transfer.models import build_tiny_model, load_model, load_tokenizer
 from trace_transfer.probe import ProbeConfig, probe
 from trace_transfer.scoring import score
 from trace_transfer.train.hf import CoreSetTrainer
-from trace_transfer.verify import verify_frozen
+from trace_transfer.train.verify import verify_frozen
 
 DEFAULT_TASKS = ["synthetic:math", "synthetic:medical", "synthetic:code"]
 

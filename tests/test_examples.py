@@ -23,7 +23,7 @@ from trace_transfer.data.tasks import Task, validate_spec
 from trace_transfer.evaluation.metrics import evaluate, extract_answer
 from trace_transfer.models import load_model, load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TASK_FILES = sorted((EXAMPLES / "tasks").glob("*.yaml"))
 PIPELINE_FILES = sorted((EXAMPLES / "pipelines").glob("*.yaml"))

@@ -8,7 +8,7 @@ import click
 
 from trace_transfer.errors import TraceTransferError
 
-_VARIANTS = ["linear-debiased", "linear", "rbf", "rbf-debiased"]  # mirrors trace_transfer.cka.VARIANTS
+_VARIANTS = ["linear-debiased", "linear", "rbf", "rbf-debiased"]  # mirrors trace_transfer.cka.kernels.VARIANTS
 
 
 @click.command("cka")

@@ -1,4 +1,4 @@
-"""`trace-transfer cpi-ft`: the whole CPI-FT method in one command (thin glue over trace_transfer.cpi_ft)."""
+"""`trace-transfer cpi-ft`: the whole CPI-FT method in one command (thin glue over trace_transfer.surgery.cpi_ft)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
       trace-transfer cpi-ft --model tiny --task synthetic:math --task synthetic:medical --task synthetic:code \\
           --ratio 0.01 --tau 0.1 --max-steps 150 --lr 3e-4 --batch-size 32 --out runs/cpi-ft --plot
     """
-    from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+    from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
     from trace_transfer.errors import TraceTransferError
     from trace_transfer.train.loop import TrainConfig
 

@@ -32,7 +32,7 @@ def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from trace_transfer.layermap import map_layers
+    from trace_transfer.cka import map_layers
 
     try:
         lm = map_layers(cka_dir, method=method, bootstrap=bootstrap, seed=seed, fraction=fraction)

@@ -32,7 +32,7 @@ def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_lim
     import torch
 
     from trace_transfer.cli._progress import progress_bars
-    from trace_transfer.pretrain import pretrain
+    from trace_transfer.train.pretrain import pretrain
 
     if threads:
         torch.set_num_threads(threads)

@@ -46,7 +46,7 @@ def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows) 
           --coreset cores/math.coreset.safetensors
     """
     from trace_transfer.errors import TraceTransferError
-    from trace_transfer.verify import verify_frozen
+    from trace_transfer.train.verify import verify_frozen
 
     try:
         report = verify_frozen(base, tuned, list(coresets), allow_missing=allow_missing,

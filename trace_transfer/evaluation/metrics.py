@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from trace_transfer.errors import ConfigError, TaskError
+from trace_transfer.registry import METRICS
 
 __all__ = [
     "EvalResult",
@@ -75,32 +76,22 @@ class EvalResult:
 
 
 MetricFn = Callable[..., EvalResult]
-_METRICS: dict[str, MetricFn] = {}
 
 
-def register_metric(name: str, fn: MetricFn | None = None):
+def register_metric(name: str, fn: MetricFn | None = None, *, description: str = ""):
     """Register ``fn(model, tokenizer, examples, *, batch_size, **options) -> EvalResult`` as ``name``.
 
     Usable as a decorator (``@register_metric("bleu")``) or a call. ``options`` are the metric
     settings of the task spec (regex, max_new_tokens, normalization, timeout, ...).
 
     Raises:
-        ConfigError: ``name`` is empty or already registered.
+        ConfigError: ``name`` is malformed or already registered.
     """
-
-    def deco(f: MetricFn) -> MetricFn:
-        if not name or not isinstance(name, str):
-            raise ConfigError(f"metric name must be a non-empty string, got {name!r}")
-        if name in _METRICS:
-            raise ConfigError(f"metric {name!r} is already registered; pick another name")
-        _METRICS[name] = f
-        return f
-
-    return deco(fn) if fn is not None else deco
+    return METRICS.register(name, fn, description=description)
 
 
 def available_metrics() -> list[str]:
-    return sorted(_METRICS)
+    return sorted(METRICS.names())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,14 +457,14 @@ def evaluate(
         task = load_task(task)
     name, opts = _metric_of(task)
     opts.update(overrides)
-    if name not in _METRICS:
-        raise ConfigError(f"task {task.name!r} names metric {name!r}; registered metrics: {available_metrics()}")
+    if name not in METRICS:
+        raise ConfigError(f"task {task.name!r}: {METRICS.unknown(name)}")
     examples = list(task.eval_examples(limit=limit) if limit is not None else task.eval_examples())
     if limit is not None:
         examples = examples[:limit]
     if not examples:
         raise TaskError(f"task {task.name!r} has no evaluation examples")
-    result = _METRICS[name](model, tokenizer, examples, batch_size=batch_size, **opts)
+    result = METRICS.get(name)(model, tokenizer, examples, batch_size=batch_size, **opts)
     result.details.setdefault("task", task.name)
     if not per_example:
         result.per_example = None

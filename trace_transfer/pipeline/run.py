@@ -215,7 +215,7 @@ def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) 
         pre = spec.pretrain
 
         def pretrain_fn(d: Path) -> dict[str, Any]:
-            from trace_transfer.pretrain import pretrain
+            from trace_transfer.train.pretrain import pretrain
 
             res = pretrain(model_dir, d / "model", task=pre.task, steps=pre.steps, batch_size=pre.batch_size,
                            lr=pre.lr, seq_len=pre.seq_len, seed=build.seed, progress=_every_tenth(runner.say))
@@ -284,7 +284,7 @@ def _variant(v: str) -> str:
 def _layermap_fn(cka_dir: Path, lm):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.cka import CKAResult
-        from trace_transfer.layermap import map_layers
+        from trace_transfer.cka import map_layers
 
         m = map_layers(CKAResult.load(cka_dir), lm.method, bootstrap=lm.bootstrap)
         m.save(d / "layer_map.json")
@@ -339,7 +339,7 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
                                 precision=t.precision, seq_len=t.seq_len, seed=seed)
         ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
         if method == "cpi-ft":
-            from trace_transfer.cpi_ft import CpiFtConfig, cpi_ft
+            from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
                          eval_batch_size=cfg.eval.batch_size, resume=True,

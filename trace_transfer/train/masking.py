@@ -377,7 +377,7 @@ def apply_coreset(
 
     Args:
         model: the module to train (parameter names must match the CoreSet's; tied names are resolved).
-        coreset: the CoreSet (see :mod:`trace_transfer.coreset`).
+        coreset: the CoreSet (see :mod:`trace_transfer.coreset.format`).
         mode: ``"train-core"`` or ``"freeze-core"``.
         decay: how partly-core tensors are weight-decayed: ``"zero"`` (not at all) or ``"masked"``
             (decoupled decay on their core elements only, applied by the handle).

@@ -26,7 +26,7 @@ Built-in methods:
                 training set).
 * ``general-core`` freeze a CoreSet scored on general data (``general_coreset``) in every stage and
                 fine-tune its complement ("Selective Parameter Optimization").
-* ``cpi-ft-sft`` CPI-FT step 5 (``trace_transfer.cpi_ft``): every stage freezes the CoreSet named by
+* ``cpi-ft-sft`` CPI-FT step 5 (``trace_transfer.surgery.cpi_ft``): every stage freezes the CoreSet named by
                 its ``Stage.coreset`` and trains the rest; consecutive stages naming the same file form
                 one run over their tasks' data mixed (a CPI-FT group).
 """
