@@ -138,7 +138,7 @@ def ref_lf(data, names, gran, ratio, budget, alpha=0.5, beta=0.5):
         cap, total, chosen = math.floor(ratio * sum(x[4] for x in units) + 1e-9), 0, []
         for x in ranked:
             if total + x[4] > cap:
-                break
+                continue  # a unit that does not fit is skipped for smaller ones further down
             total += x[4]
             chosen.append(x)
     masks = {n: torch.zeros(SHAPES[n], dtype=torch.bool) for n in names}
@@ -451,7 +451,7 @@ def test_register_strategy_is_one_call_and_checks_names(probes):
         with pytest.raises(ValueError, match="already registered"):
             register_strategy("test-grad-only")(GradOnly)
     finally:
-        STRATEGIES.pop("test-grad-only", None)
+        STRATEGIES.unregister("test-grad-only")
 
 
 def test_probe_json_fingerprint_must_match(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -19,33 +18,46 @@ import torch
 
 from trace_transfer.checkpoint import open_checkpoint
 from trace_transfer.coreset import UnitLayout
-from trace_transfer.errors import ArtifactError, ArtifactNotFoundError
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
+from trace_transfer.registry import Registry
 from trace_transfer.scoring.stream import DEFAULT_CHUNK_ELEMS, TensorSource
 
-__all__ = ["STRATEGIES", "register_strategy", "ProbeInput", "load_probe", "ScoringRun", "budget_count", "select_units"]
+__all__ = ["STRATEGIES", "register_strategy", "ProbeInput", "load_probe", "ScoringRun", "budget_count", "fill_in_order",
+           "select_units"]
 
 Progress = Callable[[str, int, int], None]
 
-STRATEGIES: dict[str, type] = {}
+
+def _check_strategy(name: str, cls: type) -> None:
+    missing = [m for m in ("check", "unit_scores") if not callable(getattr(cls, m, None))]
+    if not isinstance(getattr(cls, "min_tasks", None), int):
+        missing.append("min_tasks")
+    if missing:
+        raise ConfigError(f"scoring strategy {name!r} ({getattr(cls, '__qualname__', cls)}) lacks "
+                          f"{', '.join(missing)}; see trace_transfer.scoring.base.register_strategy")
 
 
-def register_strategy(name: str) -> Callable[[type], type]:
+STRATEGIES: Registry[type] = Registry("scoring strategy", cli_hint="--strategy", validate=_check_strategy,
+                                      how_to_add="or register your own with register_strategy")
+
+
+def register_strategy(name: str, *, description: str = "", replace: bool = False) -> Callable[[type], type]:
     """Class decorator registering a scoring strategy under ``name`` (lower-case, unique).
 
     A strategy class has ``min_tasks``, ``check(run)`` (raise ConfigError for unsupported settings)
     and ``unit_scores(run) -> list[{tensor: per-unit float64 scores}]`` (one dict per task); to
     support element granularity also ``element_scores(run, task) -> (name, start, stop) -> float32
     scores`` (>= 0, bit-identical on every call; may carry a ``.sample`` function scoring only the
-    sampled blocks, see ``_topk``).
+    sampled blocks, see ``topk``).
+
+    Raises:
+        ConfigError: the name is malformed or taken (``replace=True`` overrides on purpose), or the
+            class lacks ``min_tasks``, ``check`` or ``unit_scores``.
     """
 
     def deco(cls: type) -> type:
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-            raise ValueError(f"strategy name {name!r}: use lower-case letters, digits, '-' or '_'")
-        if name in STRATEGIES:
-            raise ValueError(f"scoring strategy {name!r} is already registered by {STRATEGIES[name].__qualname__}")
-        cls.name = name
-        STRATEGIES[name] = cls
+        STRATEGIES.register(name, cls, description=description, replace=replace)
+        cls.name = name  # provenance: ScoringRun and CoreSet metadata name the strategy
         return cls
 
     return deco
@@ -134,8 +146,50 @@ def budget_count(ratio: float, total: int) -> int:
     return math.floor(Fraction(repr(float(ratio))) * total)
 
 
+def fill_in_order(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Which units to take, walking them in the given (rank) order: each unit that still fits is taken;
+    one that does not is skipped and the walk goes on with the smaller ones after it.
+
+    Stopping at the first unit that does not fit would leave most of a budget empty whenever units
+    are large next to it (whole tensors under a parameter budget: random tensor cores held 0-256
+    parameters of a budget of thousands).
+
+    Args:
+        sizes: unit sizes (parameters), in the order of preference.
+        budget: parameters available.
+
+    Returns:
+        A boolean array aligned with ``sizes``.
+
+    Example:
+        >>> fill_in_order(np.array([5, 8, 3, 2]), 10).tolist()
+        [True, False, True, True]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    take = np.zeros(len(sizes), dtype=bool)
+    cum = np.cumsum(sizes)
+    prefix = int(np.searchsorted(cum, budget, side="right"))  # the common case in one vectorised step
+    take[:prefix] = True
+    left = budget - (int(cum[prefix - 1]) if prefix else 0)
+    i = prefix
+    while left > 0 and i < len(sizes):
+        fits = np.flatnonzero(sizes[i:] <= left)
+        if not fits.size:
+            break
+        j = i + int(fits[0])
+        take[j] = True
+        left -= int(sizes[j])
+        i = j + 1
+    return take
+
+
 def select_units(scores: dict[str, torch.Tensor], run: ScoringRun) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Exact budgeted top selection over per-unit scores; returns per-tensor unit masks and counts."""
+    """Exact budgeted top selection over per-unit scores; returns per-tensor unit masks and counts.
+
+    ``budget="tensors"`` takes the top ``floor(ratio × units)`` units; ``budget="params"`` walks the
+    ranking and takes every unit that still fits (:func:`fill_in_order`), so a large unit that does
+    not fit is skipped for smaller ones further down.
+    """
     names = run.names
     lens = [len(scores[n]) for n in names]
     flat = torch.cat([scores[n].double().reshape(-1) for n in names]).numpy() if names else np.zeros(0)
@@ -151,12 +205,17 @@ def select_units(scores: dict[str, torch.Tensor], run: ScoringRun) -> tuple[dict
         take = target
     else:
         target = budget_count(run.ratio, int(sizes.sum()))
-        take = int(np.searchsorted(np.cumsum(sizes[order]), target, side="right"))
+        take = -1
     chosen = np.zeros(len(flat), dtype=bool)
-    chosen[order[:take]] = True
+    if take >= 0:
+        chosen[order[:take]] = True
+    else:
+        picked = order[fill_in_order(sizes[order], target)]
+        chosen[picked] = True
+        take = len(picked)
     masks, offset = {}, 0
     for n, length in zip(names, lens):
         masks[n] = torch.from_numpy(chosen[offset : offset + length].copy())
         offset += length
     return masks, {"budget_target": target, "selected_units": take, "total_units": len(flat),
-                   "selected_params": int(sizes[order[:take]].sum()), "scope_params": int(sizes.sum())}
+                   "selected_params": int(sizes[chosen].sum()), "scope_params": int(sizes.sum())}

@@ -14,9 +14,9 @@ Strategies (each registered with :func:`register_strategy`; the built-ins live i
 Selection is exact and deterministic: units are ranked by (score desc, tensor order, unit index),
 tensor order being the model's parameter order recorded in ``probe.json`` (else the Δ file's order). ``budget="tensors"`` takes
 ``floor(ratio × number of units)`` units (whole tensors at tensor granularity — the paper's rule);
-``budget="params"`` takes the longest prefix of the ranking whose parameter count fits
-``floor(ratio × parameters in scope)`` (exact at element granularity; at coarser granularities it
-stops short of the budget by less than one unit).
+``budget="params"`` walks the ranking and takes every unit that still fits
+``floor(ratio × parameters in scope)``, skipping one that does not for smaller ones further down
+(exact at element granularity; at coarser granularities it stops short by less than the smallest unit).
 
 ``preset="paper"`` reproduces the official TRACE code: whole tensors, scope = every named tensor
 (embeddings and lm_head included), α = β = 0.5, ``budget="tensors"``.
@@ -173,14 +173,13 @@ def score(
         ArtifactNotFoundError / ArtifactError / ModelMismatchError: missing, broken or mismatched probes.
     """
     t0 = time.time()
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"scoring strategy {strategy!r} is not known; choose one of: {', '.join(STRATEGIES)}")
+    strategy_cls = STRATEGIES.get(strategy)  # an unknown name fails here, before any file is read
     if not 0 < float(ratio) <= 1:
         raise ConfigError(f"ratio {ratio}: must be in (0, 1] (e.g. 0.05 for 5%)")
     if not probe_dirs:
         raise ConfigError("no probe directories given; pass one --probe DIR per task")
     opts = _resolve_options(preset, granularity, budget, scope, alpha, beta)
-    strat = STRATEGIES[strategy]()
+    strat = strategy_cls()
     probes = [load_probe(d) for d in probe_dirs]
     tasks = [p.task for p in probes]
     if len(set(tasks)) != len(tasks):
