@@ -1,16 +1,22 @@
 """One registry shape for every pluggable part: scoring strategies, training methods, layer mappers,
-merge methods and metrics.
+merge methods, metrics and the pipeline's methods.
 
-A :class:`Registry` maps a lower-case name to an object plus a one-line description. Registering is
-one call (or a decorator) in the file that defines the part, as plugins do in PEFT's
-``register_peft_method``; looking up an unknown name raises a :class:`ConfigError` that lists the
-valid names and suggests the closest one.
+A :class:`Registry` maps a lower-case name to an object plus a one-line description and free-form
+facts (``info``). Registering is one call (or a decorator) in the file that defines the part, as
+plugins do in PEFT's ``register_peft_method``; looking up an unknown name raises a
+:class:`ConfigError` that lists the valid names and suggests the closest one. Each concept keeps its
+public ``register_*`` function as a thin wrapper that checks the object's shape and calls
+:meth:`Registry.register`.
 
     >>> STRATEGIES = Registry("scoring strategy", cli_hint="--strategy")
     >>> @STRATEGIES.register("lf", description="TRACE-LF: L2 of Δ + Fisher")
     ... class LF: ...
     >>> STRATEGIES.get("lf") is LF
     True
+    >>> STRATEGIES.get("lff")
+    Traceback (most recent call last):
+    ...
+    trace_transfer.errors.ConfigError: unknown scoring strategy 'lff' (--strategy); did you mean 'lf'? choose one of: lf
 """
 
 from __future__ import annotations
@@ -38,9 +44,17 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Named plugins of one kind. Iteration yields names in registration order."""
 
-    def __init__(self, kind: str, *, cli_hint: str | None = None) -> None:
+    def __init__(self, kind: str, *, cli_hint: str | None = None, how_to_add: str | None = None,
+                 validate: Callable[[str, T], None] | None = None) -> None:
+        """``kind`` names the plugins in errors ("scoring strategy"); ``cli_hint`` is the option or key
+        a user types the name into ("--strategy"); ``how_to_add`` ends the unknown-name error (e.g.
+        "or register your own with register_layer_mapper"); ``validate(name, obj)`` raises
+        ConfigError when ``obj`` lacks what this kind of plugin must have, so a broken plugin fails
+        where it is registered rather than deep inside a run."""
         self.kind = kind
         self.cli_hint = cli_hint
+        self.how_to_add = how_to_add
+        self.validate = validate
         self._entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, obj: T | None = None, *, description: str = "", replace: bool = False,
@@ -48,7 +62,8 @@ class Registry(Generic[T]):
         """Register ``obj`` as ``name``; without ``obj``, return a decorator.
 
         Raises:
-            ConfigError: the name is malformed, or taken (pass ``replace=True`` to override on purpose).
+            ConfigError: the name is malformed, taken (pass ``replace=True`` to override on purpose),
+                or ``obj`` fails the registry's ``validate``.
         """
 
         def add(o: T) -> T:
@@ -57,6 +72,8 @@ class Registry(Generic[T]):
             if name in self._entries and not replace:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pick another name "
                                   f"or pass replace=True")
+            if self.validate is not None:
+                self.validate(name, o)
             desc = description or (getattr(o, "__doc__", None) or "").strip().split("\n")[0]
             self._entries[name] = Entry(name, o, desc, dict(info))
             return o
@@ -73,11 +90,23 @@ class Registry(Generic[T]):
             raise ConfigError(self.unknown(name)) from None
 
     def unknown(self, name: Any) -> str:
-        """The error text for an unknown name: the valid ones and the closest match."""
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        """The error text for an unknown name: the closest match and the valid ones."""
         flag = f" ({self.cli_hint})" if self.cli_hint else ""
-        return f"unknown {self.kind}{flag} {name!r}{hint} Choose one of: {', '.join(self._entries) or '(none registered)'}"
+        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        add = f"; {self.how_to_add}" if self.how_to_add else ""
+        return (f"unknown {self.kind} {name!r}{flag}; {guess}choose one of: "
+                f"{', '.join(self._entries) or '(none registered)'}{add}")
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its object (a test's or plugin's clean-up; built-ins stay put).
+
+        Raises:
+            ConfigError: ``name`` is not registered.
+        """
+        obj = self.get(name)
+        del self._entries[name]
+        return obj
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -104,8 +133,20 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
 
+def must_be_callable(signature: str) -> Callable[[str, Any], None]:
+    """A ``validate`` for registries of plain functions; ``signature`` shows the call they must accept."""
+
+    def validate(name: str, obj: Any) -> None:
+        if not callable(obj):
+            raise ConfigError(f"{name!r} must be a function {signature}, got {type(obj).__name__} {obj!r}")
+
+    return validate
+
+
 # Metric names are part of a task spec's vocabulary, so data/ validates them; the metrics themselves
 # live in evaluation/, which registers them here. Defining the registry at this level keeps data/ from
 # importing evaluation/ (which imports data/).
-METRICS: Registry[Callable[..., Any]] = Registry("metric", cli_hint="metric:")
+METRICS: Registry[Callable[..., Any]] = Registry(
+    "metric", cli_hint="metric:", how_to_add="or register your own with register_metric",
+    validate=must_be_callable("fn(model, tokenizer, examples, *, batch_size, **options) -> EvalResult"))
 BUILTIN_METRICS = ("exact_match", "multiple_choice", "code_exec", "perplexity")
