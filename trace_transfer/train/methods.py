@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import torch
 
 from trace_transfer.errors import ConfigError
+from trace_transfer.registry import Registry
 
 __all__ = [
     "Stage",
@@ -50,6 +51,7 @@ __all__ = [
     "PrepareContext",
     "MethodOptions",
     "Method",
+    "METHODS",
     "register_method",
     "get_method",
     "available_methods",
@@ -136,33 +138,38 @@ class Method(Protocol):
     def prepare(self, model: torch.nn.Module, run: RunPlan, ctx: PrepareContext) -> Prepared: ...
 
 
-_METHODS: dict[str, Method] = {}
+def _check_method(name: str, obj: Any) -> None:
+    for hook in ("check", "plan", "examples", "prepare"):
+        if not callable(getattr(obj, hook, None)):
+            raise ConfigError(f"method {name!r} lacks `{hook}`; see trace_transfer.train.methods.Method")
 
 
-def register_method(method: Method) -> Method:
+METHODS: Registry[Method] = Registry("method", cli_hint="--method", validate=_check_method,
+                                     how_to_add="or register your own with register_method")
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
     """Register a training method under ``method.name`` (unique). Returns it (usable as a decorator
-    on a class whose instances need no arguments)."""
+    on a class whose instances need no arguments).
+
+    Raises:
+        ConfigError: no string ``name``, the name is taken (``replace=True`` overrides on purpose),
+            or a hook of :class:`Method` is missing.
+    """
     obj = method() if isinstance(method, type) else method
     name = getattr(obj, "name", None)
     if not name or not isinstance(name, str):
         raise ConfigError(f"a method needs a non-empty string `name`, got {name!r}")
-    if name in _METHODS:
-        raise ConfigError(f"method {name!r} is already registered; pick another name")
-    for hook in ("check", "plan", "examples", "prepare"):
-        if not callable(getattr(obj, hook, None)):
-            raise ConfigError(f"method {name!r} lacks `{hook}`; see trace_transfer.train.methods.Method")
-    _METHODS[name] = obj
+    METHODS.register(name, obj, replace=replace)
     return method
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def available_methods() -> list[str]:
-    return list(_METHODS)
+    return METHODS.names()
 
 
 # --------------------------------------------------------------------------------------------------
