@@ -183,7 +183,7 @@ def test_registry():
     finally:
         from trace_transfer.cka import layermap
 
-        layermap._MAPPERS.pop("test-first", None)
+        layermap.LAYER_MAPPERS.unregister("test-first")
 
 
 def test_planted_matrix_from_features_matches_result(planted):

@@ -43,6 +43,7 @@ import numpy as np
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import write_json_atomic
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
+from trace_transfer.registry import Registry, must_be_callable
 
 FORMAT = "trace-transfer/layer-map"
 FORMAT_VERSION = 1
@@ -50,40 +51,36 @@ FORMAT_VERSION = 1
 LayerMapper = Callable[[np.ndarray], np.ndarray]
 """``(L_s, L_t)`` similarity matrix (finite) -> int array of length ``L_s`` with a target per row."""
 
-_MAPPERS: dict[str, tuple[LayerMapper, str]] = {}
+
+LAYER_MAPPERS: Registry[LayerMapper] = Registry(
+    "layer-mapping method", cli_hint="--method", how_to_add="or register your own with register_layer_mapper",
+    validate=must_be_callable("(L_s x L_t similarity) -> L_s target layers"))
 
 
 def register_layer_mapper(name: str, fn: LayerMapper | None = None, *, description: str = "",
-                          overwrite: bool = False) -> Any:
+                          replace: bool = False, overwrite: bool = False) -> Any:
     """Register a layer-mapping method under ``name``; usable as a decorator.
+
+    ``overwrite`` is the older spelling of ``replace``; either replaces a registered method on purpose.
 
     Example:
         >>> @register_layer_mapper("nearest-even", description="argmax over even target layers")
         ... def nearest_even(sim):
         ...     return 2 * sim[:, ::2].argmax(axis=1)
+
+    Raises:
+        ConfigError: the name is malformed or taken, or ``fn`` is not callable.
     """
-    if not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"layer mapper name {name!r} must be alphanumeric (dashes/underscores allowed)")
-
-    def add(f: LayerMapper) -> LayerMapper:
-        if name in _MAPPERS and not overwrite:
-            raise ConfigError(f"layer mapper {name!r} is already registered; pass overwrite=True to replace it")
-        _MAPPERS[name] = (f, description or (f.__doc__ or "").strip().split("\n")[0])
-        return f
-
-    return add(fn) if fn is not None else add
+    return LAYER_MAPPERS.register(name, fn, description=description, replace=replace or overwrite)
 
 
 def available_layer_mappers() -> dict[str, str]:
     """Registered method names with their one-line descriptions."""
-    return {k: d for k, (_, d) in _MAPPERS.items()}
+    return LAYER_MAPPERS.describe()
 
 
 def get_layer_mapper(name: str) -> LayerMapper:
-    if name not in _MAPPERS:
-        raise ConfigError(f"unknown layer-mapping method {name!r}; choose one of {sorted(_MAPPERS)} "
-                          "or register your own with register_layer_mapper")
-    return _MAPPERS[name][0]
+    return LAYER_MAPPERS.get(name)
 
 
 @register_layer_mapper("argmax")
