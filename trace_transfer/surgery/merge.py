@@ -40,6 +40,7 @@ import torch
 from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ContentHash, ShardedWriter
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError
+from trace_transfer.registry import Registry, must_be_callable
 from trace_transfer.surgery._modeldir import (
     WEIGHTS_PREFIX,
     check_same_tensors,
@@ -55,7 +56,7 @@ from trace_transfer.surgery.slerp import DOT_THRESHOLD, MULTI_METHODS, lerp_many
 from trace_transfer.surgery.transplant import COLLISION_RULES, bits, expanded_score, transplant_tensor
 
 __all__ = ["merge_models", "MergeOptions", "MergeReport", "TensorJob", "register_merge_method", "merge_methods",
-           "RESTRICT_MODES", "FILL_MODES", "MERGE_COLLISION_RULES"]
+           "MERGE_METHODS", "RESTRICT_MODES", "FILL_MODES", "MERGE_COLLISION_RULES"]
 
 RESTRICT_MODES = ("inside", "outside")
 FILL_MODES = ("first", "base", "slerp", "lerp")
@@ -125,36 +126,30 @@ class TensorJob:
 MergeFn = Callable[[TensorJob, MergeOptions, dict], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class _Method:
-    fn: MergeFn
-    coresets: str  # "optional" or "per-model"
-    help: str
+# info["coresets"]: "optional" (any number restrict what changes) or "per-model" (one per model, in order)
+MERGE_METHODS: Registry[MergeFn] = Registry(
+    "merge method", cli_hint="METHOD", how_to_add="or register your own with register_merge_method",
+    validate=must_be_callable("fn(job, options, stats) -> tensor"))
 
 
-_METHODS: dict[str, _Method] = {}
-
-
-def register_merge_method(name: str, *, coresets: str = "optional", help: str = "") -> Callable[[MergeFn], MergeFn]:
+def register_merge_method(name: str, *, coresets: str = "optional", help: str = "",
+                          replace: bool = False) -> Callable[[MergeFn], MergeFn]:
     """Register a merge method: ``fn(job, options, stats) -> tensor`` (``stats``: per-tensor counts to fill).
 
     ``coresets="per-model"`` makes one CoreSet per model mandatory (as for transplant).
+
+    Raises:
+        ConfigError: ``coresets`` is neither value, the name is malformed or taken (``replace=True``
+            overrides on purpose), or ``fn`` is not callable.
     """
     if coresets not in ("optional", "per-model"):
-        raise ValueError(f"coresets={coresets!r}: expected 'optional' or 'per-model'")
-
-    def deco(fn: MergeFn) -> MergeFn:
-        if name in _METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        _METHODS[name] = _Method(fn, coresets, help or (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return deco
+        raise ConfigError(f"coresets={coresets!r}: expected 'optional' or 'per-model'")
+    return MERGE_METHODS.register(name, description=help, replace=replace, coresets=coresets)
 
 
 def merge_methods() -> dict[str, str]:
     """``{name: one-line help}`` of the registered merge methods."""
-    return {n: m.help for n, m in _METHODS.items()}
+    return MERGE_METHODS.describe()
 
 
 def _untouched(mask: torch.Tensor | None, opts: MergeOptions) -> bool:
@@ -260,14 +255,12 @@ def merge_models(
         ModelMismatchError: the models (or a CoreSet) do not share names and shapes.
     """
     opts = options or MergeOptions()
-    if method not in _METHODS:
-        raise ConfigError(f"merge method {method!r} is unknown; choose one of {', '.join(_METHODS)}")
-    spec = _METHODS[method]
+    spec = MERGE_METHODS.entry(method)  # an unknown method fails here, before any file is read
     if len(models) < 2:
         raise ConfigError(f"merging needs at least two --model, got {len(models)}")
     opts.resolved_weights(len(models))  # fail on bad weights before reading anything
     loaded = [c if isinstance(c, CoreSet) else CoreSet.load(c) for c in (coresets or [])]
-    if spec.coresets == "per-model" and len(loaded) != len(models):
+    if spec.info["coresets"] == "per-model" and len(loaded) != len(models):
         raise ConfigError(f"{method} needs one --coreset per --model (in the same order): got {len(models)} models "
                           f"and {len(loaded)} CoreSets")
     if method == "transplant" and base is None and (opts.fill == "base" or opts.collision == "update"):
@@ -306,7 +299,7 @@ def merge_models(
                 scores = [expanded_score(cs, name) if name in cn else None for cs, cn in zip(loaded, core_names)]
             job = TensorJob(name, tensors, masks, scores, base_t)
             stats: dict[str, Any] = {}
-            merged = spec.fn(job, opts, stats)
+            merged = spec.obj(job, opts, stats)
             stats["numel"] = merged.numel()
             stats["changed"] = int((bits(merged) != bits(tensors[0].to(merged.dtype))).sum())
             per_tensor[name] = stats
