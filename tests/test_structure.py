@@ -17,6 +17,7 @@ LAYERS = [
     ("pipeline",),
     ("report",),
     ("surgery",),
+    ("refine",),  # picks target units inside transfer's budgets from a probe-style signal
     ("probe", "transfer", "cka"),
     ("train", "scoring"),
     ("evaluation",),

@@ -67,7 +67,7 @@ def test_llama_to_qwen3_adds_q_k_norm_companions_within_budget():
     src, tgt = cfg("llama"), cfg("qwen3", head_dim=8)
     hot = {"model.layers.1.self_attn.q_proj.weight": 10.0, "model.layers.0.self_attn.k_proj.weight": 9.0}
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([hot.get(n, 0.01 * len(n))]), budget_unit="tensors")
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.2)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.2, carry="profile")
 
     n_tensors = len(spec_of(tgt).shapes)
     assert len(out.names()) == math.floor(0.2 * n_tensors) == report.budget["selected"]  # exact, companions inside
@@ -87,7 +87,7 @@ def test_qwen3_to_llama_reports_roles_without_counterpart():
     src, tgt = cfg("qwen3", head_dim=8), cfg("llama")
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0 if "norm" in n else 0.5]),
                  core=lambda n, s: torch.tensor([n.endswith("q_norm.weight")]))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, carry="profile")
     lost = {u["slot"]: u["core_params"] for u in report.source_unmapped}
     assert lost == {"attn_q_norm.weight L0": 8, "attn_q_norm.weight L1": 8, "attn_k_norm.weight L0": 0, "attn_k_norm.weight L1": 0}
     assert report.lost_core_params == 16
@@ -103,7 +103,7 @@ def test_llama_rows_slice_into_phi3_fused_qkv_and_gate_up():
     src, tgt = cfg("llama"), cfg("phi3")
     gen = torch.Generator().manual_seed(0)
     cs = coreset(src, row_layout, lambda n, u: torch.rand(u, generator=gen))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, carry="profile")
     for layer in (0, 1):
         qkv = out.score(f"model.layers.{layer}.self_attn.qkv_proj.weight")
         assert out.layout(f"model.layers.{layer}.self_attn.qkv_proj.weight") == UnitLayout.rows()
@@ -116,14 +116,14 @@ def test_llama_rows_slice_into_phi3_fused_qkv_and_gate_up():
     assert out.num_selected() == math.floor(0.1 * out.num_total())  # exact parameter budget
 
     # And back: Phi-3's fused rows split into Llama's separate tensors.
-    back, _ = transfer(out, tgt, src, IDENTITY2, ratio=0.1)
+    back, _ = transfer(out, tgt, src, IDENTITY2, ratio=0.1, carry="profile")
     torch.testing.assert_close(back.score("model.layers.1.self_attn.k_proj.weight"), cs.score("model.layers.1.self_attn.k_proj.weight"))
 
 
 def test_fused_tensor_at_tensor_granularity_takes_the_max_of_its_parts():
     src, tgt = cfg("llama"), cfg("phi3")
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([0.9 if "k_proj" in n else 0.1]))
-    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, budget="tensors")
+    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, budget="tensors", carry="profile")
     assert float(out.score("model.layers.0.self_attn.qkv_proj.weight")) == pytest.approx(0.9)
     assert out.layout("model.layers.0.self_attn.qkv_proj.weight").kind == "tensor"
 
@@ -133,7 +133,7 @@ def test_gpt2_conv1d_columns_become_llama_rows():
     gen = torch.Generator().manual_seed(1)
     # GPT-2 stores [in, out]: its output features are columns (axis 1), Llama's are rows (axis 0).
     cs = coreset(src, lambda n, s: UnitLayout.columns() if len(s) == 2 else UnitLayout.rows(), lambda n, u: torch.rand(u, generator=gen))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.05)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.05, carry="profile")
     c_attn = cs.score("transformer.h.0.attn.c_attn.weight")
     assert out.layout("model.layers.0.self_attn.v_proj.weight") == UnitLayout.rows()
     torch.testing.assert_close(out.score("model.layers.0.self_attn.v_proj.weight"), c_attn[64:96])
@@ -159,7 +159,7 @@ def test_deeper_wider_target_gets_a_source_for_every_layer_and_per_head_profiles
         return torch.linspace(0, 1, u)
 
     cs = coreset(src, row_layout, scores)
-    out, report = transfer(cs, src, tgt, {"reverse": {"0": 0, "1": 0, "2": 1, "3": 1}}, ratio=0.1)
+    out, report = transfer(cs, src, tgt, {"reverse": {"0": 0, "1": 0, "2": 1, "3": 1}}, ratio=0.1, carry="profile")
     assert report.target_unsourced == []
     for layer in range(4):
         q = out.score(f"model.layers.{layer}.self_attn.q_proj.weight").reshape(8, 8)
@@ -175,7 +175,7 @@ def test_element_profiles_resample_and_whole_tensors_map_exactly_across_widths()
     gen = torch.Generator().manual_seed(2)
     cs = coreset(src, lambda n, s: UnitLayout("element") if "down_proj" in n else UnitLayout("tensor"),
                  lambda n, u: torch.rand(u, generator=gen))
-    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.05, budget="params")
+    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.05, budget="params", carry="profile")
     src_down = cs.score("model.layers.0.mlp.down_proj.weight").reshape(32, 64)
     tgt_down = out.score("model.layers.0.mlp.down_proj.weight").reshape(48, 96)
     for (i, j), (a, b) in (((0, 0), (0, 0)), ((-1, -1), (-1, -1)), ((0, -1), (0, -1))):
@@ -186,7 +186,7 @@ def test_element_profiles_resample_and_whole_tensors_map_exactly_across_widths()
 def test_forward_direction_leaves_unmapped_target_layers_empty():
     src, tgt = cfg("llama", layers=2), cfg("llama", layers=4)
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0]))
-    out, report = transfer(cs, src, tgt, {"forward": {"0": 0, "1": 3}}, ratio=0.5, direction="forward", budget="tensors")
+    out, report = transfer(cs, src, tgt, {"forward": {"0": 0, "1": 3}}, ratio=0.5, direction="forward", budget="tensors", carry="profile")
     unsourced_layers = {u["slot"].split(" L")[-1] for u in report.target_unsourced}
     assert unsourced_layers == {"1", "2"}
     assert not any(".layers.1." in n or ".layers.2." in n for n in out.names())
@@ -195,7 +195,7 @@ def test_forward_direction_leaves_unmapped_target_layers_empty():
 def test_shallower_target_reports_unused_source_layers():
     src, tgt = cfg("llama", layers=4), cfg("llama", layers=2)
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0]))
-    _, report = transfer(cs, src, tgt, {"forward": {"0": 0, "1": 0, "2": 1, "3": 1}}, ratio=0.1)
+    _, report = transfer(cs, src, tgt, {"forward": {"0": 0, "1": 0, "2": 1, "3": 1}}, ratio=0.1, carry="profile")
     # No reverse map given: each target layer takes the nearest-mapped source layer (shallower on ties).
     assert report.layer_pairs == [(0, 0), (2, 1)]
     assert report.source_layers_unused == [1, 3] and report.warnings
@@ -211,7 +211,7 @@ def test_rebudget_is_exact_and_takes_the_top_scores(ratio):
     src, tgt = cfg("llama"), cfg("qwen3", hidden=48, head_dim=12)
     gen = torch.Generator().manual_seed(3)
     cs = coreset(src, lambda n, s: UnitLayout("element"), lambda n, u: torch.rand(u, generator=gen))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=ratio)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=ratio, carry="profile")
     assert out.num_selected() == math.floor(ratio * out.num_total()) == report.budget["budget"]
     # Apart from companions, every selected element outscores every unselected element that had a source.
     comp = {c["tensor"] for c in report.companions}
@@ -231,7 +231,7 @@ def test_rebudget_in_tensors_counts_companions():
     order = list(spec_of(src).shapes)
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([float(order.index(n))]))  # deeper = hotter
     for ratio in (0.05, 0.1, 0.25, 0.5):
-        out, report = transfer(cs, src, tgt, IDENTITY2, ratio=ratio)
+        out, report = transfer(cs, src, tgt, IDENTITY2, ratio=ratio, carry="profile")
         assert report.budget["unit"] == "tensors"
         assert len(out.names()) == math.floor(ratio * len(spec_of(tgt).shapes))
 
@@ -245,7 +245,7 @@ def test_dense_source_feeds_every_expert_of_a_moe_target():
     src = cfg("llama")
     tgt = cfg("qwen3_moe", head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     cs = coreset(src, row_layout, lambda n, u: torch.linspace(0, 1, u))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, carry="profile")
     name = "model.layers.0.mlp.experts.gate_up_proj"  # [experts, 2 * 16, hidden], stacked in memory
     assert name in out.all_names() and out.layout(name) == UnitLayout("axis", 1, 1)
     torch.testing.assert_close(out.score(name)[:16], torch.linspace(0, 1, 16))  # ffn_gate rows 64 → 16
@@ -263,13 +263,13 @@ def test_layer_map_inputs(tmp_path):
     src = cfg("llama")
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0]))
     with pytest.raises(ConfigError, match="target layer 7"):
-        transfer(cs, src, cfg("llama"), {"reverse": {"7": 0}})
+        transfer(cs, src, cfg("llama"), {"reverse": {"7": 0}}, carry="profile")
 
 
 def test_metadata_records_provenance():
     src, tgt = cfg("llama"), cfg("qwen3", head_dim=8)
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0]), strategy="lf")
-    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.1)
+    out, _ = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, carry="profile")
     meta = out.metadata
     assert meta["strategy"] == "transfer" and meta["task"] == "t" and meta["ratio"] == 0.1
     t = meta["transfer"]
@@ -309,7 +309,7 @@ def test_scope_limits_candidates_and_denominator():
     cs = CoreSet.from_unit_masks({n: torch.tensor([False]) for n in layer_names}, {n: UnitLayout() for n in layer_names}, shapes,
                                  scores={n: torch.tensor([float(i)]) for i, n in enumerate(layer_names)},
                                  metadata={"ratio": 0.25, "budget": "tensors", "scope": ["layers"]})
-    out, report = transfer(cs, src, tgt, IDENTITY2)
+    out, report = transfer(cs, src, tgt, IDENTITY2, carry="profile")
     n_layer_tensors = sum(".layers." in n for n in spec_of(tgt).shapes)
     assert report.budget["total"] == n_layer_tensors and len(out.names()) == math.floor(0.25 * n_layer_tensors)
     assert out.score("model.embed_tokens.weight") is None and out.score("lm_head.weight") is None
@@ -320,9 +320,9 @@ def test_layermap_objects_and_files_from_map_layers(tmp_path):
     lm = layermap.LayerMap.relative_depth(2, 4)
     src, tgt = cfg("llama", layers=2), cfg("llama", layers=4)
     cs = coreset(src, tensor_layout, lambda n, u: torch.tensor([1.0]))
-    out_obj, rep_obj = transfer(cs, src, tgt, lm, ratio=0.1)
+    out_obj, rep_obj = transfer(cs, src, tgt, lm, ratio=0.1, carry="profile")
     lm.save(tmp_path / "layer_map.json")
-    out_file, rep_file = transfer(cs, src, tgt, tmp_path / "layer_map.json", ratio=0.1)
+    out_file, rep_file = transfer(cs, src, tgt, tmp_path / "layer_map.json", ratio=0.1, carry="profile")
     assert rep_obj.layer_pairs == rep_file.layer_pairs and {t for _, t in rep_obj.layer_pairs} == {0, 1, 2, 3}
     assert out_obj.names() == out_file.names()
 
@@ -333,7 +333,7 @@ def test_moe_to_moe_maps_experts_by_relative_position():
     # Per-expert units of the stacked expert tensors: expert e scores e.
     cs = coreset(src, lambda n, s: UnitLayout("axis", 0, 1) if ".experts." in n else UnitLayout(),
                  lambda n, u: torch.arange(u).float() if u == 4 and "experts" in n else torch.zeros(u))
-    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1)
+    out, report = transfer(cs, src, tgt, IDENTITY2, ratio=0.1, carry="profile")
     name = "model.layers.1.mlp.experts.down_proj"
     assert out.layout(name) == UnitLayout("axis", 0, 1)
     assert out.score(name).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

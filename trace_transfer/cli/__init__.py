@@ -26,6 +26,7 @@ _COMMAND_MODULES = [
     "map_layers",
     "rules",
     "transfer",
+    "refine",
     "finetune",
     "eval",
     "verify_frozen",

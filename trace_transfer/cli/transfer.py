@@ -25,31 +25,42 @@ from trace_transfer.cli._table import echo_table
               help="Count the budget in whole tensors (the paper) or parameters; auto follows the source CoreSet.")
 @click.option("--target-names", type=click.Choice(["model", "checkpoint"]), default="model", show_default=True,
               help="Key the target CoreSet by the model class's parameter names or the checkpoint's tensor names.")
+@click.option("--carry", type=click.Choice(["auto", "exact", "budget", "profile"]), default="auto", show_default=True,
+              help="What crosses over. auto: whole-tensor CoreSets map exactly (a CoreSet); finer ones give per-slot "
+                   "budgets (a .budgets.json for `trace-transfer refine`). profile: the ablation that resamples per-unit "
+                   "scores by relative position into a CoreSet; measured on the demo pair, those scores are "
+                   "uncorrelated with the target's own (Spearman ~0.03) and train no better than random units in "
+                   "the same per-tensor counts.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Target CoreSet to write.")
-def command(coreset_path, source, target, layer_map, ratio, rules, direction, budget, target_names, report_path, out) -> None:
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Target CoreSet (*.coreset.safetensors) or, when carrying budgets, *.budgets.json "
+                   "(a .coreset.safetensors name is changed to .budgets.json).")
+def command(coreset_path, source, target, layer_map, ratio, rules, direction, budget, target_names, carry, report_path,
+            out) -> None:
     """Transfer a CoreSet from a small source model to a different target (TRACE §5.5).
 
     Units are matched by role through both models' rule files and by layer through the layer map;
-    fused tensors are sliced per part; companions (e.g. Qwen3's q_norm/k_norm) are added; the target
-    is re-selected by transferred score to the target's own budget.
+    fused tensors are sliced per part; companions (e.g. Qwen3's q_norm/k_norm) are added. Whole-tensor
+    CoreSets are re-selected by transferred score to the target's own budget. Finer CoreSets give
+    per-slot budgets: how many units each target (layer, role) slot gets; `trace-transfer refine`
+    then picks the units on the target from a cheap signal.
 
     \b
     Example:
       trace-transfer transfer --coreset cores/math.coreset.safetensors --source tiny-llama \\
-          --target tiny-qwen3 --layer-map cka/layer_map.json --out cores/math.qwen3.coreset.safetensors
+          --target tiny-qwen3 --layer-map cka/layer_map.json --out cores/math.budgets.json
+      trace-transfer refine --budgets cores/math.budgets.json --model tiny-qwen3 --task synthetic:math \\
+          --signal fisher --batches 16 --out cores/math.qwen3.coreset.safetensors
     """
-    from trace_transfer.errors import TraceTransferError
-    from trace_transfer.transfer import transfer
+    from trace_transfer.transfer import BUDGETS_SUFFIX, SlotBudgets, transfer
 
-    try:
-        cs, report = transfer(coreset_path, source, target, layer_map, ratio=ratio, rules=list(rules),
-                              direction=direction, budget=budget, target_layout=target_names)
-        path = cs.save(out)
-        if report_path:
-            report.save(report_path)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+    cs, report = transfer(coreset_path, source, target, layer_map, ratio=ratio, rules=list(rules),
+                          direction=direction, budget=budget, target_layout=target_names, carry=carry)
+    if isinstance(cs, SlotBudgets) and not out.name.endswith(".json"):
+        out = out.with_name(out.name.removesuffix(".safetensors").removesuffix(".coreset") + BUDGETS_SUFFIX)
+    path = cs.save(out)
+    if report_path:
+        report.save(report_path)
 
     b = report.budget
     click.echo(f"{report.source_family} -> {report.target_family}  (layer map: {report.direction}, "
@@ -57,17 +68,17 @@ def command(coreset_path, source, target, layer_map, ratio, rules, direction, bu
     echo_table(["role", "target slots", "resampled", "via fallback role", "no source", "source slots lost"],
            [[r["role"], r["mapped"], r["resampled"], r["fallback"], r["no_source"], r["source_lost"]] for r in report.role_rows()])
     if report.source_unmapped:
-        by_role: dict[str, list[int]] = {}
-        for u in report.source_unmapped:
-            row = by_role.setdefault(u["slot"].split()[0], [0, 0])
-            row[0] += 1
-            row[1] += u["core_params"]
         click.echo("\nsource roles with no counterpart in the target (details: --report):")
-        echo_table(["role.field", "slots", "core params dropped"], [[k, v[0], v[1]] for k, v in by_role.items()])
+        echo_table(["role.field", "slots", "core params dropped"],
+                   [[r["role"], r["slots"], r["core_params"]] for r in report.unmapped_rows()])
     if report.companions:
         click.echo("\ncompanions added: " + ", ".join(c["tensor"] for c in report.companions))
-    click.echo(f"\nbudget: {b['selected']} / {b['budget']} {b['unit']} (ratio {b['ratio']:.4g} of {b['total']}); "
-               f"{b['selected_params']:,} parameters in {b['selected_tensors']} tensors")
+    if isinstance(cs, SlotBudgets):
+        click.echo(f"\nbudgets: {b['selected']:,} / {b['budget']:,} params (ratio {b['ratio']:.4g} of {b['total']:,}) "
+                   f"over {b['budgeted_groups']} of {b['groups']} target slots; pick the units with `trace-transfer refine`")
+    else:
+        click.echo(f"\nbudget: {b['selected']} / {b['budget']} {b['unit']} (ratio {b['ratio']:.4g} of {b['total']}); "
+                   f"{b['selected_params']:,} parameters in {b['selected_tensors']} tensors")
     for w in report.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"wrote {path}")

@@ -13,7 +13,13 @@ How a source unit finds its target (``transfer``):
    argmax per source layer); target layers nobody maps to stay non-core.
 3. **Experts.** Same index when the expert counts agree, else by relative position. A dense source
    feeds every expert of an MoE target (``ffn_gate`` → ``ffn_gate_exp``) and shared experts.
-4. **Widths.** Whole-tensor units map exactly. Finer units carry their *score profile* across: the
+4. **What crosses over.** Whole-tensor units map exactly (``carry="exact"``). Below tensor
+   granularity the default is ``carry="budget"``: each target slot gets a budget of units in
+   proportion to how much of its mapped source slot is core (see ``budgets``), and the units inside
+   it are chosen on the target by ``refine``. Neuron order is not shared by independently trained
+   models, so positions inside a tensor do not transfer; the allocation across slots does.
+   ``carry="profile"`` is the ablation that carries positions anyway, described next.
+   **Profiles.** Finer units carry their *score profile* across: the
    profile along each dimension whose size differs is resampled by linear interpolation over relative
    position (``align_corners=True``: first and last indices map onto each other). Along head axes
    (q/k/v rows, o columns, q/k norms) the profile is viewed as ``[heads, head_dim]`` and both are
@@ -58,6 +64,7 @@ from trace_transfer.transfer.profiles import (
     to_canonical,
     unit_values,
 )
+from trace_transfer.transfer.budgets import SlotBudgets, build_budgets
 from trace_transfer.transfer.rebudget import select
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import fingerprint_of
@@ -65,7 +72,7 @@ from trace_transfer.coreset import CoreSet, UnitLayout
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from trace_transfer.rules.loader import ModelSpec, Region, Resolution, RuleSet, Slot, _config_of, find_rules, model_spec, resolve
 
-__all__ = ["transfer", "TransferReport", "ROLE_FALLBACKS", "load_layer_map"]
+__all__ = ["transfer", "TransferReport", "ROLE_FALLBACKS", "CARRY_MODES", "load_layer_map"]
 
 # Where a target role finds a source when the source architecture lacks that exact role.
 ROLE_FALLBACKS: dict[str, tuple[str, ...]] = {
@@ -120,6 +127,17 @@ class TransferReport:
         for u in self.source_unmapped:
             rows[u["role"]]["source_lost"] += 1
         return [{"role": k, **v} for k, v in sorted(rows.items())]
+
+    def unmapped_rows(self) -> list[dict[str, Any]]:
+        """Source slots with no counterpart in the target, one row per ``role.field``: how many slots,
+        and how many core parameters were dropped with them (details per slot: ``source_unmapped``)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for u in self.source_unmapped:
+            key = u["slot"].split()[0]  # str(Slot): "attn_q.weight L3" -> "attn_q.weight"
+            r = rows.setdefault(key, {"role": key, "slots": 0, "core_params": 0})
+            r["slots"] += 1
+            r["core_params"] += u["core_params"]
+        return list(rows.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,8 +238,14 @@ def transfer(
     direction: str = "reverse",
     budget: str = "auto",
     target_layout: str = "model",
-) -> tuple[CoreSet, TransferReport]:
+    carry: str = "auto",
+) -> tuple[CoreSet | SlotBudgets, TransferReport]:
     """Map a source CoreSet onto a target model by role, layer map and re-budgeting.
+
+    Below tensor granularity the default result is a :class:`SlotBudgets` (how many units each target
+    slot gets), not a CoreSet: which units inside a slot matter is not identifiable across
+    independently trained models, so ``refine`` picks them on the target. ``carry="profile"`` keeps
+    the old behaviour (per-unit scores resampled by relative position) as an ablation.
 
     Args:
         coreset: the source CoreSet (or its path). Its tensor names are resolved against the source
@@ -240,9 +264,16 @@ def transfer(
         budget: ``tensors`` (floor(ratio × #tensors in scope) tensors, the paper's unit), ``params``
             (floor(ratio × #params) parameters, exact where unit sizes allow), or ``auto`` (the source's
             ``budget_unit`` metadata, else tensors when every source unit is a whole tensor).
+            Budgets (``carry="budget"``) are always counted in parameters.
+        carry: what crosses over. ``exact`` — whole-tensor scores, mapped exactly (the only choice
+            when every source unit is a whole tensor); ``budget`` — per-slot budgets (finer
+            granularities); ``profile`` — per-unit scores resampled by relative position (an ablation:
+            on the demo pair those scores are uncorrelated with the target's own, Spearman ≈ 0.03, and
+            train no better than random units in the same per-tensor counts); ``auto`` — exact for
+            whole-tensor CoreSets, budget otherwise.
 
     Returns:
-        ``(target CoreSet, TransferReport)``.
+        ``(target CoreSet, TransferReport)``, or ``(SlotBudgets, TransferReport)`` when carrying budgets.
 
     Raises:
         RuleError: a rule file does not cover its model (every problem listed).
@@ -288,6 +319,26 @@ def transfer(
         if t_region.tensor not in layouts:
             layouts[t_region.tensor] = inherit_layout(src_cs.layout(s_region.tensor), s_region, t_region, hd_s, hd_t)
 
+    unit = _budget_unit(budget, src_cs)
+    if ratio is None:
+        ratio = _source_ratio(src_cs, unit)
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"ratio {ratio} is outside [0, 1]")
+    scope = src_cs.metadata.get("scope")
+    mode = _carry_mode(carry, src_cs)
+    if mode == "budget":
+        budgets = build_budgets(links, layouts, src_cs, tgt_res, tgt_spec, ratio, scope, report)
+        for t_slot, t_region, s_slot, s_region in links:
+            report.pairs.append({"target_role": t_slot.role, "target": str(t_slot), "target_tensor": str(t_region),
+                                 "source_role": s_slot.role, "source": str(s_slot), "source_tensor": str(s_region),
+                                 "resampled": False, "layout": layout_name(layouts[t_region.tensor])})
+        _report_unmapped(report, src_res, src_cs, used_sources)
+        budgets.metadata.update(_metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, "params",
+                                          forward, reverse, carry=mode))
+        budgets.metadata["budget_params"] = report.budget["budget"]
+        budgets.metadata["budgeted_params"] = report.budget["selected"]
+        return budgets, report
+
     # 3. Carry the profiles across. A scored CoreSet only scores the tensors in its scope; the others
     # carry nothing (a mask-only CoreSet carries its mask as a 0/1 score everywhere).
     scored = any(src_cs.score(n) is not None for n in src_cs.all_names())
@@ -309,29 +360,42 @@ def transfer(
             "layout": layout_name(layouts[t_region.tensor]),
         })
 
-    for s_slot, s_region in src_res.slots.items():
-        if s_slot not in used_sources and s_region.tied_from is None:
-            report.source_unmapped.append({
-                "role": s_slot.role, "slot": str(s_slot), "tensor": str(s_region),
-                "core_params": core_in_region(src_cs, s_region),
-            })
+    _report_unmapped(report, src_res, src_cs, used_sources)
 
     # 4. Re-budget by transferred score, companions inside the budget.
-    unit = _budget_unit(budget, src_cs)
-    if ratio is None:
-        ratio = _source_ratio(src_cs, unit)
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"ratio {ratio} is outside [0, 1]")
-    scope = src_cs.metadata.get("scope")
     masks, scores = select(accs, layouts, tgt_res, tgt_spec, unit, ratio, scope, report)
 
-    metadata = _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse)
+    metadata = _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse, carry=mode)
     tgt_cs = CoreSet.from_unit_masks(masks, {n: layouts[n] for n in masks}, tgt_spec.shapes, scores=scores, metadata=metadata)
     report.budget["selected_params"] = tgt_cs.num_selected()
     report.budget["selected_tensors"] = len(tgt_cs.names())
     if report.source_layers_unused:
         report.warnings.append(f"source layers {report.source_layers_unused} map to no target layer; their core is dropped")
     return tgt_cs, report
+
+
+CARRY_MODES = ("auto", "exact", "budget", "profile")
+
+
+def _carry_mode(carry: str, cs: CoreSet) -> str:
+    if carry not in CARRY_MODES:
+        raise ConfigError(f"carry {carry!r}: expected one of {', '.join(CARRY_MODES)}")
+    whole = {cs.layout(n).kind for n in cs.all_names()} <= {"tensor"}
+    if carry == "exact" and not whole:
+        raise ConfigError("carry='exact' maps whole tensors only, but the source CoreSet has finer units; "
+                          "use carry='budget' (then `trace-transfer refine`) or score the source at --granularity tensor")
+    if carry == "auto":
+        return "exact" if whole else "budget"
+    return "exact" if carry == "profile" and whole else carry
+
+
+def _report_unmapped(report: TransferReport, src_res: Resolution, src_cs: CoreSet, used_sources: set) -> None:
+    for s_slot, s_region in src_res.slots.items():
+        if s_slot not in used_sources and s_region.tied_from is None:
+            report.source_unmapped.append({
+                "role": s_slot.role, "slot": str(s_slot), "tensor": str(s_region),
+                "core_params": core_in_region(src_cs, s_region),
+            })
 
 
 def _pick_rules(spec: ModelSpec, forced: Any, extra: list) -> RuleSet:
@@ -388,10 +452,11 @@ def _source_ratio(cs: CoreSet, unit: str) -> float:
     return cs.ratio()
 
 
-def _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse) -> dict[str, Any]:
+def _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse, carry) -> dict[str, Any]:
     src_meta = {k: v for k, v in src_cs.metadata.items() if k != "tensors"}
     return {
         "strategy": "transfer",
+        "carry": carry,
         "task": src_cs.metadata.get("task"),
         "tasks": src_cs.metadata.get("tasks"),
         "ratio": ratio,
