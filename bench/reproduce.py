@@ -57,11 +57,10 @@ def run_stream(work: Path, sizes: list[tuple[int, int]], seeds: list[int], threa
 
 
 def run_transfer(work: Path, seeds: list[int]) -> Path:
-    from trace_transfer.cli.demo import preset_path
-    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.pipeline.demo import load_preset
     from trace_transfer.pipeline.run import run_pipeline
 
-    cfg = load_pipeline(preset_path("demo"))
+    cfg = load_preset("demo")
     methods = list(dict.fromkeys([*cfg.methods, "trace-random"]))
     cfg = cfg.model_copy(update={"seeds": seeds, "methods": methods})
     run_dir = work / "demo"

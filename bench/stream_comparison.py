@@ -192,6 +192,7 @@ def main() -> None:
     from trace_transfer._version import versions
     from trace_transfer.checkpoint import write_json_atomic
     from trace_transfer.evaluation.continual import format_matrix_markdown
+    from trace_transfer.report.plots import plot_cpi_ft, plot_run
     from trace_transfer.train.loop import TrainConfig
     from trace_transfer.train.methods import MethodOptions, Stage
     from trace_transfer.train.runner import run_sequence
@@ -221,10 +222,12 @@ def main() -> None:
             from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
             r = cpi_ft(str(base), STREAM, run_dir, CpiFtConfig(), ft_cfg=cfg, eval_limit=args.eval_limit,
-                       resume=True, plot=True, progress=log)
+                       resume=True, progress=log)
+            plot_cpi_ft(run_dir)
         else:
             r = run_sequence(str(base), stages, c["method"], run_dir, cfg, eval_limit=args.eval_limit,
-                             resume=True, options=opts, monitor=MONITOR, plot=True, progress=log)
+                             resume=True, options=opts, monitor=MONITOR, progress=log)
+            plot_run(run_dir)
         log(f"{c['name']}: done in {time.time() - t1:.0f}s, AA {r.metrics['aa']:.3f}")
         summaries.append(summarise(c["name"], r.results))
         matrices[c["name"]] = {"R": r.R, "row_labels": r.results["row_labels"], "tasks": r.results["tasks"],

@@ -13,6 +13,7 @@ from trace_transfer.checkpoint import open_checkpoint
 from trace_transfer.coreset import CoreSet
 from trace_transfer.surgery.cpi_ft import CpiFtConfig, core_regions, cpi_ft
 from trace_transfer.errors import ConfigError
+from trace_transfer.report.plots import plot_cpi_ft
 from trace_transfer.train.loop import TrainConfig
 
 TASKS = ["synthetic:math?n_train=16&n_eval=4", "synthetic:medical?n_train=16&n_eval=4"]
@@ -27,7 +28,8 @@ def weights(path):
 @pytest.fixture(scope="module")
 def run(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("cpi") / "run"
-    res = cpi_ft(tiny_llama, TASKS, out, CpiFtConfig(ratio=0.05), ft_cfg=CFG, eval_limit=4, plot=True)
+    res = cpi_ft(tiny_llama, TASKS, out, CpiFtConfig(ratio=0.05), ft_cfg=CFG, eval_limit=4)
+    plot_cpi_ft(out)  # training returns results; the report draws them
     return out, res
 
 

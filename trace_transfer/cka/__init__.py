@@ -3,30 +3,35 @@ layer maps built from it.
 
 ``kernels`` holds the CKA variants, the all-pairs matrix and :func:`compute_cka`; ``capture`` pools
 activations per probe text; ``probe_sets`` loads the shipped and user probe texts (``probe_texts/``);
-``layermap`` turns a CKA matrix into a layer map (argmax, monotone, hungarian, relative depth).
+``layermap`` turns a CKA matrix into a layer map (argmax, monotone, hungarian, relative depth);
+``variants`` holds the choices (estimators, poolings) without torch or numpy.
+
+Names load lazily (PEP 562): ``from trace_transfer.cka import VARIANTS`` (CLI ``--help``, pipeline
+schema) loads no numpy or torch; the first heavy name loads its module.
 """
 
-from trace_transfer.cka.capture import POOLINGS, capture_pooled_activations, iter_pooled_activations
-from trace_transfer.cka.kernels import (
-    VARIANTS,
-    CKAMatrix,
-    CKAResult,
-    center_gram,
-    cka,
-    cka_matrix,
-    cka_matrix_from_features,
-    compute_cka,
-    kernel_matrix,
-    linear_cka_features,
-    plot_cka_heatmap,
-    resolve_variant,
-    ucenter_gram,
-)
-from trace_transfer.cka.layermap import LayerMap, LayerMapRow, available_layer_mappers, get_layer_mapper, map_layers, register_layer_mapper
-from trace_transfer.cka.probe_sets import load_probe_texts, shipped_probe_sets
+from __future__ import annotations
 
-__all__ = ["VARIANTS", "POOLINGS", "CKAMatrix", "CKAResult", "load_probe_texts", "shipped_probe_sets",
-           "iter_pooled_activations", "capture_pooled_activations", "cka", "linear_cka_features", "cka_matrix",
-           "cka_matrix_from_features", "kernel_matrix", "center_gram", "ucenter_gram", "compute_cka",
-           "plot_cka_heatmap", "resolve_variant", "LayerMap", "LayerMapRow", "map_layers",
-           "register_layer_mapper", "available_layer_mappers", "get_layer_mapper"]
+import importlib
+from typing import Any
+
+from trace_transfer.cka.variants import POOLINGS, VARIANTS
+
+# name -> submodule that defines it
+_LAZY = {
+    **dict.fromkeys(["capture_pooled_activations", "iter_pooled_activations"], "capture"),
+    **dict.fromkeys(["BestTarget", "CKAMatrix", "CKAResult", "center_gram", "cka", "cka_matrix", "cka_matrix_from_features",
+                     "compute_cka", "kernel_matrix", "linear_cka_features", "plot_cka_heatmap",
+                     "resolve_variant", "ucenter_gram"], "kernels"),
+    **dict.fromkeys(["LayerMap", "LayerMapRow", "available_layer_mappers", "get_layer_mapper", "map_layers",
+                     "register_layer_mapper"], "layermap"),
+    **dict.fromkeys(["load_probe_texts", "shipped_probe_sets"], "probe_sets"),
+}
+
+__all__ = ["VARIANTS", "POOLINGS", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from trace_transfer.cka.variants import POOLINGS
 from trace_transfer.errors import ArtifactError, ConfigError
-
-POOLINGS = ("mean", "last")
 
 
 @contextlib.contextmanager

@@ -52,17 +52,17 @@ from trace_transfer.cka.capture import (
     iter_pooled_activations,
 )
 from trace_transfer.cka.probe_sets import load_probe_texts, shipped_probe_sets
+from trace_transfer.cka.variants import VARIANTS
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import METADATA_KEY, atomic_path, save_safetensors_atomic, write_json_atomic
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 
-VARIANTS = ("linear-debiased", "linear", "rbf", "rbf-debiased")
 _VARIANT_ALIASES = {"debiased": "linear-debiased", "biased": "linear", "linear-biased": "linear", "rbf-biased": "rbf"}
 FORMAT = "trace-transfer/cka"
 FORMAT_VERSION = 1
 
 __all__ = [
-    "VARIANTS", "POOLINGS", "CKAMatrix", "CKAResult", "load_probe_texts", "shipped_probe_sets",
+    "VARIANTS", "POOLINGS", "BestTarget", "CKAMatrix", "CKAResult", "load_probe_texts", "shipped_probe_sets",
     "iter_pooled_activations", "capture_pooled_activations", "cka", "linear_cka_features", "cka_matrix",
     "cka_matrix_from_features", "kernel_matrix", "center_gram", "ucenter_gram", "compute_cka",
     "plot_cka_heatmap", "resolve_variant",
@@ -311,6 +311,16 @@ def cka_matrix_from_features(source_layers: Sequence[Any], target_layers: Sequen
 # --------------------------------------------------------------------------------------------------
 
 
+class BestTarget(NamedTuple):
+    """One source layer's best-matching target layer and the runner-up (``None`` where all are NaN)."""
+
+    source: int
+    best: int | None
+    cka: float | None
+    runner_up: int | None
+    runner_up_cka: float | None
+
+
 @dataclass
 class CKAResult:
     """A CKA matrix between every decoder layer of a source (rows) and a target (columns) model.
@@ -387,6 +397,23 @@ class CKAResult:
         _, _, debiased = resolve_variant(self.variant)
         return cka_matrix(self.kernels("source"), self.kernels("target"), debiased=debiased,
                           indices=np.asarray(indices)).matrix
+
+    def best_targets(self) -> list[BestTarget]:
+        """Per source layer, the target layer with the highest CKA and the runner-up (NaN cells skipped).
+
+        The gap between the two is what a layer map can trust: on tiny models it is often < 0.05.
+
+        Example:
+            >>> for row in CKAResult.load("runs/cka").best_targets():
+            ...     print(row.source, row.best, row.cka, row.runner_up, row.runner_up_cka)
+        """
+        rows = []
+        for i, row in enumerate(self.matrix):
+            order = [int(j) for j in np.argsort(row, kind="stable")[::-1] if not np.isnan(row[j])]
+            first, second = (order + [None, None])[:2]
+            rows.append(BestTarget(i, first, None if first is None else float(row[first]),
+                                   second, None if second is None else float(row[second])))
+        return rows
 
     def save(self, out_dir: str | Path, plot: bool = True) -> Path:
         """Write ``cka.safetensors`` (matrix + per-layer info), ``cka.json`` and ``cka.png``."""

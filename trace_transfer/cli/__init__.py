@@ -1,8 +1,10 @@
 """`trace-transfer` command line: thin glue over the library.
 
 Each sub-command lives in its own module under ``trace_transfer/cli/`` and exposes a click object
-named ``command``. Modules keep heavy imports (torch, transformers) inside the command body so that
-``trace-transfer --help`` stays fast.
+named ``command``. Modules keep heavy imports (torch, transformers, numpy and the library modules that
+load them) inside the command body, so ``trace-transfer --help`` and ``CMD --help`` load no torch
+(tests/cli/test_help.py checks every command). Commands do not catch library errors: the group
+(``_errors.Group``) turns every ``TraceTransferError`` into ``Error: ...`` and exit code 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import os
 
 import click
+
+from trace_transfer.cli._errors import Group
 
 # Order is the order shown by --help.
 _COMMAND_MODULES = [
@@ -37,14 +41,14 @@ _COMMAND_MODULES = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="trace-transfer")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug, with the traceback of an Error).")
 def main(verbose: int) -> None:
     """trace-transfer: find, isolate and transfer task-specific core parameters of LLMs.
 
     \b
-    Typical flow:
+    Example (the typical flow):
       trace-transfer tiny-model --arch llama --out tiny
       trace-transfer probe --model tiny --task synthetic:math --out probes/math
       trace-transfer score --strategy lf --probe probes/math --ratio 0.05 --out cores

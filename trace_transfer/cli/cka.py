@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from trace_transfer.errors import TraceTransferError
-
-_VARIANTS = ["linear-debiased", "linear", "rbf", "rbf-debiased"]  # mirrors trace_transfer.cka.kernels.VARIANTS
+from trace_transfer.cka import POOLINGS, VARIANTS
 
 
 @click.command("cka")
@@ -19,9 +17,9 @@ _VARIANTS = ["linear-debiased", "linear", "rbf", "rbf-debiased"]  # mirrors trac
                    "comma-separated to mix) or hf:<id>:<split>:<field>.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (cka.safetensors, cka.json, cka.png, kernels.safetensors).")
-@click.option("--variant", type=click.Choice(_VARIANTS), default="linear-debiased", show_default=True,
+@click.option("--variant", type=click.Choice(VARIANTS), default="linear-debiased", show_default=True,
               help="CKA estimator; debiased is robust when probes are fewer than hidden units.")
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+@click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
               help="One vector per probe text: mean over its tokens or its last token.")
 @click.option("--include-special", is_flag=True, help="Pool over BOS/EOS/special tokens too (off by default: "
               "their massive activations make unrelated models look alike).")
@@ -53,21 +51,16 @@ def command(source, target, probes, out, variant, pooling, include_special, padd
 
     from trace_transfer.cka import compute_cka
 
-    try:
-        res = compute_cka(source, target, probes, out, variant=variant, pooling=pooling,
-                          exclude_special=not include_special, padding_side=padding_side, batch_size=batch_size,
-                          max_probes=max_probes, max_length=max_length, rbf_sigma=rbf_sigma,
-                          keep_kernels=not no_kernels, dtype=dtype, device=device)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    res = compute_cka(source, target, probes, out, variant=variant, pooling=pooling,
+                      exclude_special=not include_special, padding_side=padding_side, batch_size=batch_size,
+                      max_probes=max_probes, max_length=max_length, rbf_sigma=rbf_sigma,
+                      keep_kernels=not no_kernels, dtype=dtype, device=device)
     table = Table(title=f"CKA {res.variant}, n={res.n}: best target layer per source layer")
     for col in ("source layer", "best target", "CKA", "runner-up"):
         table.add_column(col, justify="right")
-    for i, row in enumerate(res.matrix):
-        order = [j for j in row.argsort()[::-1] if row[j] == row[j]]  # drop NaN
-        best = f"{order[0]}" if order else "-"
-        table.add_row(str(i), best, f"{row[order[0]]:.4f}" if order else "nan",
-                      f"{row[order[1]]:.4f} (layer {order[1]})" if len(order) > 1 else "-")
+    for r in res.best_targets():
+        table.add_row(str(r.source), "-" if r.best is None else str(r.best), "nan" if r.cka is None else f"{r.cka:.4f}",
+                      "-" if r.runner_up is None else f"{r.runner_up_cka:.4f} (layer {r.runner_up})")
     console = Console()
     console.print(table)
     console.print(f"wrote {out}/cka.safetensors, cka.json, cka.png" + ("" if no_kernels else ", kernels.safetensors"))

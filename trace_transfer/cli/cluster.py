@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.surgery.modes import CLUSTER_METHODS, DEFAULT_TAU
+
 
 @click.command("cluster")
 @click.argument("coresets", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--tau", type=float, default=0.1, show_default=True,
+@click.option("--tau", type=float, default=DEFAULT_TAU, show_default=True,
               help="Connect two tasks when the Jaccard overlap of their cores exceeds tau (paper: 0.1).")
-@click.option("--method", type=click.Choice(["components", "louvain"]), default="components", show_default=True,
+@click.option("--method", type=click.Choice(CLUSTER_METHODS), default="components", show_default=True,
               help="Groups = connected components of the thresholded graph (paper), or Louvain communities.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Louvain's random seed.")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -28,28 +30,18 @@ def command(coresets, tau, method, seed, heatmap, out) -> None:
       trace-transfer cluster cores/*.coreset.safetensors --tau 0.1 --heatmap overlap.png --out clusters.json
     """
     from trace_transfer.coreset import SUFFIX, CoreSet
-    from trace_transfer.errors import TraceTransferError
-    from trace_transfer.surgery.clustering import cluster_tasks
+    from trace_transfer.surgery.clustering import cluster_tasks, named_coresets
 
-    try:
-        named: dict[str, CoreSet] = {}
-        for path in coresets:
-            cs = CoreSet.load(path)
-            base = str(cs.metadata.get("task") or path.name.removesuffix(SUFFIX).removesuffix(".safetensors"))
-            name, k = base, 2
-            while name in named:
-                name, k = f"{base}#{k}", k + 1
-            named[name] = cs
-        res = cluster_tasks(named, tau=tau, method=method, seed=seed)
-        res.provenance["inputs"] = {n: str(p) for n, p in zip(named, coresets)}
-        if out:
-            res.save(out)
-        if heatmap:
-            from trace_transfer.report.plots import plot_overlap_heatmap
+    named = named_coresets([CoreSet.load(p) for p in coresets],
+                           fallback=[p.name.removesuffix(SUFFIX).removesuffix(".safetensors") for p in coresets])
+    res = cluster_tasks(named, tau=tau, method=method, seed=seed)
+    res.provenance["inputs"] = {n: str(p) for n, p in zip(named, coresets)}
+    if out:
+        res.save(out)
+    if heatmap:
+        from trace_transfer.report.plots import plot_overlap_heatmap
 
-            plot_overlap_heatmap(res.matrix, res.names, heatmap, groups=res.groups, tau=tau)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+        plot_overlap_heatmap(res.matrix, res.names, heatmap, groups=res.groups, tau=tau)
 
     width = max(len(n) for n in res.names)
     click.echo(f"Jaccard overlap of core regions ({sum(res.selected):,} core parameters over {len(res.names)} tasks)\n")

@@ -7,12 +7,12 @@ from functools import reduce
 
 import click
 
-from trace_transfer.errors import TraceTransferError
+from trace_transfer.cli._errors import Group
 
 _FILE = click.Path(exists=True, dir_okay=False)
 
 
-@click.group("coreset")
+@click.group("coreset", cls=Group)
 def command():
     """Inspect and combine CoreSet files (*.coreset.safetensors).
 
@@ -28,10 +28,7 @@ def command():
 def _load(path):
     from trace_transfer.coreset import CoreSet
 
-    try:
-        return CoreSet.load(path)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return CoreSet.load(path)
 
 
 def _cell(share: float) -> str:
@@ -105,10 +102,7 @@ def show(file, heatmap, value):
     if heatmap:
         from trace_transfer.report.plots import plot_importance_heatmap
 
-        try:
-            values, label = grid.values(value)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from exc
+        values, label = grid.values(value)
         title = f"{m.get('task', '')} · {m.get('strategy', '')} · {m.get('granularity', '')} · r={m.get('ratio')}"
         plot_importance_heatmap(values, grid.layers, grid.modules, heatmap, title=title, value_label=label,
                                 selected=grid.selected)
@@ -121,10 +115,7 @@ def _write(cs, out, what: str) -> None:
 
 
 def _combine(files, op, out, what):
-    try:
-        _write(reduce(op, [_load(f) for f in files]), out, what)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _write(reduce(op, [_load(f) for f in files]), out, what)
 
 
 @command.command("union")
@@ -157,10 +148,7 @@ def diff(a, b, out):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CoreSet file to write.")
 def complement(file, out):
     """Every element NOT core in FILE.  Example: coreset complement general.coreset.safetensors --out trainable"""
-    try:
-        _write(~_load(file), out, "complement")
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _write(~_load(file), out, "complement")
 
 
 @command.command("stats", short_help="Selection of one CoreSet per layer × module, or overlap (Jaccard) of several.")
@@ -180,13 +168,10 @@ def stats(files, per):
     from rich.console import Console
 
     sets = [_load(f) for f in files]
-    try:
-        if len(sets) == 1:
-            _print_selection(Console(), files[0], sets[0], per)
-        else:
-            _print_overlap(Console(), files, sets, per)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    if len(sets) == 1:
+        _print_selection(Console(), files[0], sets[0], per)
+    else:
+        _print_overlap(Console(), files, sets, per)
 
 
 def _print_selection(console, file, cs, per) -> None:

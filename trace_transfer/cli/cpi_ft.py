@@ -70,8 +70,12 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
         cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
                           collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
         cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
-               eval_batch_size=eval_batch_size, resume=resume, plot=plot, progress=lambda m: click.echo(m, err=True))
+               eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True))
     except (TraceTransferError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if plot:  # training returns results; the report draws them
+        from trace_transfer.report.plots import plot_cpi_ft
+
+        plot_cpi_ft(out_dir)
     click.echo((Path(out_dir) / "results.md").read_text())
     click.echo(f"wrote {Path(out_dir) / 'results.json'}")

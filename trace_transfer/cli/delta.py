@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._errors import Group
+
 
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -15,7 +17,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-@click.group("delta")
+@click.group("delta", cls=Group)
 def command() -> None:
     """Sparse task deltas: keep one base model and, per task, only its changed core elements.
 
@@ -44,17 +46,13 @@ def extract_cmd(base, tuned, coreset, allow_outside, max_shard_size, out) -> Non
       trace-transfer delta extract --base tiny --tuned run/stage_1 --coreset cores/math.coreset.safetensors --out deltas/math
     """
     from trace_transfer.cli._progress import progress_bars
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.surgery._modeldir import parse_size
     from trace_transfer.surgery.delta import extract
 
-    try:
-        with progress_bars() as update:
-            rep = extract(base, tuned, coreset, out, allow_outside=allow_outside,
-                          max_shard_bytes=parse_size(max_shard_size),
-                          progress=lambda i, n, _name: update("delta extract", i, n))
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+    with progress_bars() as update:
+        rep = extract(base, tuned, coreset, out, allow_outside=allow_outside,
+                      max_shard_bytes=parse_size(max_shard_size),
+                      progress=lambda i, n, _name: update("delta extract", i, n))
     total = rep.manifest["total_params"]
     click.echo(f"changed elements: {rep.changed:,} of {total:,} ({100 * rep.changed / max(total, 1):.3f}%) "
                f"in {len(rep.per_tensor)} tensors")
@@ -102,17 +100,13 @@ def revert_cmd(tuned, delta, max_shard_size, out) -> None:
 
 def _rebuild(direction: str, source: Path, delta: Path, max_shard_size: str, out: Path) -> None:
     from trace_transfer.cli._progress import progress_bars
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.surgery import delta as delta_mod
     from trace_transfer.surgery._modeldir import parse_size
 
     fn = delta_mod.apply if direction == "apply" else delta_mod.revert
-    try:
-        with progress_bars() as update:
-            rep = fn(source, delta, out, max_shard_bytes=parse_size(max_shard_size),
-                     progress=lambda i, n, _name: update(f"delta {direction}", i, n))
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+    with progress_bars() as update:
+        rep = fn(source, delta, out, max_shard_bytes=parse_size(max_shard_size),
+                 progress=lambda i, n, _name: update(f"delta {direction}", i, n))
     what = "tuned" if direction == "apply" else "base"
     click.echo(f"patched {rep.elements_patched:,} elements in {rep.tensors_patched} tensors; "
                f"every patched tensor verified against the {what} model's recorded hash")

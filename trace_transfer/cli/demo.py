@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 import click
-
-
-def preset_path(name: str) -> Path:
-    """Path of a pipeline preset shipped in the package (``demo``, ``demo-quick``)."""
-    return Path(str(resources.files("trace_transfer.pipeline") / "presets" / f"{name}.yaml"))
 
 
 @click.command("demo")
@@ -40,12 +34,12 @@ def command(quick: bool, run_dir: Path | None, seeds: tuple[int, ...], threads: 
       trace-transfer demo --quick         # ~2 min smoke test
       trace-transfer demo --show-config > my.yaml && trace-transfer run my.yaml
     """
-    from trace_transfer.errors import ConfigError
-    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.pipeline.demo import load_preset, preset_path
     from trace_transfer.pipeline.run import run_pipeline
     from trace_transfer.report.summary import print_table
 
-    path = preset_path("demo-quick" if quick else "demo")
+    name = "demo-quick" if quick else "demo"
+    path = preset_path(name)
     if show_config:
         click.echo(path.read_text(), nl=False)
         return
@@ -53,12 +47,7 @@ def command(quick: bool, run_dir: Path | None, seeds: tuple[int, ...], threads: 
         import torch
 
         torch.set_num_threads(threads)
-    try:
-        cfg = load_pipeline(path)
-    except ConfigError as exc:  # a broken preset is our bug, but say it clearly
-        raise click.ClickException(str(exc)) from exc
-    if seeds:
-        cfg = cfg.model_copy(update={"seeds": list(seeds)})
+    cfg = load_preset(name, seeds=seeds)
     run_dir = run_dir or Path("runs") / cfg.name
     t0 = time.perf_counter()
     click.echo(f"trace-transfer demo{' --quick' if quick else ''}: run directory {run_dir} (config: {path})")

@@ -109,10 +109,14 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
                                 lora_r=lora_r, lora_alpha=lora_alpha)
         result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
                               deepspeed_config=deepspeed_config, options=options,
-                              eval_batch_size=eval_batch_size, plot=plot, monitor=list(monitor),
+                              eval_batch_size=eval_batch_size, monitor=list(monitor),
                               progress=lambda m: click.echo(m, err=True))
     except (TraceTransferError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if result.rank == 0:  # under torchrun every rank returns here; one table is enough
+        if plot:  # training returns results; the report draws them
+            from trace_transfer.report.plots import plot_run
+
+            plot_run(out_dir)
         click.echo((Path(out_dir) / "results.md").read_text())
         click.echo(f"wrote {Path(out_dir) / 'results.json'}")

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from trace_transfer.errors import TraceTransferError
-
 
 @click.command("map-layers")
 @click.option("--cka", "cka_dir", required=True, type=click.Path(exists=True, path_type=Path),
@@ -34,11 +32,8 @@ def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
 
     from trace_transfer.cka import map_layers
 
-    try:
-        lm = map_layers(cka_dir, method=method, bootstrap=bootstrap, seed=seed, fraction=fraction)
-        lm.save(out)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    lm = map_layers(cka_dir, method=method, bootstrap=bootstrap, seed=seed, fraction=fraction)
+    lm.save(out)
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"

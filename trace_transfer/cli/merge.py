@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-_METHODS = ("slerp", "lerp", "transplant")  # listed here so `--help` needs no torch import
+from trace_transfer.surgery import FILL_MODES, MERGE_COLLISION_RULES, MULTI_METHODS, RESTRICT_MODES
 
 
 @click.command("merge")
-@click.argument("method", type=click.Choice(_METHODS))
+@click.argument("method", metavar="METHOD")
 @click.option("--model", "models", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
               help="Model dir (repeat, at least twice). The first is model A: untouched elements and config come from it.")
 @click.option("--t", "t", type=float, default=None, help="Two models: interpolation factor (0 = model A, 1 = model B).")
@@ -18,16 +18,16 @@ _METHODS = ("slerp", "lerp", "transplant")  # listed here so `--help` needs no t
               help="One weight per --model, in order (any scale) [default: equal].")
 @click.option("--coreset", "coresets", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="slerp/lerp: restrict to these CoreSets' union (repeatable). transplant: one per --model, same order.")
-@click.option("--restrict", type=click.Choice(["inside", "outside"]), default="inside", show_default=True,
+@click.option("--restrict", type=click.Choice(RESTRICT_MODES), default="inside", show_default=True,
               help="With --coreset for slerp/lerp: change only the elements inside the CoreSets, or only those outside.")
 @click.option("--per-row", is_flag=True, help="SLERP: one angle per row (axis 0) instead of one per tensor.")
-@click.option("--multi", type=click.Choice(["pairwise", "nlerp"]), default="pairwise", show_default=True,
+@click.option("--multi", type=click.Choice(MULTI_METHODS), default="pairwise", show_default=True,
               help="SLERP over more than two models: iterative pairwise SLERP, or normalised weighted mean.")
-@click.option("--fill", type=click.Choice(["first", "base", "slerp", "lerp"]), default="first", show_default=True,
+@click.option("--fill", type=click.Choice(FILL_MODES), default="first", show_default=True,
               help="transplant: what the non-core elements get (slerp = CPI-FT steps 3+4 in one pass).")
 @click.option("--base", type=click.Path(exists=True, path_type=Path), default=None,
               help="transplant: the base model dir (backbone for --fill base; reference for --collision update).")
-@click.option("--collision", type=click.Choice(["auto", "score", "first", "last", "update", "error"]), default="auto",
+@click.option("--collision", type=click.Choice(MERGE_COLLISION_RULES), default="auto",
               show_default=True, help="transplant: who wins where cores overlap (auto: score when stored, else first; "
                                       "update: largest |model - base|).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size cap of the written safetensors.")
@@ -35,6 +35,8 @@ _METHODS = ("slerp", "lerp", "transplant")  # listed here so `--help` needs no t
 def command(method, models, t, weights, coresets, restrict, per_row, multi, fill, base, collision, max_shard_size,
             out) -> None:
     """Merge model directories, streaming one tensor at a time into sharded safetensors.
+
+    METHOD is slerp, lerp, transplant, or a merge method registered with register_merge_method.
 
     \b
     Examples:
@@ -46,19 +48,15 @@ def command(method, models, t, weights, coresets, restrict, per_row, multi, fill
           --coreset cores/math.coreset.safetensors --coreset cores/code.coreset.safetensors --fill slerp --out cpi
     """
     from trace_transfer.cli._progress import progress_bars
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.surgery._modeldir import parse_size
     from trace_transfer.surgery.merge import MergeOptions, merge_models
 
-    try:
-        opts = MergeOptions(t=t, weights=list(weights) or None, per_row=per_row, multi=multi, restrict=restrict,
-                            fill=fill, collision=collision)
-        with progress_bars() as update:
-            report = merge_models(list(models), out, method, coresets=list(coresets), base=base, options=opts,
-                                  max_shard_bytes=parse_size(max_shard_size),
-                                  progress=lambda i, n, _name: update(f"merge {method}", i, n))
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+    opts = MergeOptions(t=t, weights=list(weights) or None, per_row=per_row, multi=multi, restrict=restrict,
+                        fill=fill, collision=collision)
+    with progress_bars() as update:
+        report = merge_models(list(models), out, method, coresets=list(coresets), base=base, options=opts,
+                              max_shard_bytes=parse_size(max_shard_size),
+                              progress=lambda i, n, _name: update(f"merge {method}", i, n))
 
     tot = report.totals()
     click.echo(f"{method}: {len(models)} models -> {out}")

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._errors import Group
 from trace_transfer.cli._table import echo_table
 
 _RULES_HELP = "Rule file (or directory of them) to use instead of / before the shipped ones."
 
 
-def _fail(exc: Exception) -> click.ClickException:
-    return click.ClickException(str(exc))
-
-
-@click.group("rules")
+@click.group("rules", cls=Group)
 def command() -> None:
     """Architecture rule files: which tensor plays which role.
 
@@ -48,17 +45,13 @@ def check(model: str, rules_path: Path | None, layout: str, as_json: bool, verbo
     Example:
       trace-transfer rules check ./tiny-phi3 --layout both
     """
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.rules import check_model
 
     layouts = ["checkpoint", "model"] if layout == "both" else [layout]
     failed = False
     results = []
     for lay in layouts:
-        try:
-            res = check_model(model, rules_path, layout=lay)
-        except TraceTransferError as exc:
-            raise _fail(exc) from None
+        res = check_model(model, rules_path, layout=lay)
         results.append(res)
         failed |= not res.ok
     if as_json:
@@ -127,13 +120,9 @@ def init(model: str, out: Path | None, layout: str, force: bool) -> None:
       trace-transfer rules init ./tiny-falcon --out my_rules/falcon.yaml
     """
     from trace_transfer.checkpoint import write_text_atomic
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.rules import draft_rules
 
-    try:
-        text = draft_rules(model, layout=layout)
-    except TraceTransferError as exc:
-        raise _fail(exc) from None
+    text = draft_rules(model, layout=layout)
     todos = sum(1 for line in text.splitlines() if "# TODO" in line and not line.startswith("#"))
     if out is None:
         click.echo(text, nl=False)
@@ -155,17 +144,13 @@ def list_(rules_path: Path | None, roles: bool) -> None:
     Example:
       TRACE_TRANSFER_RULES_PATH=my_rules trace-transfer rules list
     """
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.rules import CUSTOM_ROLE_PREFIX, ROLES, available_rules, rules_search_path
 
     if roles:
         echo_table(["role", "meaning"], [[r, d] for r, d in ROLES.items()])
         click.echo(f"\nArchitecture-specific tensors: {CUSTOM_ROLE_PREFIX}<name> (reported as having no counterpart on transfer).")
         return
-    try:
-        found = available_rules(rules_path)
-    except TraceTransferError as exc:
-        raise _fail(exc) from None
+    found = available_rules(rules_path)
     seen: set[str] = set()
     rows = []
     for rs in found:
@@ -187,12 +172,8 @@ def show(arch: str, rules_path: Path | None) -> None:
     Example:
       trace-transfer rules show Phi3ForCausalLM
     """
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.rules import get_rules
 
-    try:
-        rs = get_rules(arch, rules_path)
-    except TraceTransferError as exc:
-        raise _fail(exc) from None
+    rs = get_rules(arch, rules_path)
     click.echo(f"# {rs.path}")
     click.echo(rs.text, nl=False)

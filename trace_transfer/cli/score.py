@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from trace_transfer.errors import TraceTransferError
+from trace_transfer.scoring import BUDGETS, DEFAULT_SCOPE, GRANULARITIES, PRESETS, SCOPE_GROUPS
 
 
 @click.command("score")
@@ -16,18 +16,18 @@ from trace_transfer.errors import TraceTransferError
 @click.option("--ratio", type=float, required=True, help="Share of the budget to select, e.g. 0.05 for 5%.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for <task>.coreset.safetensors.")
-@click.option("--granularity", type=click.Choice(["tensor", "row", "column", "head", "element"]), default=None,
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
               help="Unit of selection [default: row; tensor under --preset paper].")
-@click.option("--budget", type=click.Choice(["tensors", "params"]), default=None,
+@click.option("--budget", type=click.Choice(BUDGETS), default=None,
               help="tensors = r% of the units (whole tensors at tensor granularity); params = r% of the "
                    "parameters in scope [default: tensors at tensor granularity, else params].")
-@click.option("--preset", type=click.Choice(["paper"]), default=None,
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="paper = the official TRACE code: whole tensors, all tensors in scope, 0.5/0.5, floor(r% of tensors).")
 @click.option("--alpha", type=float, default=None, help="LF weight of the L2 (RMS Δ) term [default: 0.5].")
 @click.option("--beta", type=float, default=None, help="LF weight of the Fisher term [default: 0.5].")
 @click.option("--scope", default=None,
-              help="Tensors that compete: comma list of layers, embeddings, lm_head, final_norm, other, or all "
-                   "[default: layers].")
+              help=f"Tensors that compete: comma list of {', '.join(SCOPE_GROUPS)}, or all "
+                   f"[default: {','.join(DEFAULT_SCOPE)}].")
 @click.option("--head-dim", type=int, default=None, help="Attention head size for --granularity head "
                                                          "[default: from the probed model's config].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
@@ -49,13 +49,10 @@ def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, a
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.scoring import coreset_filename, score
 
-    try:
-        with progress_bars() as bar:
-            cores = score(list(probe_dirs), strategy, ratio, out_dir, granularity=granularity, budget=budget,
-                          preset=preset, scope=scope, alpha=alpha, beta=beta, seed=seed, head_dim=head_dim,
-                          progress=bar)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with progress_bars() as bar:
+        cores = score(list(probe_dirs), strategy, ratio, out_dir, granularity=granularity, budget=budget,
+                      preset=preset, scope=scope, alpha=alpha, beta=beta, seed=seed, head_dim=head_dim,
+                      progress=bar)
     first = next(iter(cores.values())).metadata
     table = Table(title=f"{strategy} · {first['granularity']} · budget {first['budget']} · ratio {ratio} · "
                         f"scope {','.join(first['scope'])}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from trace_transfer.errors import TraceTransferError
-
 
 @click.command("tiny-model")
 @click.option("--arch", required=True, help="Family: llama, qwen2, qwen3, mistral, gemma2, gemma3, phi3, gpt2, "
@@ -32,11 +30,8 @@ def command(arch, out_dir, layers, hidden, heads, kv_heads, intermediate, tokeni
     """
     from trace_transfer.models import build_tiny_model, load_model
 
-    try:
-        path = build_tiny_model(arch, out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                                intermediate=intermediate, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size,
-                                overwrite=overwrite)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
+    path = build_tiny_model(arch, out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                            intermediate=intermediate, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size,
+                            overwrite=overwrite)
     n = sum(p.numel() for p in load_model(path).parameters())
     click.echo(f"wrote {path}: {arch}, {layers} layers, hidden {hidden}, {tokenizer} tokenizer, {n:,} parameters")

@@ -45,16 +45,12 @@ def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows) 
       trace-transfer verify-frozen --base tiny --tuned runs/trace/stage-1 \\
           --coreset cores/math.coreset.safetensors
     """
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.train.verify import verify_frozen
 
-    try:
-        report = verify_frozen(base, tuned, list(coresets), allow_missing=allow_missing,
-                               aliases=_parse_aliases(aliases))
-        if json_path:
-            report.save(json_path)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from None
+    report = verify_frozen(base, tuned, list(coresets), allow_missing=allow_missing,
+                           aliases=_parse_aliases(aliases))
+    if json_path:
+        report.save(json_path)
     click.echo(report.format(max_rows=max_rows))
     if not report.ok:
         raise SystemExit(1)

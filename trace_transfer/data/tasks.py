@@ -171,11 +171,23 @@ def _template_fields(template: str) -> list[str] | str:
         return f"{exc} (write literal braces as {{{{ and }}}})"
 
 
+# Each metric's own options (MetricSpec fields); giving one to another metric is a mistake worth naming.
+_METRIC_OPTIONS = {"exact_match": {"regex", "ignore_case"}, "multiple_choice": {"normalization"},
+                   "code_exec": {"timeout"}, "perplexity": set()}
+
+
 def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     """Cross-field rules, checked on the raw mapping so they are reported with type errors too."""
-    problems: list[str] = []
     data = raw.get("data")
     data = {"path": data} if isinstance(data, str) else data if isinstance(data, dict) else {}
+    splits = raw.get("splits") if isinstance(raw.get("splits"), dict) else {}
+    fields = raw.get("fields") if isinstance(raw.get("fields"), dict) else {}
+    return [*_data_problems(raw, data), *_split_problems(data, splits), *_field_problems(raw, fields),
+            *_metric_problems(raw.get("metric"), data, fields)]
+
+
+def _data_problems(raw: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    problems = []
     sources = [k for k in ("path", "files", "synthetic") if data.get(k)]
     if len(sources) != 1 and isinstance(raw.get("data"), (dict, str)):
         problems.append(f"data: give exactly one of path, files, synthetic (got {', '.join(sources) or 'none'})")
@@ -188,16 +200,23 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
             synthetic.check_params(str(data["synthetic"]), dict(data.get("params") or {}))
         except ConfigError as exc:
             problems.extend(f"data.synthetic: {p}" for p in (exc.problems or [str(exc)]))
-    splits = raw.get("splits") if isinstance(raw.get("splits"), dict) else {}
+    return problems
+
+
+def _split_problems(data: dict[str, Any], splits: dict[str, Any]) -> list[str]:
+    problems = []
     if splits.get("eval") and splits.get("eval_fraction"):
         problems.append("splits: give either eval (a split name) or eval_fraction (held out of train), not both")
     files = data.get("files")
     if isinstance(files, dict):
         used = {splits.get("train", "train"), splits.get("eval")}
-        for split in files:
-            if split not in used:
-                problems.append(f"data.files.{split}: this split is not used; set splits.train or splits.eval to {split!r}")
-    fields = raw.get("fields") if isinstance(raw.get("fields"), dict) else {}
+        problems += [f"data.files.{split}: this split is not used; set splits.train or splits.eval to {split!r}"
+                     for split in files if split not in used]
+    return problems
+
+
+def _field_problems(raw: dict[str, Any], fields: dict[str, Any]) -> list[str]:
+    problems = []
     if fields.get("messages") and (fields.get("prompt") or fields.get("response") or raw.get("template")):
         problems.append("fields.messages: chat data takes prompt and response from the messages; "
                         "drop fields.prompt/fields.response/template")
@@ -208,23 +227,26 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
                 problems.append(f"{key}: {parsed}")
             elif any(not f or not f.isidentifier() for f in parsed):
                 problems.append(f"{key}: placeholders must be column names like {{question}}, got {parsed}")
-    metric = raw.get("metric")
+    return problems
+
+
+def _metric_problems(metric: Any, data: dict[str, Any], fields: dict[str, Any]) -> list[str]:
     mname = metric if isinstance(metric, str) else metric.get("name") if isinstance(metric, dict) else None
-    if isinstance(mname, str):
-        known = _known_metrics()
-        if mname not in known:
-            problems.append(f"metric.name: unknown metric {mname!r}; valid: {', '.join(known)}")
-        if mname == "multiple_choice" and not data.get("synthetic") and not fields.get("choices"):
-            problems.append("fields.choices: multiple_choice needs the column that holds the choices")
-        if mname == "code_exec" and not data.get("synthetic") and not fields.get("tests"):
-            problems.append("fields.tests: code_exec needs the column that holds the test code")
-        opts = metric if isinstance(metric, dict) else {}
-        allowed = {"exact_match": {"regex", "ignore_case"}, "multiple_choice": {"normalization"},
-                   "code_exec": {"timeout"}, "perplexity": set()}.get(mname)
-        if allowed is not None:
-            for opt in ("regex", "ignore_case", "normalization", "timeout"):
-                if opts.get(opt) is not None and opt not in allowed:
-                    problems.append(f"metric.{opt}: not an option of {mname} (its options: {', '.join(sorted(allowed)) or 'none'})")
+    if not isinstance(mname, str):
+        return []  # a missing or mistyped name is pydantic's to report
+    problems = []
+    known = _known_metrics()
+    if mname not in known:
+        problems.append(f"metric.name: unknown metric {mname!r}; valid: {', '.join(known)}")
+    if mname == "multiple_choice" and not data.get("synthetic") and not fields.get("choices"):
+        problems.append("fields.choices: multiple_choice needs the column that holds the choices")
+    if mname == "code_exec" and not data.get("synthetic") and not fields.get("tests"):
+        problems.append("fields.tests: code_exec needs the column that holds the test code")
+    allowed = _METRIC_OPTIONS.get(mname)
+    if allowed is not None and isinstance(metric, dict):
+        problems += [f"metric.{opt}: not an option of {mname} (its options: {', '.join(sorted(allowed)) or 'none'})"
+                     for opt in ("regex", "ignore_case", "normalization", "timeout")
+                     if metric.get(opt) is not None and opt not in allowed]
     return problems
 
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from trace_transfer.coreset import CoreSet, split_layer
+from trace_transfer.errors import ConfigError
 
 __all__ = ["LayerModuleGrid", "layer_module_grid", "module_rank", "short_names"]
 
@@ -58,7 +59,7 @@ class LayerModuleGrid:
         """The grid to draw: ``score`` (importance), ``selected`` (share selected) or ``auto``."""
         if kind == "score" or (kind == "auto" and self.score is not None):
             if self.score is None:
-                raise ValueError("this CoreSet stores no per-unit scores (element granularity); use 'selected'")
+                raise ConfigError("this CoreSet stores no per-unit scores (element granularity); use 'selected'")
             return self.score, "mean score"
         return self.selected, "share selected"
 

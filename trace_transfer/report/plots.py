@@ -149,3 +149,73 @@ def plot_overlap_heatmap(matrix, names, out_path="overlap.png", groups=None, tau
         heading += f" (tau = {tau:g}, {len(groups or [])} groups)"
     ax.set_title(heading)
     return _save(fig, out_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs: training writes results, the report draws them (no plotting inside training)
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_results(out_dir):
+    import json
+    from pathlib import Path
+
+    from trace_transfer.errors import ArtifactNotFoundError
+
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"{path} not found; plot a run directory written by `finetune` or `cpi-ft`")
+    return json.loads(path.read_text())
+
+
+def plot_run(out_dir, title=None):
+    """Draw ``OUT/accuracy_matrix.png`` from a run's ``results.json`` (``run_sequence`` or ``cpi_ft``).
+
+    Args:
+        out_dir: a run directory holding ``results.json``.
+        title: default ``"<method>: accuracy matrix R"``.
+
+    Returns:
+        The PNG path, or None when the run has no stage after the base row yet (nothing to compare).
+
+    Raises:
+        ArtifactNotFoundError: ``out_dir`` holds no ``results.json``.
+
+    Example:
+        >>> run_sequence(model, stages, "trace", "runs/trace", cfg); plot_run("runs/trace")
+    """
+    from pathlib import Path
+
+    results = _read_results(out_dir)
+    if len(results["R"]) < 2:
+        return None
+    method = results.get("method") or results.get("provenance", {}).get("method", "run")
+    return plot_accuracy_matrix(results["R"], results["tasks"], results.get("row_labels"),
+                                Path(out_dir) / "accuracy_matrix.png", title=title or f"{method}: accuracy matrix R")
+
+
+def plot_cpi_ft(out_dir):
+    """Draw a CPI-FT run's ``overlap.png`` (from ``clusters.json``) and ``accuracy_matrix.png`` (from ``results.json``).
+
+    Returns:
+        The paths written (the overlap first; the matrix once SFT has a stage).
+
+    Raises:
+        ArtifactNotFoundError: ``out_dir`` holds no ``clusters.json`` (step 2 has not run).
+    """
+    import json
+    from pathlib import Path
+
+    from trace_transfer.errors import ArtifactNotFoundError
+
+    out = Path(out_dir)
+    clusters_path = out / "clusters.json"
+    if not clusters_path.is_file():
+        raise ArtifactNotFoundError(f"{clusters_path} not found; point at a `cpi-ft` run directory")
+    c = json.loads(clusters_path.read_text())
+    written = [plot_overlap_heatmap(c["jaccard"], c["names"], out / "overlap.png", groups=c["groups"], tau=c["tau"])]
+    if (out / "results.json").is_file():
+        matrix = plot_run(out)
+        if matrix is not None:
+            written.append(matrix)
+    return written

@@ -279,6 +279,36 @@ class Resolution:
         }
 
 
+@dataclass
+class _Expected:
+    """Every name the rules expect for this config (step 1 of :func:`resolve`)."""
+
+    names: dict[str, tuple] = field(default_factory=dict)  # name -> (rule, layer, expert, field, template)
+    inactive: dict[str, CompiledRule] = field(default_factory=dict)  # names of rules whose `when:` is false
+    per_rule: dict[int, list[tuple]] = field(default_factory=lambda: defaultdict(list))  # id -> [(layer, expert, field, names)]
+    active_somewhere: dict[int, bool] = field(default_factory=dict)
+
+
+class _Context:
+    """What every step of :func:`resolve` shares: the rules, the config view and the result being filled."""
+
+    def __init__(self, rules: RuleSet, spec: ModelSpec):
+        self.rules, self.spec = rules, spec
+        self.res = Resolution(rules, spec)
+        self.cfg = ConfigView(spec.config, rules.defaults)
+
+    def at(self, c: CompiledRule | None) -> str:
+        return self.rules.where(c.line if c else None)
+
+    def evaluate(self, expr, where: str, **bound):
+        """The expression's value, or None with the problem recorded (resolution never raises)."""
+        try:
+            return expr.evaluate(self.cfg, **bound)
+        except ExprError as exc:
+            self.res.problems.append(f"{where}: {exc}")
+            return None
+
+
 def resolve(rules: RuleSet, spec: ModelSpec) -> Resolution:
     """Match every tensor of ``spec`` against ``rules``; collect (never raise) all problems.
 
@@ -286,66 +316,69 @@ def resolve(rules: RuleSet, spec: ModelSpec) -> Resolution:
     layer (and expert); fused part sizes add up to the tensor's dimension; no rule unused; at most
     one storage variant in use. Call ``.raise_for_problems()`` to turn problems into a RuleError.
     """
-    res = Resolution(rules, spec)
-    cfg = ConfigView(spec.config, rules.defaults)
-
-    def at(c: CompiledRule | None) -> str:
-        return rules.where(c.line if c else None)
-
-    def evaluate(expr, where: str, **bound):
-        try:
-            return expr.evaluate(cfg, **bound)
-        except ExprError as exc:
-            res.problems.append(f"{where}: {exc}")
-            return None
-
-    res.num_layers = evaluate(rules.num_layers, f"{rules.where(_top_line(rules, 'num_layers'))}: num_layers") or 0
+    ctx = _Context(rules, spec)
+    res = ctx.res
+    res.num_layers = ctx.evaluate(rules.num_layers, f"{rules.where(_top_line(rules, 'num_layers'))}: num_layers") or 0
     if rules.num_experts is not None:
-        res.num_experts = evaluate(rules.num_experts, f"{rules.where(_top_line(rules, 'num_experts'))}: num_experts")
-    res.head_dim = _head_dim(rules, cfg, res)
+        res.num_experts = ctx.evaluate(rules.num_experts, f"{rules.where(_top_line(rules, 'num_experts'))}: num_experts")
+    res.head_dim = _head_dim(rules, ctx.cfg, res)
+    expected = _expected_names(ctx)                   # 1. every name the rules expect
+    _match_tensors(ctx, expected)                     # 2. the model's tensors against them
+    _pick_variant(ctx)                                # 3. a checkpoint uses one storage variant
+    tied = _check_required(ctx, expected)             # 4. required tensors, tied tensors, unused rules
+    _assign_slots(ctx, tied)                          # 5. slots and fused parts
+    res.problems = list(dict.fromkeys(res.problems))  # per-layer evaluation repeats config problems
+    return res
 
-    # 1. Instantiate every name the rules expect. `expected[name]` -> (rule, layer, expert, field, template).
-    expected: dict[str, tuple] = {}
-    inactive: dict[str, CompiledRule] = {}
-    per_rule: dict[int, list[tuple]] = defaultdict(list)  # rule id -> [(layer, expert, field, names)]
-    active_somewhere: dict[int, bool] = {}
-    for c in rules.rules:
+
+def _expected_names(ctx: _Context) -> _Expected:
+    """Instantiate every rule's templates for every layer, expert and field where its `when:` holds."""
+    res, exp = ctx.res, _Expected()
+    for c in ctx.rules.rules:
         layers = [None] if c.section in ("before", "after") else list(range(res.num_layers))
         experts = [None]
         if c.section == "experts" and c.rule.expert_axis is None:
             experts = list(range(res.num_experts or 0))
-        active_somewhere[id(c)] = False
+        exp.active_somewhere[id(c)] = False
         for layer in layers:
             on = True
             if c.when is not None:
                 bound = {} if layer is None else {"layer": layer}
-                on = bool(evaluate(c.when, f"{at(c)}: {c.where}: when {c.rule.when!r}", **bound))
+                on = bool(ctx.evaluate(c.when, f"{ctx.at(c)}: {c.where}: when {c.rule.when!r}", **bound))
             for expert in experts:
                 for f in c.rule.fields:
-                    names = [c.instantiate(t, layer, expert, f) for t in c.templates]
-                    if not on:
-                        for n in names:
-                            inactive.setdefault(n, c)
-                        continue
-                    active_somewhere[id(c)] = True
-                    per_rule[id(c)].append((layer, expert, f, names))
-                    for t, n in zip(c.templates, names):
-                        if n in expected and expected[n][0] is not c:
-                            other = expected[n][0]
-                            res.problems.append(f"{at(c)}: {c.where} and {other.where} (line {other.line}) both claim "
-                                                f"tensor {n!r}; make the templates or `when:` conditions exclusive")
-                            continue
-                        expected[n] = (c, layer, expert, f, t)
+                    _expect(ctx, exp, c, layer, expert, f, on)
+    return exp
 
-    # 2. Match the model's tensors.
+
+def _expect(ctx: _Context, exp: _Expected, c: CompiledRule, layer, expert, f: str, on: bool) -> None:
+    names = [c.instantiate(t, layer, expert, f) for t in c.templates]
+    if not on:
+        for n in names:
+            exp.inactive.setdefault(n, c)
+        return
+    exp.active_somewhere[id(c)] = True
+    exp.per_rule[id(c)].append((layer, expert, f, names))
+    for t, n in zip(c.templates, names):
+        if n in exp.names and exp.names[n][0] is not c:
+            other = exp.names[n][0]
+            ctx.res.problems.append(f"{ctx.at(c)}: {c.where} and {other.where} (line {other.line}) both claim "
+                                    f"tensor {n!r}; make the templates or `when:` conditions exclusive")
+            continue
+        exp.names[n] = (c, layer, expert, f, t)
+
+
+def _match_tensors(ctx: _Context, exp: _Expected) -> None:
+    """Each tensor is matched by one rule, ignored, or unmatched (with a hint)."""
+    rules, res, spec = ctx.rules, ctx.res, ctx.spec
     ignore_hits: dict[str, int] = defaultdict(int)
     for name in spec.shapes:
-        hit = expected.get(name)
+        hit = exp.names.get(name)
         pattern = next((p for p, rx in rules.ignore if rx.fullmatch(name)), None)
         if pattern is not None:
             ignore_hits[pattern] += 1
         if hit and pattern is not None:
-            res.problems.append(f"{at(hit[0])}: tensor {name!r} is matched by {hit[0].where} and also ignored by "
+            res.problems.append(f"{ctx.at(hit[0])}: tensor {name!r} is matched by {hit[0].where} and also ignored by "
                                 f"{pattern!r}; narrow the ignore pattern")
         if hit:
             c, layer, expert, f, t = hit
@@ -353,14 +386,16 @@ def resolve(rules: RuleSet, spec: ModelSpec) -> Resolution:
         elif pattern is not None:
             res.ignored[name] = pattern
         else:
-            res.unmatched[name] = _unmatched_hint(name, rules, res, inactive, expected)
+            res.unmatched[name] = _unmatched_hint(name, rules, res, exp.inactive, exp.names)
     for name, hint in list(res.unmatched.items())[:_MAX_LISTED]:
         res.problems.append(f"{rules.path}: tensor {name!r} {list(spec.shapes[name])} is not matched by any rule; {hint}")
     if len(res.unmatched) > _MAX_LISTED:
         res.problems.append(f"{rules.path}: ... and {len(res.unmatched) - _MAX_LISTED} more unmatched tensors")
     res.unused_ignores = [p for p, _ in rules.ignore if not ignore_hits[p]]
 
-    # 3. Storage variant: a checkpoint uses one.
+
+def _pick_variant(ctx: _Context) -> None:
+    rules, res = ctx.rules, ctx.res
     used_variants = sorted({m.rule.rule.variant for m in res.matches.values()} - {None})
     declared = list(dict.fromkeys(c.rule.variant for c in rules.rules if c.rule.variant is not None))
     if len(used_variants) > 1:
@@ -368,61 +403,71 @@ def resolve(rules: RuleSet, spec: ModelSpec) -> Resolution:
                             f"checkpoint should use exactly one — check the rules' `variant:` labels")
     res.variant = used_variants[0] if used_variants else (declared[0] if declared else None)
 
-    # 4. Required tensors, tied tensors, unused rules.
+
+def _check_required(ctx: _Context, exp: _Expected) -> list[tuple[CompiledRule, int | None, int | None, str]]:
+    """Report missing required tensors and unused rules; return the absent tensors a `tied_to` stands in for."""
+    res = ctx.res
     present = set(res.matches)
     tied: list[tuple[CompiledRule, int | None, int | None, str]] = []
-    for c in rules.rules:
+    for c in ctx.rules.rules:
         if c.rule.variant is not None and c.rule.variant != res.variant:
             continue
-        if not active_somewhere[id(c)]:
+        if not exp.active_somewhere[id(c)]:
             res.inactive_rules.append(f"{c.where} {c.rule.name!r} (when: {c.rule.when})")
             continue
-        missing = []
-        hits = 0
-        for layer, expert, f, names in per_rule[id(c)]:
-            found = [n for n in names if n in present]
-            if len(found) > 1:
-                res.problems.append(f"{at(c)}: {c.where}: both {found[0]!r} and its alias {found[1]!r} are present; "
-                                    f"a tensor may appear under one name only")
-            if found:
-                hits += 1
-            elif c.rule.tied_to is not None:
-                tied.append((c, layer, expert, f))
-            elif not c.rule.optional:
-                missing.append(names[0])
+        missing, hits = _presence(ctx, c, exp.per_rule[id(c)], present, tied)
         if hits == 0 and c.rule.tied_to is None:
             if c.rule.optional:
                 res.unused_rules.append(f"{c.where} {c.rule.name!r} (optional)")
             else:
                 res.unused_rules.append(f"{c.where} {c.rule.name!r}")
-                res.problems.append(f"{at(c)}: {c.where}: rule {c.rule.name!r} matched no tensor (expected e.g. "
+                res.problems.append(f"{ctx.at(c)}: {c.where}: rule {c.rule.name!r} matched no tensor (expected e.g. "
                                     f"{missing[0]!r}); fix the template, mark it `optional: true`, or add a "
                                     f"`when:` condition for the configs that lack it")
                 continue
         for n in missing[:_MAX_LISTED]:
-            res.problems.append(f"{at(c)}: {c.where}: required tensor {n!r} is missing; if this model legitimately "
+            res.problems.append(f"{ctx.at(c)}: {c.where}: required tensor {n!r} is missing; if this model legitimately "
                                 f"lacks it, mark the rule `optional: true` or add a `when:` condition")
         if len(missing) > _MAX_LISTED:
-            res.problems.append(f"{at(c)}: {c.where}: ... and {len(missing) - _MAX_LISTED} more missing tensors")
+            res.problems.append(f"{ctx.at(c)}: {c.where}: ... and {len(missing) - _MAX_LISTED} more missing tensors")
+    return tied
 
-    # 5. Slots and fused parts.
+
+def _presence(ctx: _Context, c: CompiledRule, instances: list[tuple], present: set[str],
+              tied: list[tuple]) -> tuple[list[str], int]:
+    """One rule's missing required names and the number of its instances present (absent tied ones go to ``tied``)."""
+    missing, hits = [], 0
+    for layer, expert, f, names in instances:
+        found = [n for n in names if n in present]
+        if len(found) > 1:
+            ctx.res.problems.append(f"{ctx.at(c)}: {c.where}: both {found[0]!r} and its alias {found[1]!r} are "
+                                    f"present; a tensor may appear under one name only")
+        if found:
+            hits += 1
+        elif c.rule.tied_to is not None:
+            tied.append((c, layer, expert, f))
+        elif not c.rule.optional:
+            missing.append(names[0])
+    return missing, hits
+
+
+def _assign_slots(ctx: _Context, tied: list[tuple[CompiledRule, int | None, int | None, str]]) -> None:
+    res = ctx.res
     for name, m in res.matches.items():
-        slots = _slots_for(m, spec.shapes[name], cfg, res, at)
+        slots = _slots_for(m, ctx.spec.shapes[name], ctx.cfg, res, ctx.at)
         m.slots = tuple(s for s, _ in slots)
         for slot, region in slots:
             if slot in res.slots:
-                res.problems.append(f"{at(m.rule)}: slot {slot} is provided by both {res.slots[slot].tensor!r} and "
-                                    f"{name!r}; give one of them a different role")
+                res.problems.append(f"{ctx.at(m.rule)}: slot {slot} is provided by both {res.slots[slot].tensor!r} "
+                                    f"and {name!r}; give one of them a different role")
             res.slots[slot] = region
     for c, layer, expert, f in tied:
         target = Slot(c.rule.tied_to, f, layer, expert)
         if target in res.slots:
             res.slots[Slot(c.rule.role, f, layer, expert)] = replace(res.slots[target], tied_from=c.rule.tied_to)
         else:
-            res.problems.append(f"{at(c)}: {c.where}: {c.rule.name!r} is absent and its tied_to role "
+            res.problems.append(f"{ctx.at(c)}: {c.where}: {c.rule.name!r} is absent and its tied_to role "
                                 f"{c.rule.tied_to!r} has no tensor either")
-    res.problems = list(dict.fromkeys(res.problems))  # per-layer evaluation repeats config problems
-    return res
 
 
 def _top_line(rules: RuleSet, key: str) -> int | None:
@@ -450,36 +495,62 @@ def _head_dim(rules: RuleSet, cfg: ConfigView, res: Resolution) -> int | None:
 
 
 def _slots_for(m: TensorMatch, shape: tuple[int, ...], cfg: ConfigView, res: Resolution, at) -> list[tuple[Slot, Region]]:
-    rule, c = m.rule.rule, m.rule
-    transposed = rule.transposed and len(shape) >= 2
-    experts: list[int | None] = [m.expert]
-    expert_axis = None
-    if rule.expert_axis is not None:
-        expert_axis = rule.expert_axis % len(shape) if shape else 0
-        n = res.num_experts or 0
-        if not shape or shape[expert_axis] != n:
-            res.problems.append(f"{at(c)}: {c.where}: {m.name!r} has shape {list(shape)} but should stack "
-                                f"{n} experts along axis {rule.expert_axis}; fix `expert_axis:` or `num_experts:`")
-            return []
-        experts = list(range(n))
-    base = Region(m.name, tuple(shape), transposed=transposed, expert_axis=expert_axis)
+    """The slots one matched tensor provides: one per expert, and per fused part (with its index ranges)."""
+    rule = m.rule.rule
+    stacked = _stacked_experts(m, shape, res, at)
+    if stacked is None:
+        return []
+    experts, expert_axis = stacked
+    base = Region(m.name, tuple(shape), transposed=rule.transposed and len(shape) >= 2, expert_axis=expert_axis)
     if rule.split is None:
         return [(Slot(rule.role, m.field, m.layer, e), replace(base, expert=e)) for e in experts]
-
-    split = rule.split
-    ndim = len(shape)
-    if ndim - (expert_axis is not None) <= 1:
+    if len(shape) - (expert_axis is not None) <= 1:
         # 1-D fields (bias, or a bias per expert) have a single feature axis: split that one.
         axis = 1 if expert_axis == 0 else 0
     else:
-        axis = split.axis % ndim
+        axis = rule.split.axis % len(shape)
+    layout = _part_layout(m, shape, axis, cfg, res, at)
+    if layout is None:
+        return []
+    sizes, groups = layout
+    out = []
+    offset = 0
+    stride = sum(sizes)
+    for part, size in zip(rule.split.parts, sizes):
+        ranges = tuple((g * stride + offset, g * stride + offset + size) for g in range(groups))
+        offset += size
+        for e in experts:
+            out.append((Slot(part.role, m.field, m.layer, e), replace(base, split_axis=axis, ranges=ranges, expert=e)))
+    return out
+
+
+def _stacked_experts(m: TensorMatch, shape: tuple[int, ...], res: Resolution, at) -> tuple[list, int | None] | None:
+    """``(experts, expert_axis)`` of a tensor: its own expert, or all experts stacked along ``expert_axis``
+    (None, with the problem recorded, when the stacked axis does not hold ``num_experts``)."""
+    rule, c = m.rule.rule, m.rule
+    if rule.expert_axis is None:
+        return [m.expert], None
+    expert_axis = rule.expert_axis % len(shape) if shape else 0
+    n = res.num_experts or 0
+    if not shape or shape[expert_axis] != n:
+        res.problems.append(f"{at(c)}: {c.where}: {m.name!r} has shape {list(shape)} but should stack "
+                            f"{n} experts along axis {rule.expert_axis}; fix `expert_axis:` or `num_experts:`")
+        return None
+    return list(range(n)), expert_axis
+
+
+def _part_layout(m: TensorMatch, shape: tuple[int, ...], axis: int, cfg: ConfigView, res: Resolution,
+                 at) -> tuple[list[int], int] | None:
+    """Part sizes and interleave groups of a fused tensor, checked to cover dimension ``axis`` exactly
+    (None, with the problem recorded, when an expression fails or the sizes do not add up)."""
+    c, split = m.rule, m.rule.rule.split
     sizes, where = [], []
     for part, e in zip(split.parts, c.part_sizes):
         try:
             sizes.append(e.evaluate(cfg))
         except ExprError as exc:
             res.problems.append(f"{at(c)}: {c.where}: part {part.role} size: {exc}")
-            return []
+            return None
         where.append(f"{part.role}={sizes[-1]} ({part.size})")
     groups = 1
     if split.layout == "interleave" and c.groups is not None:
@@ -487,7 +558,7 @@ def _slots_for(m: TensorMatch, shape: tuple[int, ...], cfg: ConfigView, res: Res
             groups = c.groups.evaluate(cfg)
         except ExprError as exc:
             res.problems.append(f"{at(c)}: {c.where}: groups: {exc}")
-            return []
+            return None
     total = groups * sum(sizes)
     if not shape or total != shape[axis] or any(s <= 0 for s in sizes):
         got = f"dim {axis} is {shape[axis]}" if shape else "the tensor is a scalar"
@@ -495,16 +566,8 @@ def _slots_for(m: TensorMatch, shape: tuple[int, ...], cfg: ConfigView, res: Res
         res.problems.append(f"{at(c)}: {c.where}: fused tensor {m.name!r} {list(shape)}: parts {', '.join(where)} "
                             f"add up to {added} but {got}; fix the part size expressions "
                             f"(or `axis:`/`groups:`) so they cover the dimension exactly")
-        return []
-    out = []
-    offset = 0
-    stride = sum(sizes)
-    for part, size in zip(split.parts, sizes):
-        ranges = tuple((g * stride + offset, g * stride + offset + size) for g in range(groups))
-        offset += size
-        for e in experts:
-            out.append((Slot(part.role, m.field, m.layer, e), replace(base, split_axis=axis, ranges=ranges, expert=e)))
-    return out
+        return None
+    return sizes, groups
 
 
 def _unmatched_hint(name: str, rules: RuleSet, res: Resolution, inactive: dict, expected: dict) -> str:

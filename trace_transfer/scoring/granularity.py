@@ -31,14 +31,11 @@ from typing import Any
 import torch
 
 from trace_transfer.scoring.stream import DEFAULT_CHUNK_ELEMS, TensorSource
+from trace_transfer.scoring.units import DEFAULT_SCOPE, GRANULARITIES, SCOPE_GROUPS
 from trace_transfer.coreset import ELEMENT, TENSOR, UnitLayout, split_layer
 from trace_transfer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-GRANULARITIES = ("tensor", "row", "column", "head", "element")
-SCOPE_GROUPS = ("layers", "embeddings", "lm_head", "final_norm", "other")
-DEFAULT_SCOPE = ("layers",)
 
 # Fallback when no rule file covers the model: (name regex, head axis in storage order).
 _HEAD_PATTERNS: list[tuple[re.Pattern[str], int]] = [

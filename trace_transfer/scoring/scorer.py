@@ -53,6 +53,7 @@ import torch
 from trace_transfer.scoring.granularity import GRANULARITIES, head_axes, head_dim_from_config, in_scope, parse_scope, unit_layouts
 from trace_transfer.scoring.stream import DEFAULT_CHUNK_ELEMS, TensorSource, single_threaded
 from trace_transfer.scoring.topk import PackedMasks, streaming_topk
+from trace_transfer.scoring.units import BUDGETS, PRESETS
 from trace_transfer._version import __version__, versions
 from trace_transfer.checkpoint import fingerprint_of, open_checkpoint
 from trace_transfer.coreset import CoreSet, UnitLayout
@@ -64,8 +65,6 @@ __all__ = ["score", "register_strategy", "STRATEGIES", "BUDGETS", "PRESETS", "GR
 
 logger = logging.getLogger(__name__)
 
-BUDGETS = ("tensors", "params")
-PRESETS = ("paper",)
 TIE_BREAK = "score desc, then tensor order (the model's, as recorded by the probe), then unit index"
 # --------------------------------------------------------------------------------------------------
 # The verb

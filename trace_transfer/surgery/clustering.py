@@ -33,11 +33,9 @@ from trace_transfer._version import versions
 from trace_transfer.checkpoint import write_json_atomic
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError, ModelMismatchError
+from trace_transfer.surgery.modes import CLUSTER_METHODS, DEFAULT_TAU
 
 __all__ = ["cluster_tasks", "jaccard_matrix", "ClusterResult", "CLUSTER_METHODS", "DEFAULT_TAU", "named_coresets"]
-
-CLUSTER_METHODS = ("components", "louvain")
-DEFAULT_TAU = 0.1
 
 
 @dataclass
@@ -81,13 +79,19 @@ class ClusterResult:
         return Path(path)
 
 
-def named_coresets(coresets: Mapping[str, CoreSet] | Sequence[CoreSet]) -> dict[str, CoreSet]:
-    """``{name: CoreSet}``; unnamed CoreSets are named by their ``task`` metadata (made unique)."""
+def named_coresets(coresets: Mapping[str, CoreSet] | Sequence[CoreSet],
+                   fallback: Sequence[str] | None = None) -> dict[str, CoreSet]:
+    """``{name: CoreSet}``; unnamed CoreSets are named by their ``task`` metadata, else by ``fallback[i]``
+    (e.g. the file name), else ``task<i>``; repeated names get ``#2``, ``#3``, ... so none is lost.
+
+    Example:
+        >>> named_coresets([CoreSet.load(p) for p in paths], fallback=[p.name for p in paths])
+    """
     if isinstance(coresets, Mapping):
         return dict(coresets)
     out: dict[str, CoreSet] = {}
     for i, cs in enumerate(coresets, start=1):
-        base = str(cs.metadata.get("task") or f"task{i}")
+        base = str(cs.metadata.get("task") or (fallback[i - 1] if fallback else f"task{i}"))
         name, k = base, 2
         while name in out:
             name, k = f"{base}#{k}", k + 1

@@ -36,11 +36,11 @@ Layout of ``OUT``::
     cpi_ft.json          identity + provenance (resume checks it)
     ft/<task>/           step 1: runner run (stage_0 = base eval, stage_1 = the task's FT model)
     cores/               step 1: <task>.coreset.safetensors (Δ files are temporary unless keep_deltas)
-    clusters.json, overlap.png                  step 2
+    clusters.json        step 2 (``report.plots.plot_cpi_ft(OUT)`` draws overlap.png from it)
     merged/              steps 3+4: HF model dir + surgery.json (collisions per tensor)
     frozen/              step 5: the frozen CoreSet of every SFT stage
     sft/                 step 5: runner run from merged/
-    results.json, results.md, accuracy_matrix.png
+    results.json, results.md   (``plot_cpi_ft`` also draws accuracy_matrix.png from results.json)
 
 Example:
     >>> res = cpi_ft("tiny", ["synthetic:math", "synthetic:medical", "synthetic:code"], "runs/cpi",
@@ -193,7 +193,6 @@ def cpi_ft(
     eval_limit: int | None = None,
     eval_batch_size: int = 32,
     resume: bool = False,
-    plot: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CpiFtResult:
     """Run CPI-FT end to end (see the module docstring) and evaluate it like the sequential runner.
@@ -206,7 +205,6 @@ def cpi_ft(
         ft_cfg: training settings of step 1 (per-task fine-tuning). sft_cfg: of step 5 (default: ft_cfg).
         eval_limit, eval_batch_size: evaluation settings (as the runner's).
         resume: continue an interrupted run in ``out_dir`` (steps already complete are kept).
-        plot: also write ``overlap.png`` and ``accuracy_matrix.png``.
         progress: called with one-line status messages.
 
     Returns:
@@ -256,10 +254,6 @@ def cpi_ft(
     clusters = cluster_tasks({n: cores[n] for n in names}, tau=cfg.tau, method=cfg.cluster_method)
     clusters.provenance["inputs"] = {n: str(p) for n, p in core_files.items()}
     clusters.save(out / "clusters.json")
-    if plot:
-        from trace_transfer.report.plots import plot_overlap_heatmap
-
-        plot_overlap_heatmap(clusters.matrix, clusters.names, out / "overlap.png", groups=clusters.groups, tau=cfg.tau)
     say(f"[2/5] {len(clusters.groups)} group(s): " + " | ".join(", ".join(g) for g in clusters.groups))
 
     # Steps 3+4: transplant cores, SLERP the rest, in one streaming pass.
@@ -308,7 +302,7 @@ def cpi_ft(
     results["provenance"] = {**results.get("provenance", {}), "cpi_ft": identity, "base_model": str(base),
                              "started": started, "versions": versions(),
                              "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    _write_results(out, results, order, plot)
+    _write_results(out, results, order)
     return CpiFtResult(out, results)
 
 
@@ -347,7 +341,7 @@ def _eval_score(stage_dir: Path, task: str) -> float:
     return float(json.loads((stage_dir / "eval.json").read_text())["scores"][task]["score"])
 
 
-def _write_results(out: Path, results: dict[str, Any], order: list[str], plot: bool) -> None:
+def _write_results(out: Path, results: dict[str, Any], order: list[str]) -> None:
     from trace_transfer.evaluation.continual import format_matrix_markdown
 
     write_json_atomic(out / "results.json", results)
@@ -364,10 +358,6 @@ def _write_results(out: Path, results: dict[str, Any], order: list[str], plot: b
 
         md += ["", f"AA {m['aa']:.3f} · BWT {f(m['bwt'])} · FWT {f(m['fwt'])} · mean forgetting {f(m['mean_forgetting'])}"]
     write_text_atomic(out / "results.md", "\n".join(md) + "\n")
-    if plot:
-        from trace_transfer.report.plots import plot_accuracy_matrix
-
-        plot_accuracy_matrix(R, order, labels, out / "accuracy_matrix.png", title="cpi-ft: accuracy matrix R")
 
 
 def _check_identity(out: Path, identity: dict[str, Any], resume: bool) -> None:

@@ -256,59 +256,83 @@ def merge_models(
     """
     opts = options or MergeOptions()
     spec = MERGE_METHODS.entry(method)  # an unknown method fails here, before any file is read
-    if len(models) < 2:
-        raise ConfigError(f"merging needs at least two --model, got {len(models)}")
-    opts.resolved_weights(len(models))  # fail on bad weights before reading anything
-    loaded = [c if isinstance(c, CoreSet) else CoreSet.load(c) for c in (coresets or [])]
-    if spec.info["coresets"] == "per-model" and len(loaded) != len(models):
-        raise ConfigError(f"{method} needs one --coreset per --model (in the same order): got {len(models)} models "
-                          f"and {len(loaded)} CoreSets")
-    if method == "transplant" and base is None and (opts.fill == "base" or opts.collision == "update"):
-        raise ConfigError(f"transplant with {'fill' if opts.fill == 'base' else 'collision'}="
-                          f"'{opts.fill if opts.fill == 'base' else opts.collision}' needs the base model (--base DIR)")
+    loaded = _check_merge_inputs(models, method, spec.info["coresets"], coresets, base, opts)
     out = prepare_out_dir(out_dir, [*models, base])
-
-    readers = [(f"model {i} ({p})", open_model(p, f"model {i}")) for i, p in enumerate(models, start=1)]
-    base_reader = open_model(base, "base model") if base is not None else None
-    names = check_same_tensors(readers + ([(f"base ({base})", base_reader)] if base_reader else []))
-    for cs in loaded:
-        cs.check_fits(readers[0][1])
-    # A CoreSet absent (None) for a tensor is cheaper than an all-False mask of its full shape.
-    core_names = [set(cs.names()) for cs in loaded]
-
+    inputs = _MergeInputs.open(models, base, loaded)
     params = {"method": method, "options": asdict(opts), "max_shard_bytes": max_shard_bytes}
-    inputs = {"models": [str(m) for m in models], "base": str(base) if base else None,
-              "coresets": [str(c) if not isinstance(c, CoreSet) else c.metadata.get("task") for c in (coresets or [])]}
-    fingerprints = {"models": [model_record(p, r) for p, (_, r) in zip(models, readers)],
-                    "base": model_record(base, base_reader) if base_reader else None,
+    given = {"models": [str(m) for m in models], "base": str(base) if base else None,
+             "coresets": [str(c) if not isinstance(c, CoreSet) else c.metadata.get("task") for c in (coresets or [])]}
+    fingerprints = {"models": [model_record(p, r) for p, (_, r) in zip(models, inputs.readers)],
+                    "base": model_record(base, inputs.base_reader) if inputs.base_reader else None,
                     "coresets": [coreset_record(cs) for cs in loaded]}
-    record = provenance("merge", inputs, params, fingerprints)
-    hashes = [ContentHash() for _ in readers] + ([ContentHash()] if base_reader else [])
+    record = provenance("merge", given, params, fingerprints)
+    hashes = [ContentHash() for _ in inputs.readers] + ([ContentHash()] if inputs.base_reader else [])
     per_tensor: dict[str, dict[str, Any]] = {}
     # The header gets the record as it is now: content hashes exist only once every tensor is read.
     with ShardedWriter(out, WEIGHTS_PREFIX, max_shard_bytes=max_shard_bytes,
                        metadata={"provenance": copy.deepcopy(record)}) as writer:
-        for i, name in enumerate(names, start=1):
-            tensors = [r.get(name) for _, r in readers]
-            base_t = base_reader.get(name) if base_reader else None
-            for h, t in zip(hashes, [*tensors, base_t]):
-                h.update(name, t)
-            masks = scores = None
-            if loaded:
-                masks = [cs.mask(name) if name in cn else None for cs, cn in zip(loaded, core_names)]
-                scores = [expanded_score(cs, name) if name in cn else None for cs, cn in zip(loaded, core_names)]
-            job = TensorJob(name, tensors, masks, scores, base_t)
-            stats: dict[str, Any] = {}
-            merged = spec.obj(job, opts, stats)
-            stats["numel"] = merged.numel()
-            stats["changed"] = int((bits(merged) != bits(tensors[0].to(merged.dtype))).sum())
-            per_tensor[name] = stats
+        for i, name in enumerate(inputs.names, start=1):
+            merged, per_tensor[name] = inputs.merge_one(name, spec.obj, opts, hashes)
             writer.add(name, merged)
             if progress is not None:
-                progress(i, len(names), name)
+                progress(i, len(inputs.names), name)
     for rec, h in zip([*fingerprints["models"], fingerprints["base"]], hashes):
         rec["content_sha256"] = h.hexdigest()
     copy_model_files(models[0], out)
     report = MergeReport(out, method, per_tensor, record)
     write_provenance(out, {**record, "totals": report.totals(), "per_tensor": per_tensor})
     return report
+
+
+def _check_merge_inputs(models, method: str, coreset_rule: str, coresets, base, opts: MergeOptions) -> list[CoreSet]:
+    """Every check that needs no tensor, before anything is read or written; returns the loaded CoreSets."""
+    if len(models) < 2:
+        raise ConfigError(f"merging needs at least two --model, got {len(models)}")
+    opts.resolved_weights(len(models))  # fail on bad weights before reading anything
+    loaded = [c if isinstance(c, CoreSet) else CoreSet.load(c) for c in (coresets or [])]
+    if coreset_rule == "per-model" and len(loaded) != len(models):
+        raise ConfigError(f"{method} needs one --coreset per --model (in the same order): got {len(models)} models "
+                          f"and {len(loaded)} CoreSets")
+    if method == "transplant" and base is None and (opts.fill == "base" or opts.collision == "update"):
+        raise ConfigError(f"transplant with {'fill' if opts.fill == 'base' else 'collision'}="
+                          f"'{opts.fill if opts.fill == 'base' else opts.collision}' needs the base model (--base DIR)")
+    return loaded
+
+
+@dataclass
+class _MergeInputs:
+    """The open input models (one tensor read at a time), their shared names and the CoreSets."""
+
+    readers: list[tuple[str, Any]]
+    base_reader: Any
+    names: list[str]
+    loaded: list[CoreSet]
+    core_names: list[set[str]]
+
+    @classmethod
+    def open(cls, models, base, loaded: list[CoreSet]) -> _MergeInputs:
+        readers = [(f"model {i} ({p})", open_model(p, f"model {i}")) for i, p in enumerate(models, start=1)]
+        base_reader = open_model(base, "base model") if base is not None else None
+        names = check_same_tensors(readers + ([(f"base ({base})", base_reader)] if base_reader else []))
+        for cs in loaded:
+            cs.check_fits(readers[0][1])
+        # A CoreSet absent (None) for a tensor is cheaper than an all-False mask of its full shape.
+        return cls(readers, base_reader, names, loaded, [set(cs.names()) for cs in loaded])
+
+    def merge_one(self, name: str, fn: MergeFn, opts: MergeOptions,
+                  hashes: list[ContentHash]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Read ``name`` from every input (hashing it on the way), merge it; the tensor and its report row."""
+        tensors = [r.get(name) for _, r in self.readers]
+        base_t = self.base_reader.get(name) if self.base_reader else None
+        for h, t in zip(hashes, [*tensors, base_t]):
+            h.update(name, t)
+        masks = scores = None
+        if self.loaded:
+            pairs = list(zip(self.loaded, self.core_names))
+            masks = [cs.mask(name) if name in cn else None for cs, cn in pairs]
+            scores = [expanded_score(cs, name) if name in cn else None for cs, cn in pairs]
+        stats: dict[str, Any] = {}
+        merged = fn(TensorJob(name, tensors, masks, scores, base_t), opts, stats)
+        stats["numel"] = merged.numel()
+        stats["changed"] = int((bits(merged) != bits(tensors[0].to(merged.dtype))).sum())
+        return merged, stats

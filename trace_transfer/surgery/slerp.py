@@ -48,11 +48,11 @@ from collections.abc import MutableMapping, Sequence
 import torch
 
 from trace_transfer.errors import ConfigError, ModelMismatchError
+from trace_transfer.surgery.modes import MULTI_METHODS
 
 __all__ = ["slerp", "lerp", "slerp_many", "lerp_many", "normalize_weights", "DOT_THRESHOLD", "MULTI_METHODS"]
 
 DOT_THRESHOLD = 0.9995
-MULTI_METHODS = ("pairwise", "nlerp")
 
 
 # --------------------------------------------------------------------------------------------------

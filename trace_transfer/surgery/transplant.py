@@ -35,10 +35,9 @@ from typing import Any
 import torch
 
 from trace_transfer.errors import ConfigError, ModelMismatchError
+from trace_transfer.surgery.modes import COLLISION_RULES
 
 __all__ = ["transplant_tensor", "transplant_state_dict", "TransplantStats", "COLLISION_RULES", "bits"]
-
-COLLISION_RULES = ("auto", "score", "first", "last", "error")
 
 
 @dataclass

@@ -7,7 +7,9 @@
     OUT/stage_k/              HF model dir (safetensors) + tokenizer + stage.json + eval.json, then COMPLETE
     OUT/results.json          R, AA/BWT/FWT, forgetting, per-stage losses, provenance (rewritten after each stage)
     OUT/results.md            the accuracy matrix as a markdown table
-    OUT/accuracy_matrix.png   with plot=True
+
+Training returns results and the report draws them: ``trace_transfer.report.plots.plot_run(OUT)``
+writes ``OUT/accuracy_matrix.png`` from ``results.json`` (``finetune --plot`` calls it).
 
 Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
 file above and evaluates, while the other ranks wait for it (an error on rank 0 is raised on every
@@ -32,7 +34,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,60 +232,13 @@ def _kill_hook(stage: int) -> Callable[[int, float], None] | None:
     return on_step
 
 
-def run_sequence(
-    model_ref: str | os.PathLike,
-    stages: Sequence[Stage | tuple[str, str | None] | str],
-    method: str,
-    out_dir: str | os.PathLike,
-    cfg: TrainConfig | None = None,
-    eval_limit: int | None = None,
-    resume: bool = False,
-    deepspeed_config: str | os.PathLike | None = None,
-    *,
-    options: MethodOptions | None = None,
-    eval_batch_size: int = 32,
-    plot: bool = False,
-    progress: Callable[[str], None] | None = None,
-    monitor: Sequence[str] = (),
-) -> RunResult:
-    """Train ``stages`` in order with ``method``; checkpoint and evaluate every task after each stage.
+def _as_stage(s: Stage | tuple[str, str | None] | str) -> Stage:
+    return s if isinstance(s, Stage) else Stage(s) if isinstance(s, str) else Stage(*s)
 
-    Args:
-        model_ref: HF model id or directory (the base model, evaluated as row 0 of R).
-        stages: ``Stage(task, coreset)`` (or ``(task, coreset)`` tuples, or bare task refs).
-        method: a registered method (``trace``, ``full``, ``lora``, ``joint``, ``replay``, ``general-core``).
-        out_dir: run directory (see the module docstring for its layout).
-        cfg: optimisation settings (a fresh optimizer and schedule per stage); stage k uses seed ``cfg.seed + k``.
-        eval_limit: evaluate the first ``eval_limit`` examples of each task (None = all).
-        resume: continue after the last complete stage of an interrupted run in ``out_dir``.
-        deepspeed_config: a DeepSpeed JSON config; training then goes through
-            ``trace_transfer.train.ds.deepspeed_train`` (launch under ``torchrun``/``deepspeed``).
-        options: method options (isolation, replay share, general CoreSet, LoRA rank).
-        plot: also draw ``accuracy_matrix.png``.
-        progress: called with one-line status messages.
-        monitor: tasks that are evaluated at every row but never trained (e.g. ``synthetic:general``,
-            to watch general ability erode); reported as ``results["monitor"]``, not part of R.
 
-    Returns:
-        :class:`RunResult` with ``R`` and the continual metrics (also in ``out_dir/results.json``).
-
-    Raises:
-        ConfigError: unknown method, missing CoreSets, a task repeated, or ``out_dir`` holding a
-            different run (or any run without ``resume``).
-        ModelMismatchError: a CoreSet does not fit the model.
-
-    Example:
-        >>> run_sequence("tiny", [Stage("synthetic:math", "cores/math.coreset.safetensors"), ...],
-        ...              "trace", "runs/trace", TrainConfig(lr=3e-4, max_steps=150, batch_size=32))
-    """
-    from trace_transfer.data import load_task, pad_id_of
-    from trace_transfer.models import load_model, load_tokenizer
-
-    cfg = cfg or TrainConfig(epochs=3.0)
-    options = options or MethodOptions()
-    stages = [s if isinstance(s, Stage) else Stage(s) if isinstance(s, str) else Stage(*s) for s in stages]
-    say = progress or (lambda msg: logger.info(msg))
-    meth = get_method(method)
+def _validate(meth, method: str, stages: list[Stage], options: MethodOptions,
+              deepspeed_config: str | os.PathLike | None) -> None:
+    """Every problem with the inputs at once, before any process group, file or model is touched."""
     problems = meth.check(stages, options)
     if not stages:
         problems.append("no stages: give at least one --stage TASK")
@@ -301,12 +256,12 @@ def run_sequence(
     if problems:
         raise ConfigError(f"cannot run method {method!r}", problems)
 
-    out = Path(out_dir)
-    ranks = _Ranks(deepspeed_config is not None)
-    if not ranks.main:
-        say = _quiet
-    identity = _identity(str(model_ref), stages, method, options, cfg, eval_limit,
-                         str(deepspeed_config) if deepspeed_config else None, monitor)
+
+def _open_out_dir(out: Path, identity: dict[str, Any], resume: bool, ranks: _Ranks) -> tuple[list[int], str]:
+    """Check ``out`` against ``identity``; on rank 0 drop a killed stage's leftovers and (re)write run.json.
+
+    Returns the complete stages and the start time.
+    """
     ranks.on_main("creating the run directory", lambda: out.mkdir(parents=True, exist_ok=True))
     done = _check_resume(out, identity, resume)
     # Every rank has read OUT before rank 0 changes it (else a slower rank sees the fresh run.json).
@@ -318,75 +273,101 @@ def run_sequence(
         write_json_atomic(out / "run.json", {"identity": identity, "started": started, "versions": versions()})
 
     ranks.on_main("preparing the run directory", prepare_out)
+    return done, started
 
-    tasks = [load_task(s.task) for s in stages]
-    task_names = [t.name for t in tasks]
-    monitored = [load_task(m) for m in monitor]
-    monitor_names = [t.name for t in monitored]
-    monitor_rows: list[list[float]] = []
-    tokenizer = load_tokenizer(str(model_ref))
-    plans = meth.plan(stages)
 
-    rows: list[list[float]] = []
-    directions: dict[str, bool] = {}  # task -> higher_is_better, from its evaluations
-    stage_records: list[dict[str, Any]] = []
-    for k in done:  # what the interrupted run already has
-        ev = _read_json(_stage_dir(out, k) / "eval.json")
-        directions.update({n: ev["scores"][n].get("higher_is_better", True) for n in task_names})
-        rows.append([ev["scores"][n]["score"] for n in task_names])
-        monitor_rows.append([ev["monitor"][n]["score"] for n in monitor_names])
-        if k > 0:
-            stage_records.append(_read_json(_stage_dir(out, k) / "stage.json"))
-    if done:
-        say(f"resuming {out}: stages 0..{done[-1]} complete")
+@dataclass
+class _Run:
+    """One run's fixed settings and the results gathered so far (``results.json`` is written from them)."""
 
-    def evaluate_into(model, k: int) -> None:
-        scores = _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size)
-        watched = _evaluate_all(model, tokenizer, monitored, eval_limit, eval_batch_size)
-        _stage_dir(out, k).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(_stage_dir(out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
+    model_ref: str
+    stages: list[Stage]
+    method: str
+    meth: Any
+    out: Path
+    cfg: TrainConfig
+    options: MethodOptions
+    identity: dict[str, Any]
+    started: str
+    deepspeed_config: str | os.PathLike | None
+    ranks: _Ranks
+    say: Callable[[str], None]
+    eval_limit: int | None
+    eval_batch_size: int
+    tasks: list[Any] = field(default_factory=list)
+    monitored: list[Any] = field(default_factory=list)
+    tokenizer: Any = None
+    rows: list[list[float]] = field(default_factory=list)
+    monitor_rows: list[list[float]] = field(default_factory=list)
+    directions: dict[str, bool] = field(default_factory=dict)  # task -> higher_is_better, from its evaluations
+    stage_records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def monitor_names(self) -> list[str]:
+        return [t.name for t in self.monitored]
+
+    def replay(self, done: list[int]) -> None:
+        """Take the rows and stage records of what an interrupted run already completed."""
+        task_names, monitor_names = self.task_names, self.monitor_names
+        for k in done:
+            ev = _read_json(_stage_dir(self.out, k) / "eval.json")
+            self.directions.update({n: ev["scores"][n].get("higher_is_better", True) for n in task_names})
+            self.rows.append([ev["scores"][n]["score"] for n in task_names])
+            self.monitor_rows.append([ev["monitor"][n]["score"] for n in monitor_names])
+            if k > 0:
+                self.stage_records.append(_read_json(_stage_dir(self.out, k) / "stage.json"))
+        if done:
+            self.say(f"resuming {self.out}: stages 0..{done[-1]} complete")
+
+    def evaluate_into(self, model, k: int) -> None:
+        scores = _evaluate_all(model, self.tokenizer, self.tasks, self.eval_limit, self.eval_batch_size)
+        watched = _evaluate_all(model, self.tokenizer, self.monitored, self.eval_limit, self.eval_batch_size)
+        _stage_dir(self.out, k).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_stage_dir(self.out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
         # The marker goes last: only now is the stage complete for --resume.
         marker = "stage 0 (base) evaluated\n" if k == 0 else f"stage {k} complete\n"
-        write_text_atomic(_stage_dir(out, k) / MARKER, marker)
-        monitor_rows.append([watched[n]["score"] for n in monitor_names])
-        rows.append([scores[n]["score"] for n in task_names])
-        directions.update({n: scores[n]["higher_is_better"] for n in task_names})
+        write_text_atomic(_stage_dir(self.out, k) / MARKER, marker)
+        self.monitor_rows.append([watched[n]["score"] for n in self.monitor_names])
+        self.rows.append([scores[n]["score"] for n in self.task_names])
+        self.directions.update({n: scores[n]["higher_is_better"] for n in self.task_names})
 
-    if 0 not in done:
-        def base_row() -> None:
-            _seed_everything(cfg.seed)
-            say("evaluating the base model on every task")
-            evaluate_into(load_model(str(model_ref)), 0)
+    def evaluate_base(self) -> None:
+        from trace_transfer.models import load_model
 
-        ranks.on_main("evaluating the base model", base_row)
+        _seed_everything(self.cfg.seed)
+        self.say("evaluating the base model on every task")
+        self.evaluate_into(load_model(self.model_ref), 0)
 
-    per_task_examples: list[list[Any]] | None = None
-    for run in plans:
-        k = run.index
-        if k in done:
-            continue
-        if per_task_examples is None:
-            per_task_examples = [list(t.train_examples()) for t in tasks]
+    def run_stage(self, plan: RunPlan, n_plans: int, per_task_examples: list[list[Any]]) -> None:
+        """Train one stage from the previous stage's checkpoint on disk, then save and evaluate it (rank 0)."""
+        from trace_transfer.data import pad_id_of
+        from trace_transfer.models import load_model
+
+        k, cfg, task_names = plan.index, self.cfg, self.task_names
         seed = cfg.seed + k
         _seed_everything(seed)
         # Always start from the checkpoint on disk: a resumed run then takes the very same path.
-        model = load_model(str(model_ref) if k == 1 else str(_stage_dir(out, k - 1)))
-        cores, general = _load_coresets(stages, options, model, needed=(method == "trace"))
-        ctx = PrepareContext(stages=stages, coresets=cores, general_coreset=general, options=options,
+        model = load_model(self.model_ref if k == 1 else str(_stage_dir(self.out, k - 1)))
+        cores, general = _load_coresets(self.stages, self.options, model, needed=(self.method == "trace"))
+        ctx = PrepareContext(stages=self.stages, coresets=cores, general_coreset=general, options=self.options,
                              weight_decay=cfg.weight_decay)
-        examples = meth.examples(run, per_task_examples, options, random.Random(seed))
-        features = _tokenized(tokenizer, examples, cfg.seq_len)
-        prepared = meth.prepare(model, run, ctx)
+        examples = self.meth.examples(plan, per_task_examples, self.options, random.Random(seed))
+        features = _tokenized(self.tokenizer, examples, cfg.seq_len)
+        prepared = self.meth.prepare(model, plan, ctx)
         stage_cfg = cfg
-        if cfg.max_steps > 0 and run.steps_factor != 1:
-            stage_cfg = replace(cfg, max_steps=cfg.max_steps * run.steps_factor)
-        label = "+".join(task_names[t] for t in run.tasks)
-        say(f"stage {k}/{len(plans)} ({method}, {label}): {len(examples)} examples, "
-            f"{prepared.info.get('trainable_params', '?')} trainable parameters")
-        batches = _batch_fn(features, stage_cfg.batch_size, pad_id_of(tokenizer), seed)
-        if deepspeed_config is not None:
+        if cfg.max_steps > 0 and plan.steps_factor != 1:
+            stage_cfg = replace(cfg, max_steps=cfg.max_steps * plan.steps_factor)
+        label = "+".join(task_names[t] for t in plan.tasks)
+        self.say(f"stage {k}/{n_plans} ({self.method}, {label}): {len(examples)} examples, "
+                 f"{prepared.info.get('trainable_params', '?')} trainable parameters")
+        batches = _batch_fn(features, stage_cfg.batch_size, pad_id_of(self.tokenizer), seed)
+        if self.deepspeed_config is not None:
             # Collective: every rank trains, and every rank gets the model back unsharded.
-            result = _train_deepspeed(prepared, batches, stage_cfg, deepspeed_config, _kill_hook(k))
+            result = _train_deepspeed(prepared, batches, stage_cfg, self.deepspeed_config, _kill_hook(k))
         else:
             result = train(prepared.model, batches, stage_cfg, params=prepared.params,
                            on_step=_kill_hook(k), after_step=prepared.after_step)
@@ -395,32 +376,128 @@ def run_sequence(
             p.requires_grad_(True)
         record = {
             "stage": k,
-            "tasks": [task_names[t] for t in run.tasks],
-            "coreset": stages[run.tasks[0]].coreset if len(run.tasks) == 1 else None,
+            "tasks": [task_names[t] for t in plan.tasks],
+            "coreset": self.stages[plan.tasks[0]].coreset if len(plan.tasks) == 1 else None,
             "seed": seed,
             "num_examples": len(examples),
             "train": result.to_dict(),
             "method_info": prepared.info,
             "config": stage_cfg.to_dict(),
         }
-        stage_records.append(record)
+        self.stage_records.append(record)
 
         def save_and_evaluate() -> None:
-            _save_checkpoint(model, tokenizer, out, k, record)
-            say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
-                f"evaluating")
-            evaluate_into(model, k)
-            _write_results(out, identity, stages, task_names, rows, stage_records, started, plot=False,
-                           monitor=(monitor_names, monitor_rows),
-                           higher_is_better=[directions.get(n, True) for n in task_names])
+            _save_checkpoint(model, self.tokenizer, self.out, k, record)
+            self.say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
+                     f"evaluating")
+            self.evaluate_into(model, k)
+            self.write_results()
 
         # The next stage loads this checkpoint on every rank: all wait until rank 0 has written it.
-        ranks.on_main(f"saving and evaluating stage {k}", save_and_evaluate)
-        del model, prepared
+        self.ranks.on_main(f"saving and evaluating stage {k}", save_and_evaluate)
 
-    results = ranks.on_main("writing the results", lambda: _write_results(
-        out, identity, stages, task_names, rows, stage_records, started, plot=plot,
-        monitor=(monitor_names, monitor_rows), higher_is_better=[directions.get(n, True) for n in task_names]))
+    def write_results(self) -> dict[str, Any]:
+        return _write_results(self.out, self.identity, self.stages, self.task_names, self.rows, self.stage_records,
+                              self.started, monitor=(self.monitor_names, self.monitor_rows),
+                              higher_is_better=[self.directions.get(n, True) for n in self.task_names])
+
+
+def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path, cfg: TrainConfig,
+               options: MethodOptions, resume: bool, deepspeed_config, progress, monitor: Sequence[str],
+               eval_limit: int | None, eval_batch_size: int) -> tuple[_Run, list[int]]:
+    """Join the process group (DeepSpeed), claim ``out`` and load the tasks: the run's context and its done stages."""
+    from trace_transfer.data import load_task
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
+    from trace_transfer.models import load_tokenizer
+
+    ranks = _Ranks(deepspeed_config is not None)
+    say = (progress or (lambda msg: logger.info(msg))) if ranks.main else _quiet
+    identity = _identity(model_ref, stages, method, options, cfg, eval_limit,
+                         str(deepspeed_config) if deepspeed_config else None, monitor)
+    # A code_exec task without consent is refused before the run directory is claimed or anything trains.
+    check_tasks_consent([load_task(s.task) for s in stages] + [load_task(m) for m in monitor])
+    done, started = _open_out_dir(out, identity, resume, ranks)
+    run = _Run(model_ref, stages, method, meth, out, cfg, options, identity, started, deepspeed_config, ranks,
+               say, eval_limit, eval_batch_size)
+    run.tasks = [load_task(s.task) for s in stages]
+    run.monitored = [load_task(m) for m in monitor]
+    run.tokenizer = load_tokenizer(model_ref)
+    return run, done
+
+
+def run_sequence(
+    model_ref: str | os.PathLike,
+    stages: Sequence[Stage | tuple[str, str | None] | str],
+    method: str,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    eval_limit: int | None = None,
+    resume: bool = False,
+    deepspeed_config: str | os.PathLike | None = None,
+    *,
+    options: MethodOptions | None = None,
+    eval_batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+    monitor: Sequence[str] = (),
+) -> RunResult:
+    """Train ``stages`` in order with ``method``; checkpoint and evaluate every task after each stage.
+
+    Args:
+        model_ref: HF model id or directory (the base model, evaluated as row 0 of R).
+        stages: ``Stage(task, coreset)`` (or ``(task, coreset)`` tuples, or bare task refs).
+        method: a registered method (``trace``, ``full``, ``lora``, ``joint``, ``replay``, ``general-core``).
+        out_dir: run directory (see the module docstring for its layout).
+        cfg: optimisation settings (a fresh optimizer and schedule per stage); stage k uses seed ``cfg.seed + k``.
+        eval_limit: evaluate the first ``eval_limit`` examples of each task (None = all).
+        resume: continue after the last complete stage of an interrupted run in ``out_dir``.
+        deepspeed_config: a DeepSpeed JSON config; training then goes through
+            ``trace_transfer.train.ds.deepspeed_train`` (launch under ``torchrun``/``deepspeed``).
+        options: method options (isolation, replay share, general CoreSet, LoRA rank).
+        progress: called with one-line status messages.
+        monitor: tasks that are evaluated at every row but never trained (e.g. ``synthetic:general``,
+            to watch general ability erode); reported as ``results["monitor"]``, not part of R.
+
+    Returns:
+        :class:`RunResult` with ``R`` and the continual metrics (also in ``out_dir/results.json``).
+        Figures are the report's job: ``trace_transfer.report.plots.plot_run(out_dir)``.
+
+    Raises:
+        ConfigError: unknown method, missing CoreSets, a task repeated, or ``out_dir`` holding a
+            different run (or any run without ``resume``).
+        ModelMismatchError: a CoreSet does not fit the model.
+
+    Example:
+        >>> run_sequence("tiny", [Stage("synthetic:math", "cores/math.coreset.safetensors"), ...],
+        ...              "trace", "runs/trace", TrainConfig(lr=3e-4, max_steps=150, batch_size=32))
+    """
+    # 1. Validate everything, before joining a process group or touching OUT.
+    cfg = cfg or TrainConfig(epochs=3.0)
+    options = options or MethodOptions()
+    stages = [_as_stage(s) for s in stages]
+    meth = get_method(method)
+    _validate(meth, method, stages, options, deepspeed_config)
+
+    run, done = _start_run(str(model_ref), stages, method, meth, Path(out_dir), cfg, options, resume,
+                           deepspeed_config, progress, monitor, eval_limit, eval_batch_size)
+    ranks, out = run.ranks, run.out
+    plans = meth.plan(stages)
+
+    # 2. Replay the stages an interrupted run finished; evaluate the base model unless that is done.
+    run.replay(done)
+    if 0 not in done:
+        ranks.on_main("evaluating the base model", run.evaluate_base)
+
+    # 3. Run the remaining stages, one at a time (each writes results.json when it is complete).
+    per_task_examples: list[list[Any]] | None = None
+    for plan in plans:
+        if plan.index in done:
+            continue
+        if per_task_examples is None:
+            per_task_examples = [list(t.train_examples()) for t in run.tasks]
+        run.run_stage(plan, len(plans), per_task_examples)
+
+    # 4. Write the final results (rank 0); the other ranks read them back.
+    results = ranks.on_main("writing the results", run.write_results)
     if not ranks.main:
         results = _read_json(out / "results.json")
     return RunResult(out_dir=out, results=results, rank=ranks.rank)
@@ -506,7 +583,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _write_results(out: Path, identity, stages, task_names, rows, stage_records, started, plot: bool,
+def _write_results(out: Path, identity, stages, task_names, rows, stage_records, started,
                    monitor: tuple[list[str], list[list[float]]] = ([], []),
                    higher_is_better: list[bool] | None = None) -> dict[str, Any]:
     complete = len(rows) - 1 == (1 if identity["method"] == "joint" else len(stages))
@@ -552,9 +629,4 @@ def _write_results(out: Path, identity, stages, task_names, rows, stage_records,
         md += ["", "Monitored (evaluated, never trained):", "",
                format_matrix_markdown(monitor[1], monitor[0], labels[: len(monitor[1])])]
     write_text_atomic(out / "results.md", "\n".join(md) + "\n")
-    if plot and len(rows) >= 2:
-        from trace_transfer.report.plots import plot_accuracy_matrix
-
-        plot_accuracy_matrix(rows, task_names, labels, out / "accuracy_matrix.png",
-                             title=f"{identity['method']}: accuracy matrix R")
     return results

@@ -68,7 +68,11 @@ def main(model: str, stages: list[list[str]], out: str, ds_config: str, mode: st
     t0 = time.time()
     try:
         res = runner.run_sequence(model, [Stage(t, c) for t, c in stages], "trace", out, cfg, eval_limit=2,
-                                  deepspeed_config=ds_config, plot=True)
+                                  deepspeed_config=ds_config)
+        if res.rank == 0:  # as `finetune --plot` does: the report draws what training returned
+            from trace_transfer.report.plots import plot_run
+
+            plot_run(out)
         result = {"R": res.R, "rank": res.rank}
     except Exception as exc:  # reported to the test, which checks that every rank ended and how
         result = {"error": f"{type(exc).__name__}: {exc}"}
