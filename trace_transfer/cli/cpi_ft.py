@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
+
 
 @click.command("cpi-ft")
 @click.option("--model", required=True, help="Base model: HF id or local directory.")
@@ -45,6 +47,7 @@ import click
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")
+@allow_code_exec_option
 def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
             keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.errors import TraceTransferError
 
 
@@ -15,6 +16,7 @@ from trace_transfer.errors import TraceTransferError
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward/generate call.")
 @click.option("--per-example", is_flag=True, help="Keep every prediction in the JSON output.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
+@allow_code_exec_option
 def command(model, tasks, limit, batch_size, per_example, out):
     """Evaluate MODEL on each --task with the metric its spec names.
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.errors import ArtifactNotFoundError, ConfigError, TraceTransferError
 
 CORESET_SUFFIX = ".coreset.safetensors"
@@ -80,6 +81,7 @@ def parse_stage(spec: str):
               help="DeepSpeed JSON config (launch with torchrun / deepspeed).")
 @click.option("--plot", is_flag=True, help="Also write accuracy_matrix.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Stage k uses seed + k.")
+@allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, lora_r, lora_alpha,
             eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed):

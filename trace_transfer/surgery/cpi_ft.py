@@ -215,6 +215,7 @@ def cpi_ft(
             run (or any run without ``resume``).
     """
     from trace_transfer.data import load_task
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
     from trace_transfer.evaluation.continual import continual_metrics
     from trace_transfer.train.runner import run_sequence
 
@@ -225,7 +226,9 @@ def cpi_ft(
     refs = [str(t) for t in tasks]
     if len(refs) < 2:
         raise ConfigError(f"CPI-FT needs at least two tasks (--task, repeated), got {len(refs)}")
-    names = [load_task(r).name for r in refs]
+    loaded = [load_task(r) for r in refs]
+    check_tasks_consent(loaded)  # before any training, not at the first evaluation
+    names = [t.name for t in loaded]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"task(s) {dupes} given more than once; each task is one column of R")

@@ -89,10 +89,12 @@ def pretrain(
     """
     from trace_transfer.data import collate, load_task, pad_id_of, tokenize_examples
     from trace_transfer.train.loop import TrainConfig, train
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
 
     out_dir = Path(out_dir)
-    _check_writable(out_dir, overwrite)
     the_task = load_task(task)
+    check_tasks_consent([the_task])  # scored after training: refuse now, before touching --out
+    _check_writable(out_dir, overwrite)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.float32)
     cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, seq_len=seq_len, warmup_ratio=warmup_ratio,
