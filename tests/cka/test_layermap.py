@@ -192,3 +192,28 @@ def test_planted_matrix_from_features_matches_result(planted):
     src = planted_layers(latents, np.linspace(0, 1, 3), 10, rng)
     tgt = planted_layers(latents, np.linspace(0, 1, 4), 12, rng)
     np.testing.assert_array_equal(CKAResult.from_features(src, tgt).matrix, cka_matrix_from_features(src, tgt))
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdict: is the CKA informative?
+# --------------------------------------------------------------------------------------------------
+
+
+def test_verdict_is_informative_for_a_planted_correspondence(planted):
+    lm = map_layers(planted, method="monotone", bootstrap=5)
+    assert lm.informative is True, lm.verdict
+    assert lm.verdict["path_gain"] >= lm.verdict["threshold"] >= 0.05
+    again = LayerMap.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert again.verdict == lm.verdict
+
+
+def test_flat_cka_verdict_fires_for_two_independently_initialised_models(tmp_path):
+    from trace_transfer.cka import compute_cka, load_probe_texts
+    from trace_transfer.models import build_tiny_model
+
+    a = build_tiny_model("llama", tmp_path / "a", layers=3, hidden=32, heads=4, kv_heads=2, tokenizer="char", seed=0)
+    b = build_tiny_model("qwen3", tmp_path / "b", layers=4, hidden=48, heads=4, kv_heads=2, tokenizer="bpe", seed=1)
+    res = compute_cka(a, b, load_probe_texts("general")[:96], tmp_path / "cka", progress=False)
+    lm = map_layers(res, method="monotone", bootstrap=5)
+    assert lm.informative is False, lm.verdict
+    assert "path gain" in lm.verdict["reason"]

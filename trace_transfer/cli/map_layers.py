@@ -23,6 +23,11 @@ import click
 def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
     """Map each source layer to a target layer (and each target layer back to a source layer).
 
+    Also judges whether the CKA is informative at all: the mapped layers must beat a random layer's
+    CKA by at least 0.05 (flat CKA between independently trained tiny models gains <= 0.04) and by 3
+    bootstrap standard deviations of the entries when --bootstrap is given. The verdict is saved in
+    layer_map.json.
+
     \b
     Example:
       trace-transfer map-layers --cka runs/cka --method monotone --bootstrap 100 --out runs/layer_map.json
@@ -47,4 +52,8 @@ def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
         for r in rows:
             table.add_row(str(getattr(r, key)), str(getattr(r, other)), fmt(r.cka), fmt(r.margin), fmt(r.stability))
         console.print(table)
+    v = lm.verdict
+    console.print(f"CKA {'is' if v['informative'] else 'is NOT'} informative: {v['reason']}"
+                  + ("" if v["informative"] else "; the layers do not correspond more than chance says: "
+                     "map by relative depth instead (--method relative-depth; the pipeline does so by default)"))
     console.print(f"wrote {out}")
