@@ -70,6 +70,7 @@ from trace_transfer.scoring import coreset_filename, score
 from trace_transfer.surgery._modeldir import check_same_tensors, open_model
 from trace_transfer.surgery.clustering import CLUSTER_METHODS, cluster_tasks
 from trace_transfer.surgery.merge import MERGE_COLLISION_RULES, MergeOptions, merge_models
+from trace_transfer.surgery.modes import FREEZE_MODES, SFT_MODES
 from trace_transfer.train.loop import TrainConfig
 from trace_transfer.train.methods import Stage, get_method
 from trace_transfer.train.runner import RunResult
@@ -78,8 +79,6 @@ __all__ = ["cpi_ft", "CpiFtConfig", "CpiFtResult", "core_regions", "SFT_MODES", 
 
 logger = logging.getLogger(__name__)
 
-SFT_MODES = ("sequence", "groups")
-FREEZE_MODES = ("all", "prior")
 SFT_METHOD = "cpi-ft-sft"  # the runner method of step 5, built into trace_transfer.train.methods
 
 

@@ -53,16 +53,12 @@ from trace_transfer.surgery._modeldir import (
     write_provenance,
 )
 from trace_transfer.surgery.slerp import DOT_THRESHOLD, MULTI_METHODS, lerp_many, normalize_weights, slerp_many
-from trace_transfer.surgery.transplant import COLLISION_RULES, bits, expanded_score, transplant_tensor
+from trace_transfer.surgery.modes import FILL_MODES, MERGE_COLLISION_RULES, RESTRICT_MODES
+from trace_transfer.surgery.transplant import bits, expanded_score, transplant_tensor
 
 __all__ = ["merge_models", "MergeOptions", "MergeReport", "TensorJob", "register_merge_method", "merge_methods",
            "MERGE_METHODS", "RESTRICT_MODES", "FILL_MODES", "MERGE_COLLISION_RULES"]
 
-RESTRICT_MODES = ("inside", "outside")
-FILL_MODES = ("first", "base", "slerp", "lerp")
-# Merge-level collision rules: the tensor-level ones plus ``update`` (largest |model − base| wins,
-# CPI-FT's own notion of importance), which needs the base model and so lives here.
-MERGE_COLLISION_RULES = (*COLLISION_RULES, "update")
 
 
 @dataclass
