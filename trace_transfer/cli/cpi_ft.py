@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.scoring import GRANULARITIES
+from trace_transfer.surgery import CLUSTER_METHODS, FREEZE_MODES, MERGE_COLLISION_RULES, SFT_MODES
+from trace_transfer.surgery.modes import DEFAULT_TAU
+
 from trace_transfer.cli._code_exec import allow_code_exec_option
 
 
@@ -16,17 +20,17 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--ratio", type=float, default=0.01, show_default=True,
               help="Core region per task: share of parameters with the largest update (paper: 0.01).")
-@click.option("--granularity", type=click.Choice(["element", "row", "column", "head", "tensor"]), default="element",
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="element",
               show_default=True, help="Unit of the core regions (paper: element).")
 @click.option("--scope", default="all", show_default=True, help="Tensor groups the core regions compete in.")
-@click.option("--tau", type=float, default=0.1, show_default=True, help="Jaccard threshold for clustering (paper: 0.1).")
-@click.option("--cluster-method", type=click.Choice(["components", "louvain"]), default="components", show_default=True)
-@click.option("--collision", type=click.Choice(["update", "auto", "score", "first", "last", "error"]), default="update",
+@click.option("--tau", type=float, default=DEFAULT_TAU, show_default=True, help="Jaccard threshold for clustering (paper: 0.1).")
+@click.option("--cluster-method", type=click.Choice(CLUSTER_METHODS), default="components", show_default=True)
+@click.option("--collision", type=click.Choice(MERGE_COLLISION_RULES), default="update",
               show_default=True, help="Who wins where cores overlap (update: the task that moved the element most).")
 @click.option("--per-row", is_flag=True, help="SLERP one angle per row instead of per tensor.")
-@click.option("--sft", type=click.Choice(["sequence", "groups"]), default="sequence", show_default=True,
+@click.option("--sft", type=click.Choice(SFT_MODES), default="sequence", show_default=True,
               help="Pipeline SFT: one stage per task (R like every method) or per group on mixed data (paper).")
-@click.option("--freeze", type=click.Choice(["all", "prior"]), default="all", show_default=True,
+@click.option("--freeze", type=click.Choice(FREEZE_MODES), default="all", show_default=True,
               help="Freeze every task's core in every SFT stage, or only earlier stages' cores (paper wording).")
 @click.option("--keep-deltas", is_flag=True, help="Keep the per-task update files (as large as the model).")
 @click.option("--epochs", type=float, default=3.0, show_default=True, help="Step 1: epochs per task.")
@@ -61,21 +65,17 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
           --ratio 0.01 --tau 0.1 --max-steps 150 --lr 3e-4 --batch-size 32 --out runs/cpi-ft --plot
     """
     from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
-    from trace_transfer.errors import TraceTransferError
     from trace_transfer.train.loop import TrainConfig
 
-    try:
-        ft_cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                             seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                             scheduler=scheduler, precision=precision, seed=seed)
-        sft_cfg = replace(ft_cfg, **{k: v for k, v in (("epochs", sft_epochs), ("max_steps", sft_max_steps),
-                                                        ("lr", sft_lr)) if v is not None})
-        cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
-                          collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
-        cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
-               eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True))
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    ft_cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                         seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                         scheduler=scheduler, precision=precision, seed=seed)
+    sft_cfg = replace(ft_cfg, **{k: v for k, v in (("epochs", sft_epochs), ("max_steps", sft_max_steps),
+                                                    ("lr", sft_lr)) if v is not None})
+    cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
+                      collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
+    cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
+           eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True))
     if plot:  # training returns results; the report draws them
         from trace_transfer.report.plots import plot_cpi_ft
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
-from trace_transfer.errors import TraceTransferError
 
 
 @click.command("eval")
@@ -27,11 +26,8 @@ def command(model, tasks, limit, batch_size, per_example, out):
     """
     from trace_transfer.evaluation.metrics import evaluate_model
 
-    try:
-        result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
-                                per_example=per_example)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
+                            per_example=per_example)
     click.echo("| task | metric | score | n |")
     click.echo("|---|---|---:|---:|")
     for name, r in result["scores"].items():

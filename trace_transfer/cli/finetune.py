@@ -7,44 +7,6 @@ from pathlib import Path
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
-from trace_transfer.errors import ArtifactNotFoundError, ConfigError, TraceTransferError
-
-CORESET_SUFFIX = ".coreset.safetensors"
-
-
-def parse_stage(spec: str):
-    """``TASK[:CORESET]`` → ``Stage``. A TASK may itself contain colons (``synthetic:math``).
-
-    The CoreSet is what follows the *last* colon when that names an existing file, or when it ends
-    with ``.coreset.safetensors`` (then a missing file is an error rather than a silent task name).
-
-    Raises:
-        ArtifactNotFoundError: the part after the last colon ends with ``.coreset.safetensors`` but
-            no such file exists.
-        ConfigError: the spec is empty.
-    """
-    from trace_transfer.train.methods import Stage
-
-    spec = spec.strip()
-    if not spec:
-        raise ConfigError("empty --stage; expected TASK or TASK:CORESET")
-    if Path(spec).is_file() or ":" not in spec:
-        return Stage(spec)
-    task, tail = spec.rsplit(":", 1)
-    if not task:
-        raise ConfigError(f"--stage {spec!r}: no task before the CoreSet; expected TASK:CORESET")
-    if tail.endswith(CORESET_SUFFIX):
-        if not Path(tail).is_file():
-            raise ArtifactNotFoundError(
-                f"--stage {spec!r}: CoreSet file {tail!r} not found; create it with `trace-transfer score` "
-                f"or fix the path"
-            )
-        return Stage(task, tail)
-    if tail and Path(tail).is_file():
-        return Stage(task, tail)
-    return Stage(spec)
-
-
 @click.command("finetune")
 @click.option("--model", "model", required=True, help="Base model: HF id or local directory.")
 @click.option("--stage", "stage_specs", multiple=True, required=True,
@@ -101,20 +63,18 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     from trace_transfer.train.loop import TrainConfig
     from trace_transfer.train.methods import MethodOptions
     from trace_transfer.train.runner import run_sequence
+    from trace_transfer.train.stages import parse_stage
 
-    try:
-        stages = [parse_stage(s) for s in stage_specs]
-        cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                          seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                          scheduler=scheduler, precision=precision, seed=seed)
-        options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
-                                lora_r=lora_r, lora_alpha=lora_alpha)
-        result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
-                              deepspeed_config=deepspeed_config, options=options,
-                              eval_batch_size=eval_batch_size, monitor=list(monitor),
-                              progress=lambda m: click.echo(m, err=True))
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    stages = [parse_stage(s) for s in stage_specs]
+    cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                      seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                      scheduler=scheduler, precision=precision, seed=seed)
+    options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
+                            lora_r=lora_r, lora_alpha=lora_alpha)
+    result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
+                          deepspeed_config=deepspeed_config, options=options,
+                          eval_batch_size=eval_batch_size, monitor=list(monitor),
+                          progress=lambda m: click.echo(m, err=True))
     if result.rank == 0:  # under torchrun every rank returns here; one table is enough
         if plot:  # training returns results; the report draws them
             from trace_transfer.report.plots import plot_run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
-from trace_transfer.errors import TraceTransferError
 
 
 @click.command("pretrain")
@@ -38,12 +37,9 @@ def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_lim
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        with progress_bars() as bar:
-            res = pretrain(model, out_dir, task=task, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
-                           seed=seed, eval_limit=eval_limit, overwrite=overwrite, progress=bar)
-    except TraceTransferError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with progress_bars() as bar:
+        res = pretrain(model, out_dir, task=task, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
+                       seed=seed, eval_limit=eval_limit, overwrite=overwrite, progress=bar)
     loss = f"loss {res.losses[0]:.3f} -> {res.final_loss:.3f}" if res.losses else "no steps"
     click.echo(f"wrote {res.out_dir}: {res.steps} steps in {res.seconds:.0f}s, {loss}")
     if res.scores:

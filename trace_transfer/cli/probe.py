@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from trace_transfer.errors import TraceTransferError
-
 
 @click.command("probe")
 @click.option("--model", required=True, help="Base model: hub id or local directory.")
@@ -43,14 +41,11 @@ def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, pr
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.probe import ProbeConfig, probe
 
-    try:
-        cfg = ProbeConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                          precision=precision, fisher=fisher, fisher_at=fisher_at, fisher_batches=fisher_batches,
-                          fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed)
-        with progress_bars() as bar:
-            res = probe(model, task, out_dir, cfg, progress=bar)
-    except (TraceTransferError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = ProbeConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                      precision=precision, fisher=fisher, fisher_at=fisher_at, fisher_batches=fisher_batches,
+                      fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed)
+    with progress_bars() as bar:
+        res = probe(model, task, out_dir, cfg, progress=bar)
     first, last = res.first_loss, res.final_loss
     loss = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no steps"
     click.echo(f"probe {res.task}: {res.steps} steps, {loss}; Fisher {fisher} at {fisher_at} "

@@ -27,15 +27,11 @@ def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check:
       trace-transfer run examples/pipelines/tiny.yaml --out runs/tiny
       trace-transfer run examples/pipelines/tiny.yaml --out runs/tiny --force finetune/trace-lf
     """
-    from trace_transfer.errors import ConfigError
     from trace_transfer.pipeline.config import load_pipeline
     from trace_transfer.pipeline.run import run_pipeline
     from trace_transfer.report.summary import print_table
 
-    try:
-        cfg = load_pipeline(pipeline)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = load_pipeline(pipeline)
     if check:
         click.echo(f"{pipeline}: valid ({len(cfg.tasks)} tasks, methods: {', '.join(cfg.methods)})")
         return
