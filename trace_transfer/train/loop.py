@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from trace_transfer.errors import ConfigError, TaskError
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,7 +78,7 @@ def make_optimizer(params: Iterable[Any], cfg: TrainConfig) -> torch.optim.Optim
     else:
         groups = [{"params": [p for p in params if p.requires_grad], "weight_decay": cfg.weight_decay}]
     if not any(g["params"] for g in groups):
-        raise ValueError("no trainable parameters: the CoreSet selects nothing, or every tensor is frozen")
+        raise ConfigError("no trainable parameters: the CoreSet selects nothing, or every tensor is frozen")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -176,7 +178,7 @@ def train(
             if step >= steps:
                 break
         if not seen_any:
-            raise ValueError("the training data produced no batches")
+            raise TaskError("the training data produced no batches")
         epoch += 1
     model.eval()
     return TrainResult(steps=step, losses=losses, seconds=time.perf_counter() - t0)
