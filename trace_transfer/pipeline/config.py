@@ -14,11 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trace_transfer.errors import ConfigError
-
-METHODS = (
-    "full", "joint", "lora", "replay", "trace-lf", "trace-cs", "trace-random",
-    "transfer-lf", "transfer-cs", "cpi-ft", "general-core",
-)
+from trace_transfer.pipeline.methods import method_problems, resolve
 
 
 class _Strict(BaseModel):
@@ -192,14 +188,7 @@ def load_pipeline(source: str | Path | dict[str, Any], base_dir: Path | None = N
 def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     """Checks beyond the schema: methods, files, tasks, rules. Collected, not raised one by one."""
     problems = []
-    for m in cfg.methods:
-        if m not in METHODS:
-            problems.append(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
-    if any(m in cfg.methods for m in ("trace-cs", "transfer-cs")) and len(cfg.tasks) < 3:
-        problems.append(
-            "methods: trace-cs/transfer-cs need at least 3 tasks (cosine specificity against the other tasks; "
-            f"with 2 both tasks get the same ranking) — the config has {len(cfg.tasks)}"
-        )
+    problems += method_problems(cfg.methods, num_tasks=len(cfg.tasks), deepspeed=bool(cfg.launch.deepspeed))
     for t in [*cfg.tasks, cfg.general_task]:
         if not t.startswith("synthetic:") and not (base_dir / t).exists() and not Path(t).exists():
             problems.append(f"tasks: task file {t!r} does not exist (relative to {base_dir})")
@@ -209,12 +198,9 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
             problems.append(f"{side}.model: directory {spec.model!r} does not exist")
         if spec.rules and not _resolve(spec.rules, base_dir).exists():
             problems.append(f"{side}.rules: rule file {spec.rules!r} does not exist")
-    if any(m.startswith("transfer-") for m in cfg.methods):
+    if any(m.cores == "transfer" for _, m in resolve(cfg.methods)):
         for side in ("source", "target"):
             problems += _rule_problems(side, getattr(cfg, side), base_dir)
-    if cfg.launch.deepspeed and "cpi-ft" in cfg.methods:
-        problems.append("methods: cpi-ft does not run under launch.deepspeed yet; run it in a separate config "
-                        "without launch.deepspeed (or `trace-transfer cpi-ft` directly)")
     if cfg.launch.nproc_per_node > 1 and not cfg.launch.deepspeed:
         problems.append("launch.nproc_per_node > 1 needs launch.deepspeed (a plain multi-process run would "
                         "train one copy per process)")

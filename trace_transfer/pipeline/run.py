@@ -13,6 +13,8 @@ The run directory mirrors the data flow of DESIGN §2::
 
 Every step is skipped when its inputs are unchanged (see ``steps.py``), so an interrupted or
 extended run resumes, and ``--force STEP`` redoes one step (and, through hashes, what depends on it).
+Which probes, CoreSets and transfers a run needs follows from its methods' entries in the method
+table (``methods.py``), never from their names.
 """
 
 from __future__ import annotations
@@ -25,19 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
+from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import StepRunner, stable_hash
 
 logger = logging.getLogger(__name__)
 
-# method name -> (runner method, which CoreSets it trains on)
-_CORE_SOURCE = {
-    "trace-lf": "target-lf",
-    "trace-cs": "target-cs",
-    "trace-random": "target-random",
-    "transfer-lf": "transfer-lf",
-    "transfer-cs": "transfer-cs",
-}
-BASELINES = ("full", "joint", "lora", "replay")
+GENERAL_CORES = "cores/target-general"
 
 
 @dataclass
@@ -94,8 +89,12 @@ def run_pipeline(
     check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
     runner = StepRunner(Path(run_dir), force=force, on_event=say)
     out = PipelineResult(Path(run_dir))
-    needs_target_cores = {m for m in cfg.methods if m.startswith("trace-")}
-    needs_transfer = {m for m in cfg.methods if m.startswith("transfer-")}
+    methods = {name: PIPELINE_METHODS.get(name) for name in cfg.methods}
+    strategies_for = {  # which CoreSets to score on each side; transferred ones start on the source
+        "source": sorted({m.strategy for m in methods.values() if m.cores == "transfer"}),
+        "target": sorted({m.strategy for m in methods.values() if m.cores == "target"}),
+    }
+    needs_general = any(m.general_core for m in methods.values())
 
     # 1. models ------------------------------------------------------------------------------------
     source = _model_step(runner, "source", cfg.source, base_dir)
@@ -104,14 +103,14 @@ def run_pipeline(
     # 2. probes --------------------------------------------------------------------------------------
     probe_params = cfg.probe.model_dump()
     sides = []
-    if needs_transfer:
+    if strategies_for["source"]:
         sides.append(("source", source))
-    if needs_target_cores or "general-core" in cfg.methods:
+    if strategies_for["target"] or needs_general:
         sides.append(("target", target))
     probe_steps: dict[str, list[str]] = {}
     for side, (model_ref, model_step) in sides:
-        tasks = list(cfg.tasks) if (side == "source" or needs_target_cores) else []
-        if side == "target" and "general-core" in cfg.methods:
+        tasks = list(cfg.tasks) if strategies_for[side] else []
+        if side == "target" and needs_general:
             tasks.append(cfg.general_task)
         for task in tasks:
             name = f"probe/{side}/{_task_key(task)}"
@@ -121,10 +120,6 @@ def run_pipeline(
 
     # 3. scoring --------------------------------------------------------------------------------------
     core_dirs: dict[str, str] = {}
-    strategies_for = {
-        "source": sorted({m.split("-")[1] for m in needs_transfer}),
-        "target": sorted({m.split("-")[1] for m in needs_target_cores}),
-    }
     for side, strategies in strategies_for.items():
         task_probes = [p for p in probe_steps.get(side, []) if not p.endswith("/" + _task_key(cfg.general_task))]
         for strategy in strategies:
@@ -132,13 +127,13 @@ def run_pipeline(
             runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(), "seed": cfg.seeds[0]},
                         _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg), depends=task_probes)
             core_dirs[f"{side}-{strategy}"] = name
-    if "general-core" in cfg.methods:
+    if needs_general:
         gp = f"probe/target/{_task_key(cfg.general_task)}"
-        runner.step("cores/target-general", {"strategy": "lf", **cfg.scoring.model_dump()},
-                    _score_fn([runner.records[gp].dir], "lf", cfg), depends=[gp])
+        runner.step(GENERAL_CORES, {"strategy": GENERAL_CORE_STRATEGY, **cfg.scoring.model_dump()},
+                    _score_fn([runner.records[gp].dir], GENERAL_CORE_STRATEGY, cfg), depends=[gp])
 
     # 4. CKA + layer map + transfer -------------------------------------------------------------------
-    if needs_transfer:
+    if strategies_for["source"]:
         lm = cfg.layer_map
         runner.step("cka", {**lm.model_dump(), "source": source[0], "target": target[0]},
                     _cka_fn(source[0], target[0], lm, base_dir), depends=_deps(source[1]) + _deps(target[1]))
@@ -157,22 +152,18 @@ def run_pipeline(
             core_dirs[f"transfer-{strategy}"] = name
 
     # 5. fine-tuning: every method x seed on the target ----------------------------------------------
-    for method in cfg.methods:
-        lrs = [cfg.training.lr] + (list(cfg.training.lr_sweep) if method == "full" else [])
+    for method, spec in methods.items():
+        lrs = [cfg.training.lr] + (list(cfg.training.lr_sweep) if spec.lr_sweep else [])
+        core_step = core_dirs[spec.core_key] if spec.core_key else None
+        deps = _deps(target[1]) + _deps(core_step) + ([GENERAL_CORES] if spec.general_core else [])
         for lr in lrs:
             label = method if lr == cfg.training.lr else f"{method}@{lr:g}"
             for seed in cfg.seeds:
                 name = f"finetune/{label}/seed{seed}"
-                deps = _deps(target[1])
-                core_step = core_dirs.get(_CORE_SOURCE.get(method, ""))
-                if core_step:
-                    deps.append(core_step)
-                if method == "general-core":
-                    deps.append("cores/target-general")
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
                           "training": cfg.training.model_dump(), "eval": cfg.eval.model_dump(),
                           "launch": cfg.launch.model_dump()}
-                rec = runner.step(name, params, _finetune_fn(method, lr, seed, cfg, target[0], runner, core_step,
+                rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
                                                              base_dir), depends=deps, resumable=True)
                 out.results.setdefault(label, []).append(_read_results(rec.dir))
 
@@ -320,7 +311,7 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
     return fn
 
 
-def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
+def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
                  core_step: str | None, base_dir: Path):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.train.loop import TrainConfig
@@ -334,15 +325,14 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
                 coreset = str(runner.records[core_step].dir / f"{_task_key(task)}.coreset.safetensors")
             stages.append(Stage(task, coreset))
         opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
-        runner_method = "trace" if method in _CORE_SOURCE else method
-        if method == "general-core":
-            gdir = runner.records["cores/target-general"].dir
+        if spec.general_core:
+            gdir = runner.records[GENERAL_CORES].dir
             opts = replace(opts, general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
         train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
                                 grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                                 precision=t.precision, seq_len=t.seq_len, seed=seed)
         ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
-        if method == "cpi-ft":
+        if spec.trainer == "cpi-ft":
             from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
@@ -351,11 +341,11 @@ def _finetune_fn(method: str, lr: float, seed: int, cfg: PipelineConfig, target:
         elif ds:
             # DeepSpeed needs one process per GPU: launch the fine-tuning step under torchrun, while the
             # pipeline itself (probes, scoring, CKA, transfer, report) stays one process.
-            results = _launch_distributed(d, target, stages, runner_method, opts, train_cfg, ds, cfg, runner.say)
+            results = _launch_distributed(d, target, stages, spec.runner, opts, train_cfg, ds, cfg, runner.say)
             _prune_checkpoints(d)
             return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
         else:
-            res = run_sequence(target, stages, runner_method, d, train_cfg, eval_limit=cfg.eval.limit,
+            res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
                                deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True,
                                progress=lambda msg: runner.say(f"       {msg}"))
         _prune_checkpoints(d)
