@@ -274,6 +274,21 @@ def test_pipeline_plans_steps_from_the_method_table(tmp_path, monkeypatch):
     assert "finetune/full@0.0001/seed0" in deps and "finetune/trace-lf@0.0001/seed0" not in deps  # lr_sweep: full only
 
 
+def test_summary_compares_against_the_tables_baselines():
+    from trace_transfer.pipeline.methods import PIPELINE_METHODS
+    from trace_transfer.report.summary import summarise
+
+    assert PIPELINE_METHODS.where(lambda e: e.obj.baseline) == ["full", "joint", "lora", "replay"]
+
+    def run(aa):
+        return {"tasks": ["a"], "R": [[0.0], [aa]], "metrics": {"aa": aa}}
+
+    results = {"full": [run(0.2)], "mine": [run(0.5)], "trace-lf": [run(0.4)]}
+    assert summarise(None, results)["best_baseline"] == "full"
+    s = summarise(None, results, baselines=["mine"])  # e.g. a user method registered with baseline=True
+    assert s["best_baseline"] == "mine" and s["methods"]["trace-lf"]["delta_vs_best_baseline"] == pytest.approx(-0.1)
+
+
 def test_user_pipeline_method_is_planned_and_validated(tmp_path, monkeypatch):
     from trace_transfer.pipeline.config import load_pipeline
     from trace_transfer.pipeline.methods import PIPELINE_METHODS, register_pipeline_method

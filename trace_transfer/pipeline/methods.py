@@ -57,6 +57,8 @@ class PipelineMethod:
         "help": "also fine-tune at each training.lr_sweep rate (one result label per rate)"})
     deepspeed: bool = field(default=True, metadata={
         "help": "can run under launch.deepspeed (torchrun + `trace-transfer finetune --deepspeed`)"})
+    baseline: bool = field(default=False, metadata={
+        "help": "a reference method: the summary reports every method's AA change against the best baseline"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,10 +140,12 @@ def method_problems(names: Iterable[str], *, num_tasks: int, deepspeed: bool) ->
 # the target; transfer-* train the small source's cores mapped onto the target.
 # -------------------------------------------------------------------------------------------------
 
-register_pipeline_method("full", runner="full", lr_sweep=True, description="sequential full fine-tuning")
-register_pipeline_method("joint", runner="joint", description="one run over all tasks mixed (upper reference)")
-register_pipeline_method("lora", runner="lora", description="sequential LoRA, merged after every stage")
-register_pipeline_method("replay", runner="replay", description="sequential with a share of earlier tasks replayed")
+register_pipeline_method("full", runner="full", lr_sweep=True, baseline=True, description="sequential full fine-tuning")
+register_pipeline_method("joint", runner="joint", baseline=True,
+                         description="one run over all tasks mixed (upper reference)")
+register_pipeline_method("lora", runner="lora", baseline=True, description="sequential LoRA, merged after every stage")
+register_pipeline_method("replay", runner="replay", baseline=True,
+                         description="sequential with a share of earlier tasks replayed")
 for _s, _what in (("lf", "TRACE-LF"), ("cs", "TRACE-CS"), ("random", "random equal-budget")):
     register_pipeline_method(f"trace-{_s}", runner="trace", cores="target", strategy=_s,
                              description=f"selective activation on the target's own {_what} cores")

@@ -170,7 +170,7 @@ def run_pipeline(
     # 6. report -------------------------------------------------------------------------------------
     from trace_transfer.report.summary import summarise
 
-    out.summary = summarise(cfg, out.results)
+    out.summary = summarise(cfg, out.results, baselines=PIPELINE_METHODS.where(lambda e: e.obj.baseline))
     report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
     rec = runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds},
                       _report_fn(cfg, runner, out), depends=report_deps)

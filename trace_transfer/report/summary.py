@@ -9,8 +9,11 @@ printed "± 0.0" always means several seeds agreed).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+# The default for callers without the pipeline's method table (bench/reproduce.py); the pipeline passes
+# the methods its table marks as baselines.
 BASELINE_METHODS = ("full", "joint", "lora", "replay")
 
 
@@ -24,8 +27,12 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """``{"tasks", "methods": {label: {...}}, "best_baseline", "rows"}`` from per-seed results.json dicts."""
+def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]],
+              baselines: Sequence[str] = BASELINE_METHODS) -> dict[str, Any]:
+    """``{"tasks", "methods": {label: {...}}, "best_baseline", "rows"}`` from per-seed results.json dicts.
+
+    ``baselines``: the method names (labels without ``@lr``) every method is compared against; the
+    pipeline passes those its method table marks as baselines."""
     tasks: list[str] = []
     methods: dict[str, Any] = {}
     for label, runs in results.items():
@@ -46,8 +53,8 @@ def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]]) -> dict[str, A
             "base": [_mean_std([run["R"][0][j] for run in runs]) for j in range(len(tasks))],
         }
         methods[label] = entry
-    baselines = {k: v for k, v in methods.items() if k.split("@")[0] in BASELINE_METHODS and v["aa"][0] is not None}
-    best = max(baselines, key=lambda k: baselines[k]["aa"][0]) if baselines else None
+    reference = {k: v for k, v in methods.items() if k.split("@")[0] in baselines and v["aa"][0] is not None}
+    best = max(reference, key=lambda k: reference[k]["aa"][0]) if reference else None
     for label, entry in methods.items():
         entry["delta_vs_best_baseline"] = (
             entry["aa"][0] - methods[best]["aa"][0] if best and entry["aa"][0] is not None else None
