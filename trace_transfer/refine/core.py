@@ -50,14 +50,16 @@ def native_probe_cost(native: Any, n_examples: int) -> dict[str, Any] | None:
 
         info = json.loads((Path(native) / "probe.json").read_text())
         cfg = info.get("config", {})
+        accum = int(cfg.get("grad_accum") or cfg.get("train", {}).get("grad_accum") or 1)
         steps = int(info.get("train", {}).get("steps", 0))
         fisher = int(info.get("fisher", {}).get("batches", 0))
-        return {"from": str(native), "optimizer_steps": steps, "forward_backward": steps * int(cfg.get("grad_accum", 1)) + fisher,
+        return {"from": str(native), "optimizer_steps": steps, "forward_backward": steps * accum + fisher,
                 "fisher_batches": fisher, "seconds": info.get("seconds")}
-    n_batches = math.ceil(min(n_examples, native.max_examples or n_examples) / native.batch_size)
-    steps = native.max_steps or max(1, math.ceil(native.epochs * n_batches / native.grad_accum))
+    t = getattr(native, "train", native)  # a ProbeConfig holding a TrainConfig, or flat
+    n_batches = math.ceil(min(n_examples, native.max_examples or n_examples) / t.batch_size)
+    steps = t.max_steps or max(1, math.ceil(t.epochs * n_batches / t.grad_accum))
     fisher = min(native.fisher_batches, n_batches) if native.fisher_batches else n_batches
-    return {"from": "probe config", "optimizer_steps": steps, "forward_backward": steps * native.grad_accum + fisher,
+    return {"from": "probe config", "optimizer_steps": steps, "forward_backward": steps * t.grad_accum + fisher,
             "fisher_batches": fisher, "seconds": None}
 
 

@@ -219,3 +219,38 @@ def plot_cpi_ft(out_dir):
         if matrix is not None:
             written.append(matrix)
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost-accuracy frontier (transfer against cheap target passes)
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_cost_accuracy(points, out_path="cost_accuracy.png", title=None):
+    """Average accuracy against target cost: one point per method, error bars = std over seeds.
+
+    Args:
+        points: ``{method: (cost, mean accuracy, std)}``; cost is the method's forward+backward
+            passes on the target per task relative to a native probe (0 = nothing run on the target).
+        out_path: PNG path.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> plot_cost_accuracy({"trace-lf": (1.0, 43.4, 0.8), "transfer-fisher": (0.16, 40.3, 2.6)}, "frontier.png")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, (cost, mean, std) in sorted(points.items(), key=lambda kv: kv[1][0]):
+        ax.errorbar([100 * cost], [mean], yerr=[std or 0.0], fmt="o", capsize=3)
+        ax.annotate(name, (100 * cost, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("target passes per task (% of a native probe)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(title or "cost-accuracy: how the target core is chosen")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_path)
