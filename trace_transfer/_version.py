@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import platform
 import sys
-from importlib import metadata
 
 __version__ = "0.1.0"
 
 
 def versions() -> dict[str, str]:
     """Versions of the toolkit and the libraries that influence numerical results."""
+    from importlib import metadata  # here, not at the top: it costs ~0.1 s that `--help` need not pay
+
     out = {"trace_transfer": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("torch", "transformers", "safetensors", "deepspeed", "peft", "accelerate", "datasets", "numpy"):
         try:

@@ -33,6 +33,7 @@ def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_lim
     import torch
 
     from trace_transfer.cli._progress import progress_bars
+    from trace_transfer.cli._table import echo_table
     from trace_transfer.train.pretrain import pretrain
 
     if threads:
@@ -43,7 +44,4 @@ def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_lim
     loss = f"loss {res.losses[0]:.3f} -> {res.final_loss:.3f}" if res.losses else "no steps"
     click.echo(f"wrote {res.out_dir}: {res.steps} steps in {res.seconds:.0f}s, {loss}")
     if res.scores:
-        width = max(len(k) for k in res.scores)
-        click.echo(f"{'task'.ljust(width)}  accuracy")
-        for name, score in res.scores.items():
-            click.echo(f"{name.ljust(width)}  {score:.3f}")
+        echo_table(["task", "accuracy"], [[name, f"{score:.3f}"] for name, score in res.scores.items()])
