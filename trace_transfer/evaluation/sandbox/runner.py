@@ -86,10 +86,9 @@ def _as_root() -> bool:
 
 
 def _next_uid() -> int:
-    while True:
-        uid = _UID_BASE + (os.getpid() % 65536) * 4096 + next(_uid_counter) % 4096
-        if not _processes(uid=uid):
-            return uid
+    # Unique among this host's evaluators (pid) and this process's concurrent runs (counter); a leftover
+    # of an earlier run with the same uid cannot exist: every run reaps its uid before it returns.
+    return _UID_BASE + (os.getpid() % 65536) * 4096 + next(_uid_counter) % 4096
 
 
 def _proc_pids() -> list[int]:
@@ -278,10 +277,10 @@ def detect(mechanism: str | None = None) -> Isolation:
             reasons.append(why)
             if want != "auto":
                 raise ConfigError(f"sandbox {want!r} does not work here: {why}; "
-                                  f"unset {ENV_MECHANISM} to use the strongest one available")
+                                  f"use auto (unset {ENV_MECHANISM}) for the strongest one available")
         else:
             iso = Isolation("none", False, False, False, base.dedicated_uid, base.interpreter, base.python,
-                            reason="; ".join(reasons) or f"{ENV_MECHANISM}=none")
+                            reason="; ".join(reasons) or "forced")
             logger.warning("code_exec sandbox: %s — run untrusted models' code in a container or VM", iso.describe())
         _detected[want] = iso
         return iso
