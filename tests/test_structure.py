@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "trace_transfer"
 # (training returns results, the report draws them; the CLI sits on top of everything).
 LAYERS = [
     ("cli",),
+    ("plan",),
     ("pipeline",),
     ("report",),
     ("surgery",),

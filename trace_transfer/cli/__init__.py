@@ -21,6 +21,7 @@ from trace_transfer.cli._errors import Group
 _COMMAND_MODULES = [
     "demo",
     "run",
+    "plan",
     "tiny_model",
     "pretrain",
     "probe",

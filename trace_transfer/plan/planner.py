@@ -1,0 +1,449 @@
+"""``plan(...)``: every step of a pipeline config, with its memory, FLOPs, time range and verdict.
+
+The steps are the ones ``trace-transfer run`` executes (``pipeline/run.py``): warm-start probes of the
+source and/or target per task (one process, fp32 + AdamW), scoring (host), CKA capture of both models
+(inference), transfer (configs only), fine-tuning per method (DeepSpeed as ``launch:`` says, else one
+process) and the evaluation after each stage (inference). What a method trains comes from the
+pipeline's method table (``pipeline/methods.py``) and the ``scoring:`` section.
+
+The verdict tries, in order, what a user would try: the step as configured; ZeRO-3 over the GPUs
+given; + gradient checkpointing; + optimizer offload; + parameter offload; then more GPUs. The first
+that fits is the verdict ("fits", "needs ZeRO-3", "needs grad ckpt", "needs offload (optimizer)",
+"needs offload (optimizer+params)", "needs N more GPUs").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trace_transfer.errors import ConfigError
+from trace_transfer.plan.estimate import (
+    DS_DEFAULTS,
+    Setup,
+    Trainable,
+    fits,
+    forward_flops,
+    inference_memory,
+    time_range,
+    train_flops,
+    train_memory,
+    with_,
+)
+from trace_transfer.plan.hardware import Hardware
+from trace_transfer.plan.shapes import ModelShape, config_roots, find_config, model_shape, tiny_shape
+
+if TYPE_CHECKING:
+    from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
+
+SCOPE = ("layers",)  # the pipeline scores the decoder layers' tensors (scoring's default scope)
+MAX_GPUS = 4096
+CKA_MAX_LENGTH = 512  # capture's truncation: an upper bound on a probe text's tokens
+EVAL_NEW_TOKENS = 256  # generation budget assumed per evaluation item (an upper bound for most tasks)
+
+
+@dataclass
+class StepPlan:
+    """One step (or a group of identical ones: ``count``) of the pipeline."""
+
+    name: str
+    kind: str  # train | inference | host | config
+    model: str
+    setup: str
+    trains: str = "-"
+    trainable_params: int | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    fits_as_configured: bool = True
+    verdict: str = "fits"
+    suggestion: str | None = None
+    suggestion_memory: dict[str, Any] | None = None
+    flops: float | None = None
+    seconds: tuple[float, float] | None = None
+    count: int = 1
+    methods: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["seconds"] = list(self.seconds) if self.seconds else None
+        return d
+
+
+@dataclass
+class Plan:
+    name: str
+    hardware: Hardware
+    models: dict[str, ModelShape]
+    steps: list[StepPlan]
+    assumptions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        hw = self.hardware
+        return {
+            "format": "trace-transfer/plan", "format_version": 1, "pipeline": self.name,
+            "hardware": {"gpu": hw.gpu.name, "gpu_memory": hw.memory, "gpus_per_node": hw.gpus_per_node,
+                         "nodes": hw.nodes, "host_memory_per_node": hw.host_memory, "bf16_peak_flops": hw.gpu.bf16_flops,
+                         "mfu": list(hw.mfu), "usable_fraction": hw.usable, "overhead_per_gpu": hw.overhead},
+            "models": {side: m.to_dict() for side, m in self.models.items()},
+            "steps": [s.to_dict() for s in self.steps],
+            "assumptions": self.assumptions,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# What each method trains
+# --------------------------------------------------------------------------------------------------
+
+
+def _scope_tensors(shape: ModelShape) -> list[int]:
+    return sorted((t.numel for t in shape.tensors if t.group in SCOPE), reverse=True)
+
+
+def core_trainable(shape: ModelShape, ratio: float, granularity: str, budget: str, masking: str) -> Trainable:
+    """What a CoreSet of ``ratio`` at ``granularity`` leaves trainable (before scoring: bounds)."""
+    sizes = _scope_tensors(shape)
+    scope = sum(sizes)
+    pct = f"{ratio:.0%}" if ratio * 100 == round(ratio * 100) else f"{ratio:.1%}"
+    if granularity == "tensor":
+        if budget == "tensors":
+            k = math.floor(ratio * len(sizes))
+            top = sum(sizes[:k])
+            return Trainable(f"tensor {pct}", top, top, note=f"{k} of {len(sizes)} tensors in scope; upper bound: the "
+                             f"{k} largest ({top / shape.params:.1%} of the model; a random pick averages "
+                             f"{ratio * scope / shape.params:.1%})")
+        n = int(ratio * scope)
+        return Trainable(f"tensor {pct}", n, n, note="whole tensors up to the parameter budget")
+    k = int(ratio * scope)
+    if masking == "sparse":
+        idx = 4 * k if granularity == "element" else 4 * k // max(1, shape.hidden)
+        transient = shape.largest_tensor if granularity == "element" else 0
+        # Rows/heads/columns compute only δ's slice of the weight gradient; an element core builds the
+        # full weight and its full gradient (one tensor at a time).
+        wgrad = sum(t.numel for t in shape.tensors if t.group in SCOPE and len(t.shape) >= 2) \
+            if granularity == "element" else k
+        return Trainable(f"{granularity} {pct} sparse", k, wgrad, extra_params=k, index_bytes=idx,
+                         transient_params=transient, note="sparse masking: δ + int32 indices only")
+    dense = scope
+    return Trainable(f"{granularity} {pct} dense", dense, dense,
+                     note="dense masking: every tensor in scope that holds a core unit stays trainable "
+                          "(assumed: all of them, 1.00x full FT state as measured)")
+
+
+def method_trainable(entry: Any, shape: ModelShape, cfg: PipelineConfig, masking: str) -> Trainable:
+    """``entry`` is a :class:`~trace_transfer.pipeline.methods.PipelineMethod`."""
+    s = cfg.scoring
+    everything = Trainable("full", shape.params, shape.matmul_params)
+    if entry.trainer == "cpi-ft":
+        return Trainable("full", shape.params, shape.matmul_params, note="CPI-FT's per-task full fine-tuning")
+    if entry.strategy is not None:
+        return core_trainable(shape, s.ratio, s.granularity, s.budget, masking)
+    if entry.general_core:
+        core = core_trainable(shape, s.ratio, s.granularity, s.budget, "dense")
+        if s.granularity != "tensor":
+            return Trainable("complement", shape.params, shape.matmul_params,
+                             note="freezing a finer-than-tensor core masks gradients: every tensor stays trainable")
+        sizes = sorted(_scope_tensors(shape))
+        frozen = sum(sizes[: math.floor(s.ratio * len(sizes))]) if s.budget == "tensors" else core.grad_params
+        return Trainable("complement", shape.params - frozen, shape.matmul_params - frozen,
+                         note="everything but the general core (upper bound: the core's smallest tensors)")
+    if entry.runner == "lora":
+        r = 8
+        n = sum(r * (t.shape[0] + t.shape[1]) for t in shape.tensors if t.group == "layers" and len(t.shape) == 2)
+        return Trainable(f"lora r{r}", n, n, extra_params=n, note="r=8 on every linear layer but the LM head")
+    return everything
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------------
+
+
+def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware) -> tuple[str, Setup, dict]:
+    """The first rung of the ladder that fits; the verdict names every change it took."""
+    changes: list[str] = []
+    base = configured
+    if configured.engine == "single" or configured.zero < 3:
+        base = Setup("deepspeed", zero=3, world=hw.world, bf16=True, micro_batch=configured.micro_batch,
+                     seq_len=configured.seq_len, buffers=configured.buffers)
+        changes.append(f"ZeRO-3 x{hw.world}")
+    ladder = [(list(changes), base),
+              ([*changes, "grad ckpt"], with_(base, checkpointing=True)),
+              ([*changes, "grad ckpt", "offload opt"], with_(base, checkpointing=True, offload_optimizer=True)),
+              ([*changes, "grad ckpt", "offload opt+param"], with_(base, checkpointing=True, offload_optimizer=True,
+                                                                   offload_param=True))]
+    for needed, setup in ladder:
+        mem = train_memory(shape, tr, setup, hw)
+        if needed and fits(mem, hw):
+            return "needs " + " + ".join(needed), setup, mem
+    for ckpt in (False, True):
+        # Per-GPU memory under ZeRO-3 only falls as GPUs are added: bisect for the fewest that fit.
+        def attempt(n: int) -> tuple[Setup, dict, bool]:
+            setup, more = with_(base, world=n, checkpointing=ckpt), hw.with_world(n)
+            mem = train_memory(shape, tr, setup, more)
+            return setup, mem, fits(mem, more)
+
+        if not attempt(MAX_GPUS)[2]:
+            continue
+        lo, hi = hw.world + 1, MAX_GPUS
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if attempt(mid)[2] else (mid + 1, hi)
+        setup, mem, _ = attempt(lo)
+        needed = [f"ZeRO-3 x{lo}", *(["grad ckpt"] if ckpt else [])]
+        return f"needs {lo - hw.world} more GPUs ({' + '.join(needed)})", setup, mem
+    setup = ladder[-1][1]
+    return "does not fit: lower micro-batch or seq_len", setup, train_memory(shape, tr, setup, hw)
+
+
+def _train_step(name: str, shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware,
+                tokens: float | None, count: int, methods: list[str] | None = None) -> StepPlan:
+    mem = train_memory(shape, tr, configured, hw)
+    ok = fits(mem, hw)
+    verdict, chosen, chosen_mem = ("fits", configured, mem) if ok else _train_verdict(shape, tr, configured, hw)
+    step = StepPlan(name, "train", shape.ref, configured.describe(), trains=tr.label, trainable_params=tr.grad_params,
+                    memory=mem, fits_as_configured=ok, verdict=verdict, count=count, methods=list(methods or []))
+    if not ok:
+        step.suggestion = chosen.describe() + (" + grad ckpt" if chosen.checkpointing else "")
+        step.suggestion_memory = chosen_mem
+    if tr.note:
+        step.notes.append(tr.note)
+    if tokens:
+        step.flops = train_flops(shape, tr, tokens, configured.seq_len, chosen.checkpointing)
+        step.seconds = time_range(step.flops, chosen.world if chosen.engine == "deepspeed" else 1, hw)
+    else:
+        step.notes.append("time: the number of training examples is unknown offline (pass --examples)")
+    return step
+
+
+def _inference_step(name: str, shapes: list[ModelShape], batch: int, prompt: int, new: int, items: int | None,
+                    hw: Hardware, loglik: bool, count: int = 1) -> StepPlan:
+    worst = max(shapes, key=lambda s: s.params)
+    gpus = 1
+    mem = inference_memory(worst, batch, prompt, new, 1, hw, loglik)
+    ok = fits(mem, hw)
+    while not fits(mem, hw) and gpus < MAX_GPUS:
+        gpus += 1
+        mem = inference_memory(worst, batch, prompt, new, gpus, hw, loglik)
+    verdict = "fits" if ok else (f"needs {gpus} GPUs (device_map)" if gpus <= hw.world
+                                 else f"needs {gpus - hw.world} more GPUs")
+    step = StepPlan(name, "inference", " + ".join(s.ref for s in shapes), "1 GPU bf16", memory=mem,
+                    fits_as_configured=ok, verdict=verdict, count=count)
+    if not ok:
+        step.suggestion = f"device_map over {gpus} GPUs"
+        step.memory = inference_memory(worst, batch, prompt, new, 1, hw, loglik)
+        step.suggestion_memory = mem
+    if items:
+        flops = sum(forward_flops(s, items * (prompt + new), prompt + new) for s in shapes)
+        lo, hi = time_range(flops, gpus, hw)
+        # Generation is bound by reading the weights once per new token, not by FLOPs.
+        decode = sum(new * math.ceil(items / batch) * 2 * s.params / (gpus * hw.gpu.hbm_bandwidth) for s in shapes)
+        step.flops, step.seconds = flops, (lo + decode, hi + 2 * decode)
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# The verb
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_shape(spec: ModelSpec, side: str, base_dir: Path, roots: list[Path]) -> ModelShape:
+    if spec.build is not None:
+        b = spec.build
+        return tiny_shape(b.arch, b.layers, b.hidden, b.heads, b.kv_heads, b.tokenizer, f"{side} (built {b.arch})")
+    return model_shape(find_config(spec.model, base_dir, roots), spec.model)
+
+
+def _deepspeed_setup(path: Path, world: int, micro_batch: int, seq_len: int, precision: str) -> Setup:
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"launch.deepspeed: cannot read {path}: {exc}") from exc
+    zero = conf.get("zero_optimization", {}) or {}
+    bf16 = conf.get("bf16", {}).get("enabled", False)
+    bf16 = precision != "fp32" if bf16 == "auto" else bool(bf16)
+    buffers = {k: int(zero.get(k, v)) for k, v in DS_DEFAULTS.items()}
+    off = lambda key: (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
+    return Setup("deepspeed", zero=int(zero.get("stage", 0)), offload_optimizer=off("offload_optimizer"),
+                 offload_param=off("offload_param"), world=world, bf16=bf16, micro_batch=micro_batch,
+                 seq_len=seq_len, buffers=buffers)
+
+
+def count_examples(task: str, examples: dict[str, int], default: int | None) -> int | None:
+    """Training examples of ``task``: ``--examples`` first, then a synthetic task's own count."""
+    key = Path(task).stem if not task.startswith("synthetic:") else task
+    for k in (task, key, Path(task).name):
+        if k in examples:
+            return examples[k]
+    if default is not None:
+        return default
+    if task.startswith("synthetic:"):
+        from trace_transfer.data import load_task
+
+        return len(load_task(task).train_examples())
+    return None
+
+
+def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, configs: list[Path] | tuple = (),
+         examples: dict[str, int] | None = None, default_examples: int | None = None,
+         eval_items: int | None = None, masking: str | None = None) -> Plan:
+    """Plan every step of ``cfg`` on ``hw`` from the models' configs alone.
+
+    Args:
+        cfg: a validated pipeline config (:func:`~trace_transfer.pipeline.config.load_pipeline`).
+        hw: the machines (:class:`~trace_transfer.plan.hardware.Hardware`).
+        base_dir: resolves the config's relative paths (its directory).
+        configs: roots where a hub id ``org/name`` has ``org/name/config.json`` (offline look-up).
+        examples: training examples per task (by task file stem, path or ``synthetic:`` name).
+        default_examples: examples of a task missing from ``examples``.
+        eval_items: evaluation items per task when ``eval.limit`` is null.
+        masking: ``dense`` / ``sparse`` for finer-than-tensor cores (default: the config's, else
+            ``apply_coreset``'s ``auto``: sparse up to half a tensor).
+
+    Returns:
+        A :class:`Plan`; ``Plan.to_dict()`` is the ``--json`` output.
+
+    Example:
+        >>> from trace_transfer.pipeline.config import load_pipeline
+        >>> p = plan(load_pipeline("examples/pipelines/paper-llama3-8b-to-qwen3-32b.yaml"),
+        ...          Hardware(gpus_per_node=8), configs=["examples/paper_models"])
+    """
+    from trace_transfer.pipeline.methods import resolve
+
+    base_dir = Path(base_dir or Path.cwd())
+    roots = config_roots(list(configs))
+    examples = examples or {}
+    masking = masking or getattr(cfg.training, "masking", None) or "auto"
+    if masking == "auto":  # apply_coreset's rule: sparse where at most half of a tensor is core
+        masking = "sparse" if cfg.scoring.ratio <= 0.5 else "dense"
+    methods = resolve(cfg.methods)
+    need_transfer = any(m.cores == "transfer" for _, m in methods)
+    need_target_probes = any(m.cores == "target" for _, m in methods)
+    general = any(m.general_core for _, m in methods)
+    shapes = {"source": resolve_shape(cfg.source, "source", base_dir, roots),
+              "target": resolve_shape(cfg.target, "target", base_dir, roots)}
+    steps: list[StepPlan] = []
+    full = lambda s: Trainable("full", s.params, s.matmul_params)  # noqa: E731
+    n_ex = {t: count_examples(t, examples, default_examples) for t in [*cfg.tasks, cfg.general_task]}
+
+    # Models built and pretrained in the run (tiny configs).
+    for side in ("source", "target"):
+        spec = getattr(cfg, side)
+        if spec.pretrain is not None:
+            p = spec.pretrain
+            setup = Setup("single", micro_batch=p.batch_size, seq_len=p.seq_len, bf16=False)
+            steps.append(_train_step(f"pretrain {side}", shapes[side], full(shapes[side]), setup, hw,
+                                     p.steps * p.batch_size * p.seq_len, 1))
+
+    # Probes: one process, fp32 weights + AdamW, bf16 autocast where the GPU has it.
+    pr = cfg.probe
+    probe_setup = Setup("single", micro_batch=pr.batch_size, seq_len=pr.seq_len, bf16=True)
+    for side, tasks in (("source", list(cfg.tasks) if need_transfer else []),
+                        ("target", (list(cfg.tasks) if need_target_probes else []) + ([cfg.general_task] if general else []))):
+        if not tasks:
+            continue
+        token_counts = [_probe_tokens(pr, n_ex[t]) for t in tasks]
+        tokens = max(token_counts) if all(token_counts) else None
+        step = _train_step(f"probe {side} x{len(tasks)}", shapes[side], full(shapes[side]), probe_setup, hw, tokens,
+                           len(tasks))
+        step.notes.append(f"disk per probe: delta + Fisher {8 * shapes[side].params / 2**30:.0f} GiB "
+                          f"(+ {4 * shapes[side].params / 2**30:.0f} GiB θ0 while it runs)")
+        steps.append(step)
+
+    # Scoring: streamed on the host, reads Δ and Fisher of every task.
+    for side, n_tasks in (("source", len(cfg.tasks) if need_transfer else 0),
+                          ("target", len(cfg.tasks) if need_target_probes else 0)):
+        if n_tasks:
+            sh = shapes[side]
+            read = 8 * sh.params * n_tasks
+            step = StepPlan(f"score {side}", "host", sh.ref, "host", memory={
+                "per_gpu": {}, "total": 0, "host_per_node": _score_host(sh, cfg.scoring.granularity, n_tasks)},
+                seconds=(read / 2e9, read / 0.5e9))
+            step.notes.append(f"reads {read / 2**30:.0f} GiB of delta + Fisher per strategy; time: disk-bound "
+                              "at 2-0.5 GB/s")
+            steps.append(step)
+
+    # CKA + transfer.
+    if need_transfer:
+        lm = cfg.layer_map
+        steps.append(_inference_step("cka (both models)", [shapes["source"], shapes["target"]], 8, CKA_MAX_LENGTH,
+                                     0, lm.max_probes, hw, loglik=True))
+        steps.append(StepPlan("transfer (configs)", "config", f"{shapes['source'].ref} -> {shapes['target'].ref}",
+                              "host", memory={"per_gpu": {}, "total": 0, "host_per_node": 0},
+                              notes=["configs and CoreSets only: seconds, no weights"]))
+
+    # Fine-tuning: one row per distinct trainable set.
+    t = cfg.training
+    world = hw.world
+    if cfg.launch.deepspeed:
+        ds_path = Path(cfg.launch.deepspeed)
+        ds_path = ds_path if ds_path.is_absolute() else base_dir / ds_path
+        configured = _deepspeed_setup(ds_path, world, t.batch_size, t.seq_len, t.precision)
+    else:
+        configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
+    ranks = configured.world if configured.engine == "deepspeed" else 1
+    tgt = shapes["target"]
+    rows: dict[str, tuple[Trainable, list[str]]] = {}
+    for name, entry in methods:
+        tr = method_trainable(entry, tgt, cfg, masking)
+        rows.setdefault(tr.label, (tr, []))[1].append(name)
+        if tr.label.endswith((" dense", " sparse")):  # also show what the other masking would need
+            other = method_trainable(entry, tgt, cfg, "dense" if masking == "sparse" else "sparse")
+            other = replace(other, note=f"{other.note} (not configured: training.masking is {masking!r})")
+            rows.setdefault(other.label, (other, []))[1].append(name)
+    stage_examples = [n_ex[x] for x in cfg.tasks]
+    for label, (tr, names) in rows.items():
+        if t.max_steps:
+            tokens = t.max_steps * t.batch_size * t.grad_accum * ranks * t.seq_len * len(cfg.tasks)
+        elif all(stage_examples):
+            tokens = t.epochs * sum(stage_examples) * t.seq_len
+        else:
+            tokens = None
+        steps.append(_train_step(f"ft {label}", tgt, tr, configured, hw, tokens, len(cfg.seeds), names))
+
+    # Evaluation after every stage (and before the first), on the target.
+    e = cfg.eval
+    items = e.limit if e.limit is not None else eval_items
+    ev = _inference_step("eval per stage", [tgt], e.batch_size, t.seq_len, EVAL_NEW_TOKENS,
+                         items * len(cfg.tasks) if items else None, hw, loglik=True, count=len(cfg.tasks) + 1)
+    if not items:
+        ev.notes.append("time: eval.limit is null (full test sets); pass --eval-items N for a time estimate")
+    steps.append(ev)
+
+    assumptions = [
+        "memory: model states (ZeRO paper accounting) + activations (Korthikanti et al. 2022, per-layer, "
+        "redone for RMSNorm/SwiGLU/GQA with SDPA attention) + ZeRO buffers + "
+        f"{hw.overhead / 2**30:.0f} GiB runtime overhead; fits = at most {hw.usable:.0%} of GPU memory",
+        "tokens: every example counted at the full seq_len (an upper bound: batches pad to their longest example)",
+        f"time: FLOPs / (GPUs x bf16 peak x MFU {hw.mfu[0]:.0%}-{hw.mfu[1]:.0%}); offload's host-side optimizer "
+        "step is not modelled",
+        f"finer-than-tensor cores: masking '{masking}' (the config's, or apply_coreset's 'auto': sparse up to "
+        "half a tensor); the other masking is listed too, marked 'not configured'",
+        f"host: every DeepSpeed rank loads the whole model (checkpoint dtype) before ZeRO partitions it",
+    ]
+    return Plan(cfg.name, hw, shapes, steps, assumptions)
+
+
+def _probe_tokens(pr: Any, n_examples: int | None) -> float | None:
+    if pr.max_steps:
+        steps = pr.max_steps
+    elif n_examples:
+        n = min(n_examples, pr.max_examples) if pr.max_examples else n_examples
+        steps = math.ceil(pr.epochs * n / pr.batch_size)
+    else:
+        return None
+    fisher = pr.fisher_batches or steps
+    return (steps + fisher) * pr.batch_size * pr.seq_len
+
+
+def _score_host(shape: ModelShape, granularity: str, n_tasks: int) -> int:
+    """Unit scores (fp32) of every unit in scope for every task, plus a streamed tensor (Δ and Fisher)."""
+    if granularity == "element":
+        units = shape.params_in(SCOPE)
+    elif granularity == "tensor":
+        units = len(_scope_tensors(shape))
+    else:
+        units = sum(t.shape[0] if len(t.shape) >= 2 else 1 for t in shape.tensors if t.group in SCOPE)
+    return 4 * units * n_tasks + 2 * 4 * shape.largest_tensor
