@@ -4,6 +4,12 @@ import it too)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
 import torch
 
 from trace_transfer.coreset import ELEMENT, CoreSet, UnitLayout
@@ -71,3 +77,24 @@ def coreset_at(model: torch.nn.Module, granularity: str, share: float = 0.3, see
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def run_two_cpu_ranks(script, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``torchrun --nproc_per_node=2`` with DeepSpeed on CPU (gloo); skips the
+    calling test when torchrun or the C++ compiler DeepSpeed needs on CPU is missing."""
+    import pytest
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("DeepSpeed on CPU compiles a small C++ op: no compiler found")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
+    # generous: the first run on a machine compiles DeepSpeed's CPU comm op (~1-2 min on 2 cores)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

@@ -3,15 +3,10 @@ tiny Llama with a partial-tensor CoreSet under ZeRO-3 (deepspeed_train), ZeRO-2 
 and HF CoreSetTrainer with a ZeRO-3 dict, then checks non-core elements bit-identical and the loss down."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _tiny_masking import coreset_at, tiny_llama
+from _tiny_masking import coreset_at, run_two_cpu_ranks, tiny_llama
 
 pytest.importorskip("deepspeed")
 
@@ -61,27 +56,11 @@ def test_optimizer_section_with_decay_or_masked_decay_is_refused_before_launch()
     handle.remove()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_zero3_zero2_and_trainer_keep_non_core_bit_identical(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("DeepSpeed on CPU compiles a small C++ op: no compiler found")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "ds"
-    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           str(SCRIPT), str(out), ",".join(PHASES)]
-    # generous: the first run on a machine compiles DeepSpeed's CPU comm op (~1-2 min on 2 cores)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_cpu_ranks(SCRIPT, str(out), ",".join(PHASES))
     results = json.loads((out / "results.json").read_text())
     core = out / "core.coreset.safetensors"
     for phase in PHASES:

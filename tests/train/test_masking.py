@@ -34,7 +34,7 @@ def test_only_core_elements_move(granularity, dtype):
 def test_tensors_without_core_get_no_grad_and_no_optimizer_state():
     model = tiny_llama()
     cs = coreset_at(model, "row")
-    handle = apply_coreset(model, cs)
+    handle = apply_coreset(model, cs, masking="dense")
     frozen = [n for n, p in model.named_parameters() if not cs.num_selected(n)]
     assert frozen and all(not dict(model.named_parameters())[n].requires_grad for n in frozen)
     opt = torch.optim.AdamW(handle.param_groups(0.0), lr=1e-3)
@@ -54,7 +54,7 @@ def test_naive_weight_decay_leaks_and_handle_groups_do_not():
     for how in ("naive", "handle"):
         model = tiny_llama()
         before = snapshot(model)
-        handle = apply_coreset(model, cs)
+        handle = apply_coreset(model, cs, masking="dense")
         params = handle.param_groups(0.1) if how == "handle" else [
             {"params": handle.trainable_params(), "weight_decay": 0.1}]
         train(model, batches_fn(), CFG, params=params)
@@ -69,7 +69,7 @@ def test_masked_decay_matches_adamw_on_core_elements_bit_for_bit():
     batch = batches_fn()(0)[0]
     # Reference: AdamW decaying every element (the forward of step 1 is the same for both models).
     ref = tiny_llama()
-    ref_handle = apply_coreset(ref, cs)
+    ref_handle = apply_coreset(ref, cs, masking="dense")
     opt = torch.optim.AdamW(ref_handle.trainable_params(), lr=0.05, weight_decay=0.5)
     ref(**batch).loss.backward()
     opt.step()
@@ -77,7 +77,7 @@ def test_masked_decay_matches_adamw_on_core_elements_bit_for_bit():
 
     model = tiny_llama()
     before = snapshot(model)
-    handle = apply_coreset(model, cs, decay="masked")
+    handle = apply_coreset(model, cs, decay="masked", masking="dense")
     opt = torch.optim.AdamW(handle.param_groups(0.5), lr=0.05)
     model(**batch).loss.backward()
     opt.step()
@@ -123,13 +123,13 @@ def test_a_reused_optimizer_leaks_momentum_so_stages_need_a_fresh_one():
     stage1, stage2 = coreset_at(model, "row", seed=1), coreset_at(model, "row", seed=2)
     batch = batches_fn()(0)[0]
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-2, weight_decay=0.0)
-    h = apply_coreset(model, stage1)
+    h = apply_coreset(model, stage1, masking="dense")
     model(**batch).loss.backward()
     opt.step()
     opt.zero_grad()
     h.remove()
     before = snapshot(model)
-    h = apply_coreset(model, stage2)
+    h = apply_coreset(model, stage2, masking="dense")
     model(**batch).loss.backward()
     opt.step()
     h.remove()
@@ -141,7 +141,7 @@ def test_remove_restores_requires_grad_and_removes_hooks():
     params = dict(model.named_parameters())
     params["model.norm.weight"].requires_grad_(False)  # a user's own choice must survive
     cs = coreset_at(model, "element")
-    handle = apply_coreset(model, cs)
+    handle = apply_coreset(model, cs, masking="dense")
     with pytest.raises(ConfigError, match="already has an active CoreSet"):
         apply_coreset(model, cs)
     handle.remove()
@@ -179,7 +179,7 @@ def test_tied_weights_are_resolved_under_either_name():
     rows[:5] = True
     cs = CoreSet.from_unit_masks({"lm_head.weight": rows}, {"lm_head.weight": UnitLayout.rows()}, shapes)
     before = snapshot(model)
-    handle = apply_coreset(model, cs)
+    handle = apply_coreset(model, cs, masking="dense")
     assert list(handle.partial) == ["model.embed_tokens.weight"] and handle.num_trainable() == 5 * shapes["lm_head.weight"][1]
     train(model, batches_fn(), CFG, params=handle.param_groups(0.1))
     handle.remove()
@@ -217,7 +217,7 @@ def test_nan_gradient_in_a_frozen_element_does_not_leak():
     m = torch.zeros(8, dtype=torch.bool)
     m[:4] = True
     cs = CoreSet.from_unit_masks({"weight": m}, {"weight": ELEMENT}, lin)
-    h = apply_coreset(lin, cs)
+    h = apply_coreset(lin, cs, masking="dense")
     out = lin(torch.tensor([[1.0, 1.0, 1.0, float("inf")]]))
     out.sum().backward()  # frozen row 1 column 3 gets an inf/nan gradient
     grad = lin.weight.grad
@@ -292,7 +292,7 @@ def test_an_earlier_post_accumulate_hook_only_sees_masked_gradients():
     seen = []
     param.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.detach().clone()))
     before = snapshot(model)
-    handle = apply_coreset(model, cs)
+    handle = apply_coreset(model, cs, masking="dense")
     opt = torch.optim.AdamW(handle.param_groups(0.1), lr=1e-2)
     model(**batches_fn()(0)[0]).loss.backward()
     opt.step()

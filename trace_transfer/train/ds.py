@@ -9,6 +9,10 @@ Order matters, and is why this module exists:
    when it cannot decay a frozen element;
 3. gradient masks are plain ``param.register_hook`` hooks: under ZeRO-3 they still see the full-shape
    gradient (checked on this project's machines, DeepSpeed 0.19), so masking is identical everywhere;
+   with sparse masking (the default for small cores) a partly-core tensor is frozen — partitioned,
+   no optimizer state — and its delta over the core, a registered parameter made before
+   ``deepspeed.initialize``, is the only trainable state (``tests/train/test_sparse.py`` checks the
+   optimizer's partitions on 2 ranks); the delta is folded into the weight when the handle is removed;
 4. afterwards the model is handed back *unsharded* on every rank (ZeRO-3 parameters gathered one at a
    time, DeepSpeed's hooks removed), so callers evaluate and save it like any module;
    :func:`save_consolidated` writes one HF directory from rank 0.
@@ -113,7 +117,7 @@ def load_ds_config(ds_config: str | os.PathLike | dict[str, Any], cfg: TrainConf
 
 def _check_decay(model: torch.nn.Module, conf: dict[str, Any]) -> None:
     handle = getattr(model, _ACTIVE_ATTR, None)
-    if handle is None or not handle.partial:
+    if handle is None or not handle.partly_core():
         return
     if handle.decay == "masked":
         raise ConfigError(
@@ -124,7 +128,8 @@ def _check_decay(model: torch.nn.Module, conf: dict[str, Any]) -> None:
     if wd:
         raise ConfigError(
             f"the DeepSpeed config's optimizer section decays every parameter (weight_decay={wd}), which moves "
-            f"frozen elements of {len(handle.partial)} partly-core tensor(s) (first: {next(iter(handle.partial))!r}); "
+            f"frozen elements (or sparse deltas) of {len(handle.partly_core())} partly-core tensor(s) "
+            f"(first: {handle.partly_core()[0]!r}); "
             f"remove the 'optimizer' section (AdamW is then built from the CoreSet's groups) or set weight_decay 0"
         )
 
@@ -138,9 +143,11 @@ def deepspeed_train(
     params: Iterable[Any] | None = None,
     coreset: CoreSet | None = None,
     mode: str = "train-core",
+    masking: str = "auto",
     steps: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    on_engine: Callable[[Any], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place under DeepSpeed; same contract as :func:`trace_transfer.train.loop.train`.
 
@@ -155,9 +162,13 @@ def deepspeed_train(
         ds_config: a DeepSpeed JSON config (path or dict); ``"auto"`` values are filled from ``cfg``.
         params: parameter groups from ``MaskHandle.param_groups`` (the runner applies the CoreSet
             itself); or give ``coreset`` to have it applied here and removed afterwards.
-        coreset, mode: see :func:`trace_transfer.train.masking.apply_coreset`.
+        coreset, mode, masking: see :func:`trace_transfer.train.masking.apply_coreset`. With sparse
+            masking (the default for small cores) each partly-core tensor is frozen — under ZeRO-3
+            partitioned with no optimizer state — and only its delta over the core is trained.
         on_step: ``(step, loss)`` after every optimizer step; the loss is averaged over ranks.
         after_step: called after every optimizer step.
+        on_engine: called with the DeepSpeed engine after the last step, before it is torn down
+            (inspection: optimizer state, partitions).
 
     Returns:
         :class:`TrainResult` (identical on every rank).
@@ -171,7 +182,7 @@ def deepspeed_train(
 
     if params is not None and coreset is not None:
         raise ConfigError("deepspeed_train: give either params (CoreSet already applied) or coreset, not both")
-    handle = apply_coreset(model, coreset, mode=mode) if coreset is not None else None
+    handle = apply_coreset(model, coreset, mode=mode, masking=masking) if coreset is not None else None
     try:
         # Validate before joining the process group: a config error should fail fast, not hang peers.
         conf = load_ds_config(ds_config, cfg, _dist()[1])
@@ -203,6 +214,8 @@ def deepspeed_train(
                                                lr_scheduler=scheduler, config=conf)
         try:
             result = _loop(engine, local, steps, cfg, on_step, after_step)
+            if on_engine is not None:
+                on_engine(engine)
         finally:
             _unshard(engine, model, before_attrs)
     finally:
@@ -267,23 +280,29 @@ def _unshard(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) 
 
 def consolidated_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """Full CPU tensors of every parameter and persistent buffer (tied tensors once, under their
-    first name), gathered one at a time if the module is ZeRO-3-sharded. All ranks must call it; with
+    first name), gathered one at a time if the module is ZeRO-3-sharded. Sparse deltas of an active
+    CoreSet are folded into their tensors (and not written themselves). All ranks must call it; with
     ``rank0_only`` the others get ``{}``."""
     import deepspeed
 
     rank, _ = _dist()
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    handle = getattr(model, _ACTIVE_ATTR, None)
+    entries = {id(e.param): e for e in handle.sparse.values()} if handle is not None and not handle._removed else {}
+    seen: set[int] = {id(e.delta) for e in entries.values()}
     keep = set(model.state_dict().keys())
     tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in keep]
     for name, t in tensors:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        sharded = hasattr(t, "ds_id")
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=None, enabled=sharded):
+        entry = entries.get(id(t))
+        group = [t] if entry is None else [t, entry.delta]
+        sharded = any(hasattr(x, "ds_id") for x in group)
+        with deepspeed.zero.GatheredParameters(group, modifier_rank=None, enabled=sharded):
             if rank == 0 or not rank0_only:
-                out[name] = t.data.detach().to("cpu", copy=True)
+                value = t.data if entry is None else entry.effective(t.data, entry.delta.data)
+                out[name] = value.detach().to("cpu", copy=True)
     return out
 
 

@@ -50,20 +50,21 @@ def _check_deepspeed(args: Any, handle: MaskHandle) -> None:
     ds = _ds_config(args)
     if ds is None:
         return
-    if handle.decay == "masked" and handle.partial:
+    if handle.decay == "masked" and handle.partly_core():
         raise ConfigError(
             "decay='masked' is not supported under DeepSpeed (its optimizer steps fp32 partitions the mask "
             "handle cannot reach); use decay='zero'"
         )
     section = ds.get("optimizer")
-    if section and handle.partial:
+    if section and handle.partly_core():
         wd = section.get("params", {}).get("weight_decay", 0.0)
         if wd == "auto":
             wd = args.weight_decay
         if wd:
             raise ConfigError(
                 f"the DeepSpeed config's optimizer section decays every parameter (weight_decay={wd}), which "
-                f"moves frozen elements of {len(handle.partial)} partly-core tensor(s); remove the 'optimizer' "
+                f"moves frozen elements (or sparse deltas) of {len(handle.partly_core())} partly-core tensor(s); "
+                f"remove the 'optimizer' "
                 f"section (the trainer then builds AdamW from the CoreSet's parameter groups) or set its "
                 f"weight_decay to 0"
             )
@@ -77,10 +78,14 @@ class CoreSetTrainer(Trainer):
         coreset: the CoreSet to train (object or path to a ``*.coreset.safetensors`` file).
         mode: ``"train-core"`` or ``"freeze-core"``.
         decay: ``"zero"`` or ``"masked"`` (see :func:`trace_transfer.train.masking.apply_coreset`).
+        masking: ``"auto"``, ``"sparse"`` or ``"dense"``: how partly-core tensors train (sparse deltas
+            give gradient and optimizer state only for the core; see ``apply_coreset``).
         *args, **kwargs: passed to ``Trainer``. ``model_init`` is not supported (the CoreSet must be
             applied to the one model the trainer wraps).
 
-    The handle is ``trainer.mask_handle``; call ``trainer.mask_handle.remove()`` when done.
+    The handle is ``trainer.mask_handle``; call ``trainer.mask_handle.remove()`` when done (on every
+    rank under DeepSpeed): it folds sparse deltas into the weights. Checkpoints the trainer writes
+    meanwhile hold folded weights too (``state_dict()`` folds; loading one resets the deltas).
 
     Raises:
         ConfigError: ``model_init`` given, a pre-built optimizer or DeepSpeed optimizer section that
@@ -88,13 +93,13 @@ class CoreSetTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, coreset: CoreSet | str, mode: str = "train-core", decay: str = "zero",
-                 **kwargs: Any):
+                 masking: str = "auto", **kwargs: Any):
         if kwargs.get("model_init") is not None:
             raise ConfigError("CoreSetTrainer does not support model_init; pass the model itself")
         super().__init__(*args, **kwargs)
         if not isinstance(coreset, CoreSet):
             coreset = CoreSet.load(coreset)
-        self.mask_handle = apply_coreset(self.model, coreset, mode=mode, decay=decay)
+        self.mask_handle = apply_coreset(self.model, coreset, mode=mode, decay=decay, masking=masking)
         try:
             _check_deepspeed(self.args, self.mask_handle)
             if self.optimizer is not None:  # given through optimizers=(opt, sched)
@@ -134,17 +139,18 @@ class CoreSetCallback(TrainerCallback):
         >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds, callbacks=[CoreSetCallback(core)])
     """
 
-    def __init__(self, coreset: CoreSet | str, mode: str = "train-core"):
+    def __init__(self, coreset: CoreSet | str, mode: str = "train-core", masking: str = "auto"):
         self.coreset = coreset if isinstance(coreset, CoreSet) else CoreSet.load(coreset)
         self.mode = mode
+        self.masking = masking
         self.handle: MaskHandle | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ConfigError("CoreSetCallback: the trainer passed no model to on_init_end")
-        self.handle = apply_coreset(model, self.coreset, mode=self.mode)
-        if self.handle.partial and args.weight_decay:
-            n = len(self.handle.partial)
+        self.handle = apply_coreset(model, self.coreset, mode=self.mode, masking=self.masking)
+        if self.handle.partly_core() and args.weight_decay:
+            n = len(self.handle.partly_core())
             self.handle.remove()
             raise ConfigError(
                 f"CoreSetCallback with weight_decay={args.weight_decay}: {n} tensor(s) are partly core and the "

@@ -1,12 +1,17 @@
 """Make exactly a CoreSet trainable in any PyTorch training stack (plain loop, HF Trainer, accelerate,
 DeepSpeed ZeRO-2/3).
 
-Three mechanisms, chosen per tensor by how much of it is core:
+Three mechanisms, chosen per tensor by how much of it is core (``masking`` picks the third's form):
 
 * **no core element** → ``requires_grad=False``. The tensor gets no gradient and, because this is done
   before the optimizer (or ``deepspeed.initialize``) sees the model, no optimizer state either.
 * **entirely core** → stays trainable; nothing else to do.
-* **partly core** (rows, columns, heads, elements) → stays trainable, and a gradient hook zeroes the
+* **partly core** (rows, columns, heads, elements), ``masking="sparse"`` (the default wherever at most
+  half of the tensor is core: ``masking="auto"``) → the tensor is frozen and a *sparse delta* δ over
+  its core units is trained instead, ``W = W0 + scatter(δ)``, folded back into W by
+  :meth:`MaskHandle.remove` — gradient and optimizer state only for the core (see
+  :mod:`trace_transfer.train.sparse` for the mechanism and its measured trade-offs).
+* **partly core**, ``masking="dense"`` (or more than half core under ``"auto"``) → stays trainable, and a gradient hook zeroes the
   gradient of every non-core element as soon as it lands in ``.grad`` (a post-accumulate-grad hook,
   in place: no second gradient-sized tensor per step — on CPU that copy alone cost ~10% of a step).
   Hooks on one tensor run in registration order, and DeepSpeed, DDP and accelerate register theirs
@@ -19,7 +24,8 @@ Three mechanisms, chosen per tensor by how much of it is core:
 
 Why a zeroed gradient is enough to keep an element *bit-identical* under Adam/AdamW: with g = 0 from
 the first step, both moments stay exactly 0, so the update m̂/(√v̂ + ε) is exactly 0 whatever ε is.
-Two things still move such an element and are handled here:
+(A sparse delta has no frozen element to protect: the non-core elements are never written.) Two
+things still move such an element and are handled here:
 
 1. **Weight decay.** Decoupled decay multiplies the *whole* tensor by (1 − lr·wd). So
    :meth:`MaskHandle.param_groups` puts partly-core tensors in a group with ``weight_decay=0``. With
@@ -27,7 +33,9 @@ Two things still move such an element and are handled here:
    AdamW's own decoupled decay, ``p ← p·(1 − lr·wd)``, to their core elements only, from an optimizer
    *step pre-hook* — the same arithmetic, in the same order, as AdamW, so core elements follow exactly
    the trajectory AdamW with decay would give them. (Masked decay acts on the module's parameters, so
-   it is refused under DeepSpeed, whose optimizer steps on its own fp32 partitions.)
+   it is refused under DeepSpeed, whose optimizer steps on its own fp32 partitions.) A sparse δ sits
+   in the same weight-decay-0 group; masked decay moves it as AdamW would move the unit it stands
+   for: ``W0[idx] + δ ← (W0[idx] + δ)·(1 − lr·wd)``.
 2. **Stale optimizer state.** Adam moments built up while an element was trainable keep moving it
    after its gradient becomes zero. Masks therefore hold only with a **fresh optimizer per stage**
    (per CoreSet) — never carry an optimizer across stages with different cores.
@@ -50,13 +58,15 @@ import torch
 
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError, ModelMismatchError
+from trace_transfer.train import sparse as _sparse
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_coreset", "combine", "MaskHandle", "MODES", "DECAYS", "ISOLATIONS"]
+__all__ = ["apply_coreset", "combine", "MaskHandle", "MODES", "DECAYS", "ISOLATIONS", "MASKINGS"]
 
 MODES = ("train-core", "freeze-core")
 DECAYS = ("zero", "masked")
+MASKINGS = ("auto", "sparse", "dense")
 ISOLATIONS = ("none", "strict")
 
 # Marks a model that already carries an active handle, so two overlapping handles can't silently
@@ -122,12 +132,15 @@ def _frozen_mask(coreset: CoreSet, names: Sequence[str]) -> tuple[torch.Tensor, 
 class MaskHandle:
     """What :func:`apply_coreset` did to a model, and how to undo it. Not built directly."""
 
-    def __init__(self, model: torch.nn.Module, mode: str, decay: str):
+    def __init__(self, model: torch.nn.Module, mode: str, decay: str, masking: str = "auto"):
         self.model = model
         self.mode = mode
         self.decay = decay
+        self.masking = masking
         self.full: dict[str, torch.nn.Parameter] = {}  # entirely trainable
         self.partial: dict[str, _Partial] = {}  # partly trainable, gradient-masked
+        self.sparse: dict[str, _sparse.SparseDelta] = {}  # partly core, trained as W0 + scatter(δ)
+        self._sparse_modules: list[torch.nn.Module] = []
         self.frozen: dict[str, torch.nn.Parameter] = {}  # requires_grad=False
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
         self._hooks: list[Any] = []
@@ -144,7 +157,8 @@ class MaskHandle:
         """Optimizer parameter groups that cannot move a frozen element.
 
         Entirely-core tensors get ``weight_decay``, except those ``no_decay`` excludes (name substrings
-        such as ``("bias", "norm")``, or a predicate on the name). Partly-core tensors get ``weight_decay=0``; with
+        such as ``("bias", "norm")``, or a predicate on the name). Partly-core tensors (and sparse
+        deltas) get ``weight_decay=0``; with
         ``decay="masked"`` their core elements are decayed by the handle instead (see the module
         docstring). Build a *fresh* optimizer from these groups for every stage.
 
@@ -166,7 +180,7 @@ class MaskHandle:
 
         decayed = [p for n, p in self.full.items() if not exempt(n)]
         plain = [p for n, p in self.full.items() if exempt(n)]
-        partial = [e.param for e in self.partial.values()]
+        partial = self._partly_core_params()
         groups: list[dict[str, Any]] = []
         if decayed:
             groups.append({"params": decayed, "weight_decay": float(weight_decay)})
@@ -185,16 +199,27 @@ class MaskHandle:
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ConfigError if ``optimizer`` would move a frozen element: a partly-core tensor in a
         group with non-zero weight decay (e.g. an optimizer built by a framework from all trainable
-        parameters instead of from :meth:`param_groups`)."""
-        partial = {id(e.param): n for n, e in self.partial.items()}
-        for g in getattr(optimizer, "param_groups", []):
+        parameters instead of from :meth:`param_groups`); or if it misses a sparse delta (built
+        before :func:`apply_coreset`, so the core would silently not train)."""
+        groups = getattr(optimizer, "param_groups", [])
+        held = {id(p) for g in groups for p in g["params"]}
+        missing = [n for n, e in self.sparse.items() if id(e.delta) not in held]
+        if groups and missing:
+            raise ConfigError(
+                f"the optimizer does not hold the sparse deltas of {len(missing)} partly-core tensor(s) "
+                f"(first: {missing[0]!r}), so their core would never train; build it after apply_coreset "
+                f"from MaskHandle.param_groups(), or apply the CoreSet with masking='dense'"
+            )
+        partial = {id(p): n for n, p in zip(self.partly_core(), self._partly_core_params())}
+        for g in groups:
             if not g.get("weight_decay"):
                 continue
             leaking = [partial[id(p)] for p in g["params"] if id(p) in partial]
             if leaking:
                 raise ConfigError(
                     f"the optimizer applies weight decay {g['weight_decay']} to {len(leaking)} partly-core "
-                    f"tensor(s) (first: {leaking[0]!r}), which moves their frozen elements; build it from "
+                    f"tensor(s) (first: {leaking[0]!r}), which moves their frozen elements (or, for a sparse "
+                    f"delta, decays it toward the base weights instead of the unit toward 0); build it from "
                     f"MaskHandle.param_groups(weight_decay) or set weight_decay=0"
                 )
 
@@ -215,12 +240,19 @@ class MaskHandle:
                     "after_step(lr=...) or build the optimizer from handle.param_groups() directly"
                 )
             lr = group["lr"]
-        self._apply_masked_decay([e.param for e in self.partial.values()], float(lr), wd)
+        self._apply_masked_decay(self._partly_core_params(), float(lr), wd)
+
+    def _partly_core_params(self) -> list[torch.nn.Parameter]:
+        return [e.param for e in self.partial.values()] + [e.delta for e in self.sparse.values()]
+
+    def partly_core(self) -> list[str]:
+        """Names of the partly-core tensors (gradient-masked or sparse), in parameter-group order."""
+        return list(self.partial) + list(self.sparse)
 
     def _install_decay_hook(self) -> None:
         if self._opt_hook is not None:
             return
-        partial_ids = {id(e.param) for e in self.partial.values()}
+        partial_ids = {id(p) for p in self._partly_core_params()}
 
         def pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             for g in optimizer.param_groups:
@@ -236,38 +268,52 @@ class MaskHandle:
 
     @torch.no_grad()
     def _apply_masked_decay(self, params: list[torch.Tensor], lr: float, wd: float) -> None:
-        by_id = {id(e.param): e for e in self.partial.values()}
+        by_id: dict[int, Any] = {id(e.param): e for e in self.partial.values()}
+        by_id.update({id(e.delta): e for e in self.sparse.values()})
         factor = 1 - lr * wd  # AdamW's own expression, so core elements match AdamW bit for bit
         for p in params:
             entry = by_id[id(p)]
-            if p.numel() == 0:
+            if p.numel() == 0 or (isinstance(entry, _sparse.SparseDelta) and entry.param.numel() == 0):
                 raise ConfigError(
                     f"masked weight decay on {entry.name!r}: the parameter is partitioned (DeepSpeed ZeRO-3); "
                     f"use decay='zero' under DeepSpeed"
                 )
-            p.copy_(torch.where(entry.frozen_on(p.device), p, p * factor))
+            if isinstance(entry, _sparse.SparseDelta):
+                base = entry.core_values().to(p.dtype)
+                p.copy_((base + p) * factor - base)  # the unit W0 + δ decays, δ carries the change
+            else:
+                p.copy_(torch.where(entry.frozen_on(p.device), p, p * factor))
 
     # -- queries ------------------------------------------------------------------------------------
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
-        """Parameters the optimizer must see (entirely or partly core), each once."""
-        return list(self.full.values()) + [e.param for e in self.partial.values()]
+        """Parameters the optimizer must see (entirely or partly core, sparse deltas), each once."""
+        return list(self.full.values()) + self._partly_core_params()
 
     def named_trainable_params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.full.items()) + [(n, e.param) for n, e in self.partial.items()]
+        return (list(self.full.items()) + [(n, e.param) for n, e in self.partial.items()]
+                + [(n + _sparse.DELTA_SUFFIX, e.delta) for n, e in self.sparse.items()])
 
     def num_trainable(self) -> int:
         """Trainable *elements* (the effective number of parameters that can change)."""
-        return sum(_numel(_shape(p)) for p in self.full.values()) + sum(
-            e.trainable_elements for e in self.partial.values()
-        )
+        return (sum(_numel(_shape(p)) for p in self.full.values())
+                + sum(e.trainable_elements for e in self.partial.values())
+                + sum(e.trainable_elements for e in self.sparse.values()))
 
     def num_total(self) -> int:
-        return sum(_numel(_shape(p)) for p in {id(p): p for p in self.model.parameters()}.values())
+        """Elements of the model's own parameters (sparse deltas not counted)."""
+        deltas = {id(e.delta) for e in self.sparse.values()}
+        params = {id(p): p for p in self.model.parameters() if id(p) not in deltas}
+        return sum(_numel(_shape(p)) for p in params.values())
 
     def mask_bytes(self) -> int:
-        """Memory held by gradient masks (per device copy)."""
-        return sum(e.frozen.numel() * e.frozen.element_size() for e in self.partial.values())
+        """Memory held by gradient masks and sparse-delta indices (per device copy)."""
+        return (sum(e.frozen.numel() * e.frozen.element_size() for e in self.partial.values())
+                + sum(e.index.numel() * e.index.element_size() for e in self.sparse.values()))
+
+    def delta_bytes(self) -> int:
+        """Memory held by the sparse deltas themselves (their gradients and optimizer state scale alike)."""
+        return sum(e.delta.numel() * e.delta.element_size() for e in self.sparse.values())
 
     def summary(self) -> dict[str, Any]:
         total = self.num_total()
@@ -275,11 +321,13 @@ class MaskHandle:
         return {
             "mode": self.mode,
             "decay": self.decay,
+            "masking": self.masking,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total if total else 0.0,
             "full_tensors": len(self.full),
-            "partial_tensors": len(self.partial),
+            "partial_tensors": len(self.partial) + len(self.sparse),
+            "sparse_tensors": len(self.sparse),
             "frozen_tensors": len(self.frozen),
             "mask_bytes": self.mask_bytes(),
         }
@@ -287,10 +335,13 @@ class MaskHandle:
     # -- teardown -----------------------------------------------------------------------------------
 
     def remove(self) -> None:
-        """Remove the gradient hooks and the optimizer hook; restore every ``requires_grad``.
-        Idempotent. Parameters keep their (trained) values."""
+        """Fold sparse deltas into their tensors; remove the gradient hooks and the optimizer hook;
+        restore every ``requires_grad``. Idempotent. Parameters keep their (trained) values. Under
+        ZeRO-3 every rank must call it (folding gathers the partitions)."""
         if self._removed:
             return
+        _sparse.detach(list(self.sparse.values()), self._sparse_modules)
+        self._sparse_modules = []
         for h in self._hooks:
             h.remove()
         if self._opt_hook is not None:
@@ -318,7 +369,8 @@ class MaskHandle:
         s = self.summary()
         return (
             f"MaskHandle(mode={self.mode!r}, trainable={s['trainable_params']:,}/{s['total_params']:,}, "
-            f"full={s['full_tensors']}, partial={s['partial_tensors']}, frozen={s['frozen_tensors']}"
+            f"full={s['full_tensors']}, partial={s['partial_tensors']} ({s['sparse_tensors']} sparse), "
+            f"frozen={s['frozen_tensors']}"
             f"{', removed' if self._removed else ''})"
         )
 
@@ -367,7 +419,8 @@ def _resolve(model: torch.nn.Module, coreset: CoreSet) -> dict[int, tuple[torch.
 
 
 def apply_coreset(
-    model: torch.nn.Module, coreset: CoreSet, *, mode: str = "train-core", decay: str = "zero"
+    model: torch.nn.Module, coreset: CoreSet, *, mode: str = "train-core", decay: str = "zero",
+    masking: str = "auto",
 ) -> MaskHandle:
     """Make exactly ``coreset`` trainable (``mode="train-core"``), or exactly its complement
     (``mode="freeze-core"``: general-core protection — the core is what must not change).
@@ -381,13 +434,18 @@ def apply_coreset(
         mode: ``"train-core"`` or ``"freeze-core"``.
         decay: how partly-core tensors are weight-decayed: ``"zero"`` (not at all) or ``"masked"``
             (decoupled decay on their core elements only, applied by the handle).
+        masking: how partly-core tensors train: ``"sparse"`` (frozen tensor + trainable delta over
+            the core units: state proportional to the core), ``"dense"`` (whole tensor trainable,
+            gradient masked), or ``"auto"`` (sparse where at most half of a tensor is core — smaller
+            and faster there — dense above that, e.g. for ``freeze-core`` complements).
 
     Returns:
         A :class:`MaskHandle`: ``.param_groups(weight_decay)``, ``.after_step()``, ``.remove()``,
         ``.trainable_params()``, ``.summary()``.
 
     Raises:
-        ConfigError: unknown mode/decay, nothing left to train, or the model already has an active handle.
+        ConfigError: unknown mode/decay/masking, nothing left to train, or the model already has an
+            active handle.
         ModelMismatchError: the CoreSet does not fit the model (names the first offending tensor).
 
     Example:
@@ -398,6 +456,8 @@ def apply_coreset(
         raise ConfigError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     if decay not in DECAYS:
         raise ConfigError(f"decay {decay!r}: expected one of {', '.join(DECAYS)}")
+    if masking not in MASKINGS:
+        raise ConfigError(f"masking {masking!r}: expected one of {', '.join(MASKINGS)}")
     existing = getattr(model, _ACTIVE_ATTR, None)
     if existing is not None and not existing._removed:
         raise ConfigError(
@@ -407,7 +467,13 @@ def apply_coreset(
     by_id = _resolve(model, coreset)
     core = coreset.complement() if mode == "freeze-core" else coreset
 
-    handle = MaskHandle(model, mode, decay)
+    handle = MaskHandle(model, mode, decay, masking)
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    if masking != "dense":
+        for module in model.modules():
+            for attr, q in module._parameters.items():
+                if q is not None:
+                    owners.setdefault(id(q), []).append((module, attr))
     for p, names, known in by_id.values():
         handle._saved_requires_grad.append((p, p.requires_grad))
         name = known[0]
@@ -421,6 +487,10 @@ def apply_coreset(
             handle.full[name] = p
             continue
         frozen, trainable = mask
+        if masking == "sparse" or (masking == "auto" and trainable <= _sparse.MAX_SPARSE_SHARE * _numel(_shape(p))):
+            keep, axis = _sparse_layout(frozen, _shape(p))
+            handle.sparse[name] = _sparse.attach(model, name, p, keep, axis, owners[id(p)])
+            continue
         if p.device.type != "meta":
             frozen = frozen.to(p.device)
         entry = _Partial(name, p, frozen, trainable)
@@ -431,13 +501,23 @@ def apply_coreset(
             handle._hooks.append(p.register_hook(_pre_accumulate_hook(entry)))
         else:
             handle._hooks.append(p.register_post_accumulate_grad_hook(_post_accumulate_hook(entry)))
-    if not handle.full and not handle.partial:
+    handle._sparse_modules = _sparse.install(list(handle.sparse.values()))
+    if not handle.full and not handle.partial and not handle.sparse:
         handle.remove()
         what = "the complement of the CoreSet is empty" if mode == "freeze-core" else "the CoreSet selects nothing"
         raise ConfigError(f"apply_coreset: no trainable parameter ({what}; {coreset!r})")
     setattr(model, _ACTIVE_ATTR, handle)
     logger.info("CoreSet applied: %s", handle)
     return handle
+
+
+def _sparse_layout(frozen: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
+    """The trainable positions of a compact frozen mask: flat over the elements (axis None) for an
+    element-shaped mask, else the vector along the one axis the mask spans."""
+    keep = ~frozen.reshape(-1)
+    if frozen.numel() == _numel(shape):
+        return keep, None
+    return keep, next(d for d, n in enumerate(frozen.shape) if n != 1)
 
 
 # masked_fill, not multiplication by the mask: 0 * inf/nan would leak a NaN into a frozen element.
