@@ -32,6 +32,9 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
               help="replay: share of each earlier task's training data mixed into later stages.")
 @click.option("--general-coreset", type=click.Path(dir_okay=False), default=None,
               help="general-core: the CoreSet to freeze (its complement is trained).")
+@click.option("--masking", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
+              help="Masked methods: sparse trains a delta over the core only (memory ∝ core); dense masks "
+                   "gradients of whole tensors; auto = sparse where at most half of a tensor is core.")
 @click.option("--lora-r", type=int, default=8, show_default=True, help="lora: rank (paper: 8).")
 @click.option("--lora-alpha", type=int, default=16, show_default=True, help="lora: alpha (paper: 16).")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
@@ -45,8 +48,8 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Stage k uses seed + k.")
 @allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
-            weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, lora_r, lora_alpha,
-            eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed):
+            weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, masking, lora_r,
+            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed):
     """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
 
     \b
@@ -70,7 +73,7 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
                       seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
                       scheduler=scheduler, precision=precision, seed=seed)
     options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
-                            lora_r=lora_r, lora_alpha=lora_alpha)
+                            lora_r=lora_r, lora_alpha=lora_alpha, masking=masking)
     result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
                           deepspeed_config=deepspeed_config, options=options,
                           eval_batch_size=eval_batch_size, monitor=list(monitor),

@@ -1,4 +1,5 @@
-"""Rule-file schema, role vocabulary and the line-aware YAML loader.
+"""Rule-file schema and role vocabulary (the line-aware YAML loader and the error formatter are the
+shared ones in :mod:`trace_transfer.config`).
 
 A rule file describes one architecture family's tensors in a shared *role vocabulary*, so that
 ``model.layers.3.self_attn.q_proj.weight`` (Llama), ``transformer.h.3.attn.c_attn.weight`` rows
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import difflib
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from trace_transfer.config import StrictModel, line_of, loc_text, parse_yaml, validation_problems
 from trace_transfer.rules.expr import LOOP_NAMES, Expr, ExprError
 from trace_transfer.errors import RuleError
 
@@ -99,21 +99,17 @@ def is_valid_role(role: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 Size = int | str
 
 
-class Part(_Strict):
+class Part(StrictModel):
     """One component of a fused tensor."""
 
     role: str = Field(description="role of this part, e.g. attn_q")
     size: Size = Field(description="extent along the split axis; for `interleave`, per group (config expression)")
 
 
-class Split(_Strict):
+class Split(StrictModel):
     """How a fused tensor divides into parts along one axis."""
 
     axis: int = Field(0, description="axis of the weight to split (1-D fields such as bias always split along 0)")
@@ -124,7 +120,7 @@ class Split(_Strict):
     parts: list[Part] = Field(min_length=2)
 
 
-class TensorRule(_Strict):
+class TensorRule(StrictModel):
     """One tensor (or one tensor per field / layer / expert) of the checkpoint."""
 
     role: str
@@ -140,12 +136,12 @@ class TensorRule(_Strict):
     variant: str | None = Field(None, description="storage variant; a checkpoint uses exactly one variant")
 
 
-class Match(_Strict):
+class Match(StrictModel):
     model_type: list[str] = Field(default_factory=list)
     architectures: list[str] = Field(default_factory=list)
 
 
-class RuleFile(_Strict):
+class RuleFile(StrictModel):
     format: Literal[1] = 1
     family: str
     description: str = ""
@@ -160,106 +156,6 @@ class RuleFile(_Strict):
     layer: list[TensorRule] = Field(default_factory=list)
     experts: list[TensorRule] = Field(default_factory=list)
     after: list[TensorRule] = Field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML with line numbers
-# --------------------------------------------------------------------------------------------------
-
-
-class _LDict(dict):
-    line: int = 0
-    key_lines: dict[str, int]
-
-
-class _LList(list):
-    line: int = 0
-    item_lines: list[int]
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers where every mapping key and list item was (1-based lines)."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self.duplicates: list[tuple[int, str]] = []
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> _LDict:  # type: ignore[override]
-        self.flatten_mapping(node)
-        out = _LDict()
-        out.line, out.key_lines = node.start_mark.line + 1, {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in out:  # plain YAML silently keeps the last one; in a rule file that hides a mistake
-                self.duplicates.append((key_node.start_mark.line + 1, str(key)))
-            out[key] = self.construct_object(value_node, deep=True)
-            out.key_lines[key] = key_node.start_mark.line + 1
-        return out
-
-    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> _LList:  # type: ignore[override]
-        out = _LList(self.construct_object(child, deep=True) for child in node.value)
-        out.line, out.item_lines = node.start_mark.line + 1, [c.start_mark.line + 1 for c in node.value]
-        return out
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_mapping)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _LineLoader.construct_sequence)
-
-
-def _line_of(tree: Any, loc: tuple) -> int | None:
-    """Line of the deepest element of ``loc`` (keys and list indices) found in the loaded tree."""
-    line, node = getattr(tree, "line", None), tree
-    for key in loc:
-        if isinstance(node, _LDict) and key in node:
-            line, node = node.key_lines.get(key, line), node[key]
-        elif isinstance(node, _LList) and isinstance(key, int) and 0 <= key < len(node):
-            line, node = node.item_lines[key], node[key]
-        else:
-            break
-    return line
-
-
-def _existing_prefix(tree: Any, loc: tuple) -> tuple:
-    node, out = tree, []
-    for key in loc:
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
-            node = node[key]
-        else:
-            break
-        out.append(key)
-    return tuple(out)
-
-
-def _loc_text(loc: tuple) -> str:
-    out = ""
-    for k in loc:
-        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
-    return out or "<top>"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class that owns the key at ``loc`` (for listing valid keys)."""
-    model: Any = RuleFile
-    for key in loc:
-        if isinstance(key, int):
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
-            return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-        ann = model.model_fields[key].annotation
-        model = _inner_model(ann)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _inner_model(ann: Any) -> Any:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in typing.get_args(ann):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,22 +227,13 @@ def _glob_to_regex(pattern: str) -> re.Pattern:
 
 def parse_rule_text(text: str, path: Path, origin: str = "user") -> RuleSet:
     """Parse and statically validate rule-file text; all problems are raised together."""
-    loader = _LineLoader(text)
-    try:
-        tree = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RuleError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    finally:
-        loader.dispose()
-    problems = [f"{path}:{line}: duplicate key {key!r}; YAML keeps only the last one — remove one" for line, key in loader.duplicates]
+    tree, problems = parse_yaml(text, path, RuleError)
     if not isinstance(tree, dict):
         raise RuleError(f"{path}: a rule file is a YAML mapping with keys {', '.join(RuleFile.model_fields)}")
     try:
         spec = RuleFile.model_validate(tree)
     except ValidationError as err:
-        problems += _format_validation(err, tree, path)
+        problems += validation_problems(err, RuleFile, tree, path)
         problems += _raw_problems(tree, path)  # roles and expressions too, so one run shows everything
         raise rule_error(f"invalid rule file {path} ({len(problems)} problem(s)):", problems) from None
     ruleset, more = _compile(spec, tree, path)
@@ -357,37 +244,12 @@ def parse_rule_text(text: str, path: Path, origin: str = "user") -> RuleSet:
     return ruleset
 
 
-def _format_validation(err: ValidationError, tree: Any, path: Path) -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        line = _line_of(tree, loc)
-        where = f"{path}:{line}" if line else str(path)
-        if e["type"] == "extra_forbidden":
-            owner = _model_at(loc[:-1])
-            valid = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            out.append(f"{where}: {_loc_text(loc[:-1])}: unknown key {loc[-1]!r}{hint} Valid keys: {', '.join(valid)}")
-        elif e["type"] == "missing":
-            out.append(f"{where}: {_loc_text(loc[:-1])}: required key {loc[-1]!r} is missing; add it")
-        else:
-            # Union types report one error per member, with the member's type name appended to the
-            # location; keep the first one per real location.
-            real = _existing_prefix(tree, loc)
-            key = f": {_loc_text(real)}: "
-            if any(key in p for p in out):
-                continue
-            out.append(f"{where}{key}{e['msg']} (got {e.get('input')!r})")
-    return out
-
-
 def _raw_problems(tree: Any, path: Path) -> list[str]:
     """Role and expression problems found in the raw YAML when the schema check already failed."""
     out: list[str] = []
 
     def at(*loc: Any) -> str:
-        return f"{path}:{_line_of(tree, loc)}: {_loc_text(loc)}"
+        return f"{path}:{line_of(tree, loc)}: {loc_text(loc)}"
 
     def role(value: Any, *loc: Any) -> None:
         if isinstance(value, str) and value != PLACEHOLDER and not is_valid_role(value):
@@ -427,18 +289,18 @@ def _compile(spec: RuleFile, tree: Any, path: Path) -> tuple[RuleSet, list[str]]
     problems: list[str] = []
 
     def at(*loc: Any) -> str:
-        line = _line_of(tree, loc)
+        line = line_of(tree, loc)
         return f"{path}:{line}" if line else str(path)
 
     def expr(value: Any, kind: str, *loc: Any) -> Expr | None:
         try:
             e = Expr(value, kind)
         except ExprError as exc:
-            problems.append(f"{at(*loc)}: {_loc_text(loc)}: {exc}")
+            problems.append(f"{at(*loc)}: {loc_text(loc)}: {exc}")
             return None
         loops = set(LOOP_NAMES) & e.names
         if loops and not (kind == "condition" and loc[0] in ("layer", "experts")):
-            problems.append(f"{at(*loc)}: {_loc_text(loc)}: {sorted(loops)[0]!r} is only defined in per-layer `when:` conditions")
+            problems.append(f"{at(*loc)}: {loc_text(loc)}: {sorted(loops)[0]!r} is only defined in per-layer `when:` conditions")
         return e
 
     num_layers = expr(spec.num_layers, "size", "num_layers")
@@ -461,12 +323,12 @@ def _compile(spec: RuleFile, tree: Any, path: Path) -> tuple[RuleSet, list[str]]
 
     def check_role(role: str, *loc: Any) -> None:
         if role == PLACEHOLDER:
-            problems.append(f"{at(*loc)}: {_loc_text(loc)}: role is the placeholder '?'; pick a role from the vocabulary "
+            problems.append(f"{at(*loc)}: {loc_text(loc)}: role is the placeholder '?'; pick a role from the vocabulary "
                             f"(`trace-transfer rules list --roles`) or name it {CUSTOM_ROLE_PREFIX}<something>")
         elif not is_valid_role(role):
             close = difflib.get_close_matches(role, list(ROLES), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            problems.append(f"{at(*loc)}: {_loc_text(loc)}: unknown role {role!r}{hint} "
+            problems.append(f"{at(*loc)}: {loc_text(loc)}: unknown role {role!r}{hint} "
                             f"(or use {CUSTOM_ROLE_PREFIX}{role} for an architecture-specific tensor)")
 
     for role, companions in spec.expand.items():
@@ -484,15 +346,15 @@ def _compile(spec: RuleFile, tree: Any, path: Path) -> tuple[RuleSet, list[str]]
             roles_in_file.add(rule.role)
             for t_idx, template in enumerate((rule.name, *rule.aliases)):
                 tloc = (*loc, "name") if t_idx == 0 else (*loc, "aliases", t_idx - 1)
-                problems += [f"{at(*tloc)}: {_loc_text(tloc)}: {p}" for p in _template_problems(template, section, rule)]
+                problems += [f"{at(*tloc)}: {loc_text(tloc)}: {p}" for p in _template_problems(template, section, rule)]
                 key = (template, rule.variant)
                 if key in seen_templates:
-                    problems.append(f"{at(*tloc)}: {_loc_text(tloc)}: template {template!r} already used by "
+                    problems.append(f"{at(*tloc)}: {loc_text(tloc)}: template {template!r} already used by "
                                     f"{seen_templates[key]}; each tensor must be matched by exactly one rule")
                 seen_templates[key] = f"{section}[{i}]"
             for j, f in enumerate(rule.fields):
                 if not _FIELD_RE.match(f):
-                    problems.append(f"{at(*loc, 'fields', j)}: {_loc_text((*loc, 'fields', j))}: field {f!r} is not an identifier (use weight, bias, ...)")
+                    problems.append(f"{at(*loc, 'fields', j)}: {loc_text((*loc, 'fields', j))}: field {f!r} is not an identifier (use weight, bias, ...)")
             if rule.tied_to is not None:
                 check_role(rule.tied_to, *loc, "tied_to")
             when = expr(rule.when, "condition", *loc, "when") if rule.when is not None else None
@@ -507,7 +369,7 @@ def _compile(spec: RuleFile, tree: Any, path: Path) -> tuple[RuleSet, list[str]]
                         sizes.append(e)
                 if rule.split.layout == "interleave":
                     if rule.split.groups is None:
-                        problems.append(f"{at(*loc, 'split')}: {_loc_text((*loc, 'split'))}: layout interleave needs "
+                        problems.append(f"{at(*loc, 'split')}: {loc_text((*loc, 'split'))}: layout interleave needs "
                                         f"`groups:` (e.g. num_attention_heads for GPT-NeoX query_key_value)")
                     else:
                         groups = expr(rule.split.groups, "size", *loc, "split", "groups")
@@ -516,11 +378,11 @@ def _compile(spec: RuleFile, tree: Any, path: Path) -> tuple[RuleSet, list[str]]
             if section == "experts":
                 has_expert = "{expert}" in rule.name
                 if has_expert == (rule.expert_axis is not None):
-                    problems.append(f"{at(*loc)}: {_loc_text(loc)}: an experts rule either has {{expert}} in its name "
+                    problems.append(f"{at(*loc)}: {loc_text(loc)}: an experts rule either has {{expert}} in its name "
                                     f"(one tensor per expert) or `expert_axis:` (all experts stacked in one tensor), exactly one")
             elif rule.expert_axis is not None:
                 problems.append(f"{at(*loc, 'expert_axis')}: `expert_axis:` belongs to rules in the `experts:` section")
-            compiled.append(CompiledRule(rule, section, i, _line_of(tree, loc) or 0, when, tuple(sizes), groups))
+            compiled.append(CompiledRule(rule, section, i, line_of(tree, loc) or 0, when, tuple(sizes), groups))
     if spec.experts and spec.num_experts is None:
         problems.append(f"{at('experts')}: experts: rules need a top-level `num_experts:` config expression (e.g. num_experts)")
     for c in compiled:

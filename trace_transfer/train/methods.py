@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import torch
 
 from trace_transfer.errors import ConfigError
+from trace_transfer.train.masking import MASKINGS
 from trace_transfer.registry import Registry
 
 __all__ = [
@@ -86,6 +87,10 @@ class MethodOptions:
     lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
     lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input"})
+    masking: str = field(default="auto", metadata={
+        "help": "masked methods: sparse (train a delta over the core only: state ∝ core) | dense (gradient "
+                "masks on whole tensors) | auto (sparse where at most half of a tensor is core)",
+        "choices": MASKINGS})
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +100,8 @@ class MethodOptions:
             problems.append(f"replay_share {self.replay_share}: expected a share in [0, 1]")
         if self.lora_r < 1:
             problems.append(f"lora_r {self.lora_r}: expected >= 1")
+        if self.masking not in MASKINGS:
+            problems.append(f"masking {self.masking!r}: expected one of {', '.join(MASKINGS)}")
         if problems:
             raise ConfigError("invalid method options", problems)
 
@@ -196,10 +203,11 @@ def _count_trainable(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def _masked(model: torch.nn.Module, coreset: Any, mode: str, weight_decay: float, info: dict[str, Any]) -> Prepared:
+def _masked(model: torch.nn.Module, coreset: Any, mode: str, weight_decay: float, info: dict[str, Any],
+            masking: str = "auto") -> Prepared:
     from trace_transfer.train.masking import apply_coreset
 
-    handle = apply_coreset(model, coreset, mode=mode)
+    handle = apply_coreset(model, coreset, mode=mode, masking=masking)
 
     def finish(m: torch.nn.Module) -> torch.nn.Module:
         handle.remove()
@@ -255,7 +263,7 @@ class Trace:
                     f"stage {k + 1} ({ctx.stages[k].task}): strict isolation leaves no trainable parameter "
                     f"(its CoreSet lies inside earlier stages' cores); use --isolation none or a larger ratio"
                 )
-        return _masked(model, core, "train-core", ctx.weight_decay, info)
+        return _masked(model, core, "train-core", ctx.weight_decay, info, ctx.options.masking)
 
 
 class Lora:
@@ -337,7 +345,7 @@ class GeneralCore:
 
     def prepare(self, model, run, ctx):
         return _masked(model, ctx.general_coreset, "freeze-core", ctx.weight_decay,
-                       {"general_coreset": ctx.options.general_coreset})
+                       {"general_coreset": ctx.options.general_coreset}, ctx.options.masking)
 
 
 class CpiFtSft:
@@ -374,7 +382,7 @@ class CpiFtSft:
         if frozen.num_selected() == 0:  # freeze="prior", first run: nothing to protect yet
             _train_everything(model)
             return Prepared(model=model, info={**info, "trainable_params": sum(p.numel() for p in model.parameters())})
-        return _masked(model, frozen, "freeze-core", ctx.weight_decay, info)
+        return _masked(model, frozen, "freeze-core", ctx.weight_decay, info, ctx.options.masking)
 
 
 for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore, CpiFtSft):
