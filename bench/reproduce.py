@@ -139,7 +139,7 @@ def aggregate_stream(work: Path, sizes: list[tuple[int, int]]) -> dict:
 
 
 def aggregate_transfer(run_dir: Path) -> dict | None:
-    from trace_transfer.coreset import CoreSet, overlap_stats
+    from trace_transfer.coreset import SUFFIX, CoreSet, overlap_stats
     from trace_transfer.report.summary import summarise
 
     if not (run_dir / "finetune").exists():
@@ -156,7 +156,7 @@ def aggregate_transfer(run_dir: Path) -> dict | None:
     jaccard = {}
     for strategy in ("lf", "cs"):
         tdir, ndir = run_dir / "cores" / f"transfer-{strategy}", run_dir / "cores" / f"target-{strategy}"
-        for f in sorted(tdir.glob("*.coreset.safetensors")):
+        for f in sorted(tdir.glob("*" + SUFFIX)):
             native = ndir / f.name
             if native.exists():
                 a, b = CoreSet.load(f), CoreSet.load(native)

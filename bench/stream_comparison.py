@@ -95,8 +95,8 @@ def ensure_cores(work: Path, base: Path, args) -> dict[str, list[str]]:
         d = work / "probes" / ref.split(":")[1]
         if not (d / "probe.json").exists():
             log(f"probing {ref} (warm start: {args.probe_steps} steps at lr {args.probe_lr:g})")
-            probe(str(base), ref, d, ProbeConfig(lr=args.probe_lr, max_steps=args.probe_steps, batch_size=32,
-                                                 seq_len=32, device="cpu", seed=args.seed))
+            probe(str(base), ref, d, ProbeConfig.from_flat(lr=args.probe_lr, max_steps=args.probe_steps, batch_size=32,
+                                                           seq_len=32, device="cpu", seed=args.seed))
         probe_dirs.append(d)
     cores = {}
     for strategy in ("lf", "cs", "random"):
@@ -114,9 +114,9 @@ def ensure_cores(work: Path, base: Path, args) -> dict[str, list[str]]:
     gd = work / "probes" / "general"
     if not (gd / "probe.json").exists():
         log("probing synthetic:general for general-core protection")
-        probe(str(base), "synthetic:general", gd, ProbeConfig(lr=args.probe_lr, max_steps=args.probe_steps,
-                                                              batch_size=32, seq_len=32, device="cpu",
-                                                              max_examples=1600, seed=args.seed))
+        probe(str(base), "synthetic:general", gd, ProbeConfig.from_flat(lr=args.probe_lr, max_steps=args.probe_steps,
+                                                                        batch_size=32, seq_len=32, device="cpu",
+                                                                        max_examples=1600, seed=args.seed))
     gout = work / "cores" / f"general-lf-{args.granularity}-{args.ratio:g}"
     if not (gout / coreset_filename("general")).exists():
         score([str(gd)], "lf", args.ratio, gout, granularity=args.granularity, budget=args.budget, seed=args.seed)

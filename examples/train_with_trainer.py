@@ -80,8 +80,8 @@ def main() -> None:
     print(f"base: {base}; stages: {' -> '.join(t.name for t in tasks)}")
 
     # 2. Warm-start probe per task: delta = theta* - theta0 and the diagonal Fisher, streamed to disk.
-    probe_cfg = ProbeConfig(max_steps=args.probe_steps, epochs=1.0, lr=args.lr, batch_size=args.batch_size,
-                            seq_len=args.seq_len, precision="bf16" if args.bf16 else "auto")
+    probe_cfg = ProbeConfig.from_flat(max_steps=args.probe_steps, epochs=1.0, lr=args.lr, batch_size=args.batch_size,
+                                      seq_len=args.seq_len, precision="bf16" if args.bf16 else "auto")
     probe_dirs = []
     for ref, task in zip(args.task, tasks):
         res = probe(base, ref, out / "probes" / task.name, probe_cfg)

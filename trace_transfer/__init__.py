@@ -32,7 +32,7 @@ _PUBLIC: dict[str, str] = {
     "find_rules": "trace_transfer.rules", "check_model": "trace_transfer.rules",
     "transfer": "trace_transfer.transfer",
     # training
-    "apply_coreset": "trace_transfer.train.masking", "TrainConfig": "trace_transfer.train.loop",
+    "apply_coreset": "trace_transfer.train.masking", "TrainConfig": "trace_transfer.train.config",
     "run_sequence": "trace_transfer.train.runner", "Stage": "trace_transfer.train.runner",
     "verify_frozen": "trace_transfer.train.verify", "pretrain": "trace_transfer.train.pretrain",
     "CoreSetCallback": "trace_transfer.train.hf", "CoreSetTrainer": "trace_transfer.train.hf",

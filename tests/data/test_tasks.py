@@ -111,8 +111,9 @@ def test_every_problem_is_reported_at_once_naming_file_and_keys(tmp_path):
         load_task(p)
     msg = str(err.value)
     assert str(p) in msg
-    assert "promt: unknown key; valid keys here: name, description, data" in msg
-    assert "fields.respnse: unknown key; valid keys here: prompt, response, messages" in msg
+    # one formatter for every YAML (trace_transfer.config): file:line, the key, a suggestion, the valid keys
+    assert f"{p}:" in msg and "<top>: unknown key 'promt'. Valid keys: name, description, data" in msg
+    assert "fields: unknown key 'respnse'; did you mean 'response'? Valid keys: prompt, response, messages" in msg
     assert "exactly one of path, files, synthetic" in msg
     assert "either eval (a split name) or eval_fraction" in msg
     assert "unknown metric 'exact_mach'; valid:" in msg and "exact_match" in msg
@@ -127,7 +128,7 @@ def test_metric_options_belong_to_their_metric(tmp_path):
 
 
 def test_missing_required_keys_and_non_mapping(tmp_path):
-    with pytest.raises(ConfigError, match="data: required key is missing"):
+    with pytest.raises(ConfigError, match="<top>: required key 'data' is missing"):
         load_task(write_spec(tmp_path, {"name": "t", "metric": "exact_match"}))
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="is a mapping"):

@@ -37,7 +37,8 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_pipeline(p)
     msg = str(e.value)
-    assert "unknown key 'scoring.ratoi'" in msg and "ratio" in msg  # names the valid keys
+    # one formatter for every YAML (trace_transfer.config): file:line, a suggestion and the valid keys
+    assert f"{p}:" in msg and "scoring: unknown key 'ratoi'; did you mean 'ratio'? Valid keys: ratio," in msg
     assert "training.lr" in msg
     # schema errors stop before semantic checks; fix them and the semantic ones all appear together
     bad2 = {**GOOD, "methods": ["full", "magic", "transfer-cs"], "tasks": ["missing.yaml", "synthetic:math"],

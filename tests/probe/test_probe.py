@@ -39,7 +39,7 @@ def _fake_train(model, batches, cfg, steps=None, on_step=None, **kw):
 
 def test_delta_is_theta_star_minus_theta0(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("trace_transfer.probe.warmstart.train", _fake_train)
-    res = probe(tiny, "synthetic:math", tmp_path / "p", ProbeConfig(**FAST))
+    res = probe(tiny, "synthetic:math", tmp_path / "p", ProbeConfig.from_flat(**FAST))
     delta = open_checkpoint(tmp_path / "p", prefix="delta")
     names = res.info["tensors"]
     assert delta.names() and sorted(delta.names()) == sorted(names)
@@ -60,7 +60,7 @@ def _reference_fisher(model_dir, cfg: ProbeConfig, params=None):
         model.load_state_dict(params, strict=False)
     tok = load_tokenizer(model_dir)
     examples = load_task("synthetic:math").train_examples()[: cfg.max_examples]
-    loader = make_dataloader(tok, examples, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = make_dataloader(tok, examples, cfg.train.seq_len, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     sums, n = {}, 0
     for batch in loader:
         model.zero_grad()
@@ -73,7 +73,7 @@ def _reference_fisher(model_dir, cfg: ProbeConfig, params=None):
 
 def test_fisher_at_base_matches_a_plain_loop(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("trace_transfer.probe.warmstart.train", _fake_train)  # Fisher at θ0 must not see training
-    cfg = ProbeConfig(**FAST, fisher_at="base")
+    cfg = ProbeConfig.from_flat(**FAST, fisher_at="base")
     probe(tiny, "synthetic:math", tmp_path / "p", cfg)
     ref = _reference_fisher(tiny, cfg)
     fisher = open_checkpoint(tmp_path / "p", prefix="fisher")
@@ -84,7 +84,7 @@ def test_fisher_at_base_matches_a_plain_loop(tiny, tmp_path, monkeypatch):
 
 
 def test_reductions_and_provenance(tiny, tmp_path):
-    res = probe(tiny, "synthetic:math", tmp_path / "p", ProbeConfig(**FAST))
+    res = probe(tiny, "synthetic:math", tmp_path / "p", ProbeConfig.from_flat(**FAST))
     out = tmp_path / "p"
     delta = open_checkpoint(out, prefix="delta")
     fisher = open_checkpoint(out, prefix="fisher")
@@ -103,12 +103,12 @@ def test_reductions_and_provenance(tiny, tmp_path):
         assert key in info, key
     assert info["task"] == res.task == "math"
     assert info["fisher"] | {} and info["fisher"]["mode"] == "batch" and info["fisher"]["trace_compatible"]
-    assert info["config"]["lr"] == 1e-3 and len(info["train"]["losses"]) == 2
+    assert info["config"]["train"]["lr"] == 1e-3 and len(info["train"]["losses"]) == 2
     assert delta.metadata["kind"] == "delta" and fisher.metadata["mode"] == "batch"
 
 
 def test_sharded_outputs_and_per_tensor_only_fisher(tiny, tmp_path):
-    cfg = ProbeConfig(**{**FAST, "max_steps": 1}, max_shard_bytes=20_000, fisher_elements=False, fisher="per-sample")
+    cfg = ProbeConfig.from_flat(**{**FAST, "max_steps": 1}, max_shard_bytes=20_000, fisher_elements=False, fisher="per-sample")
     probe(tiny, "synthetic:math", tmp_path / "p", cfg)
     out = tmp_path / "p"
     assert (out / "delta.safetensors.index.json").exists() and len(list(out.glob("delta-*-of-*.safetensors"))) > 1
@@ -122,7 +122,7 @@ def test_sharded_outputs_and_per_tensor_only_fisher(tiny, tmp_path):
 
 def test_same_seed_same_delta(tiny, tmp_path):
     for d in ("a", "b"):
-        probe(tiny, "synthetic:math", tmp_path / d, ProbeConfig(**FAST))
+        probe(tiny, "synthetic:math", tmp_path / d, ProbeConfig.from_flat(**FAST))
     a, b = open_checkpoint(tmp_path / "a", prefix="delta"), open_checkpoint(tmp_path / "b", prefix="delta")
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
 
@@ -132,12 +132,12 @@ def test_model_object_is_not_modified(tiny, tmp_path):
 
     model = load_model(tiny, dtype=torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    probe(model, "synthetic:math", tmp_path / "p", ProbeConfig(**FAST), tokenizer=load_tokenizer(tiny))
+    probe(model, "synthetic:math", tmp_path / "p", ProbeConfig.from_flat(**FAST), tokenizer=load_tokenizer(tiny))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_config_errors_are_reported_together():
     with pytest.raises(ConfigError) as err:
-        ProbeConfig(fisher="diag", fisher_at="end", lr=-1)
+        ProbeConfig.from_flat(fisher="diag", fisher_at="end", lr=-1)
     text = str(err.value)
     assert "fisher='diag'" in text and "fisher_at='end'" in text and "lr" in text

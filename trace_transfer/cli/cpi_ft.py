@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.config import click_options
 from trace_transfer.scoring import GRANULARITIES
 from trace_transfer.surgery import CLUSTER_METHODS, FREEZE_MODES, MERGE_COLLISION_RULES, SFT_MODES
 from trace_transfer.surgery.modes import DEFAULT_TAU
-
-from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.train.config import TrainConfig
 
 
 @click.command("cpi-ft")
@@ -39,13 +40,8 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--sft-epochs", type=float, default=None, help="Step 5: epochs per stage [default: --epochs].")
 @click.option("--sft-max-steps", type=int, default=None, help="Step 5: optimizer steps per stage [default: --max-steps].")
 @click.option("--sft-lr", type=float, default=None, help="Step 5: peak learning rate [default: --lr].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW decay (never on frozen elements).")
-@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click_options(TrainConfig, ["batch_size", "grad_accum", "seq_len", "weight_decay", "scheduler", "warmup_ratio",
+                            "precision"])
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)

@@ -32,8 +32,9 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from trace_transfer.config import StrictModel, located, read_yaml, validation_problems
 from trace_transfer.data._example import Example
 from trace_transfer.registry import BUILTIN_METRICS, METRICS
 from trace_transfer.errors import ArtifactNotFoundError, ConfigError, TaskError
@@ -42,13 +43,11 @@ __all__ = ["TaskSpec", "DataSpec", "SplitSpec", "FieldSpec", "MetricSpec", "Gene
            "load_task_spec"]
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
-_STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataSpec(BaseModel):
+class DataSpec(StrictModel):
     """Where the rows come from: exactly one of ``path``, ``files`` or ``synthetic``."""
 
-    model_config = _STRICT
     path: str | None = Field(None, description="local .jsonl/.json/.parquet/.csv file, or a hub dataset id")
     files: dict[str, str] | None = Field(None, description="split name -> local file, e.g. {train: a.jsonl, eval: b.jsonl}")
     config: str | None = Field(None, description="hub dataset config name (e.g. 'main' for gsm8k)")
@@ -58,20 +57,18 @@ class DataSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="synthetic task parameters (n_train, n_eval, seed, skills)")
 
 
-class SplitSpec(BaseModel):
+class SplitSpec(StrictModel):
     """Which split trains and which evaluates; without ``eval``, a seeded held-out fraction of train."""
 
-    model_config = _STRICT
     train: str = Field("train", description="split used for training")
     eval: str | None = Field(None, description="split used for evaluation; None = hold out eval_fraction of train")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="held-out share of train (default 0.1 when eval is unset)")
     seed: int = Field(0, description="seed of the held-out draw")
 
 
-class FieldSpec(BaseModel):
+class FieldSpec(StrictModel):
     """Column names in the data."""
 
-    model_config = _STRICT
     prompt: str | None = Field(None, description="prompt column (default 'prompt' unless template or messages)")
     response: str | None = Field(None, description="response column (default 'response' unless messages)")
     messages: str | None = Field(None, description="chat column: list of {role, content}")
@@ -82,10 +79,9 @@ class FieldSpec(BaseModel):
     entry_point: str | None = Field(None, description="code_exec: column with the function name under test")
 
 
-class MetricSpec(BaseModel):
+class MetricSpec(StrictModel):
     """The metric and its options; options are passed to the metric function by name."""
 
-    model_config = _STRICT
     name: str = Field(description="exact_match | multiple_choice | code_exec | perplexity | a registered metric")
     regex: str | None = Field(None, description="exact_match: answer-extraction pattern (first group if any)")
     ignore_case: bool | None = Field(None, description="exact_match: compare case-insensitively")
@@ -93,16 +89,14 @@ class MetricSpec(BaseModel):
     timeout: float | None = Field(None, gt=0, description="code_exec: seconds per program")
 
 
-class GenerationSpec(BaseModel):
-    model_config = _STRICT
+class GenerationSpec(StrictModel):
     max_new_tokens: int | None = Field(None, ge=1, description="greedy generation budget")
     stop: list[str] | None = Field(None, description="strings that end a generation")
 
 
-class TaskSpec(BaseModel):
+class TaskSpec(StrictModel):
     """A task: data, formatting, split, metric. Parse YAML with :func:`load_task_spec`."""
 
-    model_config = _STRICT
     name: str = Field(description="task name (keys results and reports)")
     description: str | None = None
     data: DataSpec
@@ -129,38 +123,6 @@ class TaskSpec(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Validation: every problem at once
 # --------------------------------------------------------------------------------------------------
-
-
-def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the sub-model at ``loc`` (for 'valid keys' in unknown-key messages)."""
-    for part in loc[:-1]:
-        if not isinstance(part, str):
-            continue
-        f = model.model_fields.get(part)
-        if f is None:
-            break
-        sub = f.annotation
-        for cand in getattr(sub, "__args__", (sub,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
-            break
-    return list(model.model_fields)
-
-
-def _format_pydantic(err: ValidationError) -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            out.append(f"{key}: unknown key; valid keys here: {', '.join(_valid_keys(TaskSpec, loc))}")
-        elif e["type"] == "missing":
-            out.append(f"{key}: required key is missing")
-        else:
-            out.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return out
 
 
 def _template_fields(template: str) -> list[str] | str:
@@ -255,18 +217,22 @@ def _known_metrics() -> list[str]:
     return sorted({*BUILTIN_METRICS, *METRICS.names()})
 
 
-def validate_spec(raw: Any, source: str = "<task spec>") -> TaskSpec:
-    """Build a :class:`TaskSpec` from a mapping, raising one ConfigError with every problem."""
+def validate_spec(raw: Any, source: str = "<task spec>", problems: list[str] | None = None) -> TaskSpec:
+    """Build a :class:`TaskSpec` from a mapping, raising one ConfigError with every problem.
+
+    ``raw`` from :func:`trace_transfer.config.parse_yaml` gives each problem its ``file:line``;
+    ``problems`` found earlier (duplicate keys) are reported with the rest.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a task spec is a mapping with keys {', '.join(TaskSpec.model_fields)}; "
                           f"got {type(raw).__name__}")
-    problems: list[str] = []
+    problems = list(problems or [])
     spec = None
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_format_pydantic(err))
-    problems.extend(p for p in _semantic_problems(raw) if p not in problems)
+        problems.extend(validation_problems(err, TaskSpec, raw, source))
+    problems.extend(located(p, raw, source) for p in _semantic_problems(raw) if p not in problems)
     if problems:
         raise ConfigError(f"{source}: invalid task spec ({len(problems)} problem{'s' * (len(problems) > 1)})", problems)
     assert spec is not None
@@ -275,17 +241,12 @@ def validate_spec(raw: Any, source: str = "<task spec>") -> TaskSpec:
 
 def load_task_spec(path: str | os.PathLike) -> TaskSpec:
     """Parse and validate a task YAML file. Relative data paths are resolved against the file's dir."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactNotFoundError(f"task file {path} does not exist; pass a YAML task spec or synthetic:<name> "
                                     f"(e.g. synthetic:math)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    spec = validate_spec(raw, str(path))
+    raw, duplicates = read_yaml(path)
+    spec = validate_spec(raw, str(path), duplicates)
     return _resolve_paths(spec, path.parent)
 
 

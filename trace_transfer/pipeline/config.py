@@ -1,8 +1,16 @@
 """The declarative pipeline config (``trace-transfer run PIPELINE.yaml``).
 
-Strict, frozen pydantic models: a misspelled key is an error naming the key and the valid ones, and
-:func:`load_pipeline` reports *every* problem at once (schema, missing files, unknown methods, models
-without a rule) before any work starts.
+Strict, frozen pydantic models (:class:`trace_transfer.config.StrictModel`): a misspelled key is an
+error naming its ``file:line``, the closest valid key and all valid ones, and :func:`load_pipeline`
+reports *every* problem at once (schema, missing files, unknown methods, models without a rule)
+before any work starts.
+
+Each setting is declared once. The probe and training sections are generated from the library's
+config dataclasses (:class:`~trace_transfer.probe.ProbeConfig`,
+:class:`~trace_transfer.train.config.TrainConfig`), so their types, defaults, choices, bounds and help
+are those of the library; choices of the other sections are the library's constants and registries,
+imported, never copied. ``tests/test_settings.py`` checks the sections that map onto a function's
+keyword arguments instead of a dataclass (scoring, layer map, pretraining, tiny models).
 """
 
 from __future__ import annotations
@@ -10,19 +18,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from trace_transfer.cka import POOLINGS, available_layer_mappers, resolve_variant
+from trace_transfer.config import StrictModel, located, read_yaml, spec_model, validate_tree
 from trace_transfer.errors import ConfigError
+from trace_transfer.refine.config import RefineConfig
 from trace_transfer.pipeline.methods import method_problems, resolve
+from trace_transfer.probe.config import ProbeConfig
+from trace_transfer.scoring import BUDGETS, GRANULARITIES, PRESETS
+from trace_transfer.train.config import TrainConfig
+from trace_transfer.train.methods import MethodOptions
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TinyModelSpec(_Strict):
-    """Build a tiny model from a config instead of loading one (demo, tests)."""
+class TinyModelSpec(StrictModel):
+    """Build a tiny model from a config instead of loading one (demo, tests):
+    ``trace_transfer.models.build_tiny_model``, the same defaults."""
 
     arch: str = Field(description="model family, e.g. llama, qwen3")
     layers: int = 2
@@ -33,17 +44,18 @@ class TinyModelSpec(_Strict):
     seed: int = 0
 
 
-class PretrainSpec(_Strict):
-    """Pretrain the built model on the base-skill mixture so there is something to forget."""
+class PretrainSpec(StrictModel):
+    """Pretrain the built model on the base-skill mixture so there is something to forget
+    (``trace_transfer.train.pretrain.pretrain``; the same defaults)."""
 
     task: str = "synthetic:general"
     steps: int = 2400
     batch_size: int = 32
     lr: float = 1e-3
-    seq_len: int = 64
+    seq_len: int = 48
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     model: str | None = Field(None, description="hub id or local directory")
     build: TinyModelSpec | None = None
     pretrain: PretrainSpec | None = None
@@ -56,51 +68,85 @@ class ModelSpec(_Strict):
         return self
 
 
-class ProbeSpec(_Strict):
-    max_steps: int = 0
-    epochs: float = 1.0
-    lr: float = 2e-5
-    batch_size: int = 8
-    seq_len: int = 1024
-    fisher: Literal["batch", "per-sample"] = "batch"
-    fisher_batches: int = Field(0, ge=0, description="mini-batches for the Fisher; 0 = one pass over the probe data")
-    max_examples: int = Field(0, ge=0, description="probe on the first N training examples of each task; 0 = all "
-                              "(cap it for large sets such as synthetic:general's 80k)")
+# The keys (and so the step hashes of existing runs) stay those the pipeline always had; only where
+# they are declared moved.
+ProbeSpec = spec_model("ProbeSpec", [
+    (TrainConfig, ["max_steps", "epochs", "lr", "batch_size", "seq_len"]),
+    (ProbeConfig, ["fisher", "fisher_batches", "max_examples"]),
+], doc="The warm-start probe of every task (``ProbeConfig``; its ``train`` part flattened).")
 
 
-class ScoringSpec(_Strict):
-    ratio: float = Field(0.05, gt=0, le=1)
-    granularity: Literal["tensor", "row", "column", "head", "element"] = "row"
-    budget: Literal["tensors", "params"] = "params"
-    alpha: float = 0.5
-    beta: float = 0.5
+class ScoringSpec(StrictModel):
+    """Core-set selection (``trace_transfer.scoring.score``); unset keys take ``score``'s defaults."""
+
+    ratio: float = Field(0.05, gt=0, le=1, description="share of the budget to select, in (0, 1]")
+    granularity: Literal[GRANULARITIES] = Field("row", description="unit of selection")  # type: ignore[valid-type]
+    budget: Literal[BUDGETS] = Field("params", description="what ratio counts: units (tensors) or parameters")  # type: ignore[valid-type]
+    preset: Literal[PRESETS] | None = Field(None, description="paper = the official TRACE code's settings (fixes "  # type: ignore[valid-type]
+                                            "granularity, budget, scope, alpha, beta)")
+    scope: str | None = Field(None, description="groups that compete, e.g. 'layers,embeddings' or 'all' "
+                                                "(default: layers)")
+    alpha: float = Field(0.5, description="LF weight of the L2 term")
+    beta: float = Field(0.5, description="LF weight of the Fisher term")
+
+    @model_validator(mode="after")
+    def _preset_fixes_options(self) -> ScoringSpec:
+        fixed = sorted(k for k in self.model_fields_set & {"granularity", "budget", "scope", "alpha", "beta"}
+                       if getattr(self, k) is not None)
+        if self.preset is not None and fixed:
+            raise ValueError(f"preset {self.preset!r} fixes {', '.join(fixed)}; drop them or the preset")
+        return self
+
+    def score_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``score`` beyond the ratio: only what the config sets, so ``score``
+        (or the preset) decides the rest."""
+        return self.model_dump(include=self.model_fields_set - {"ratio"}, exclude_none=True)
 
 
-class LayerMapSpec(_Strict):
-    probes: str = "general"
-    method: Literal["argmax", "monotone", "hungarian", "relative-depth"] = "monotone"
-    variant: Literal["linear", "debiased", "rbf"] = "debiased"
-    pooling: Literal["mean", "last"] = "mean"
-    max_probes: int = 512
-    bootstrap: int = 50
+class LayerMapSpec(StrictModel):
+    """CKA between source and target layers and the layer map built from it."""
+
+    probes: str = Field("general", description="shipped probe set (general, math, code, medical), a file, or hf:<id>")
+    method: str = Field("monotone", description="layer mapper (trace_transfer.cka.available_layer_mappers())")
+    variant: str = Field("debiased", description="CKA variant (trace_transfer.cka.VARIANTS) or an alias "
+                                                 "such as debiased = linear-debiased")
+    pooling: Literal[POOLINGS] = Field("mean", description="how a probe text's tokens pool into one vector")  # type: ignore[valid-type]
+    max_probes: int = Field(512, ge=1, description="probe texts used")
+    bootstrap: int = Field(50, ge=0, description="probe resamples for each row's stability; 0 = skip")
+    fallback: Literal["relative-depth", "none"] = Field(
+        "relative-depth", description="map to use when the CKA is not informative (layer_map.json's verdict): "
+                                      "relative-depth, or none to keep the CKA map anyway")
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, v: str) -> str:
+        resolve_variant(v)  # raises naming the variants and aliases; the value stays as written
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        known = available_layer_mappers()
+        if v not in known:
+            raise ValueError(f"unknown layer mapper {v!r}; choose one of {', '.join(known)}")
+        return v
 
 
-class TrainingSpec(_Strict):
-    lr: float = 2e-5
-    epochs: float = 3.0
-    max_steps: int = 0
-    batch_size: int = 8
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    seq_len: int = 1024
-    lr_sweep: list[float] = Field(default_factory=list, description="extra learning rates for `full`")
-    replay_share: float = 0.1
-    isolation: Literal["none", "strict"] = "none"
+RefineSpec = spec_model("RefineSpec", [(RefineConfig, ["signal", "batches", "steps"])],
+                        doc="The cheap target pass that picks units inside transferred budgets (transfer-lf/cs) "
+                            "or globally (cheap-lf); lr, batch size and sequence length are the probe's.")
 
 
-class LaunchSpec(_Strict):
+TrainingSpec = spec_model("TrainingSpec", [
+    (TrainConfig, ["lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
+                   "precision", "seq_len"]),
+    (MethodOptions, ["replay_share", "isolation"]),
+], defaults={"epochs": 3.0},  # fine-tuning a stage, not a 1-epoch warm-start probe
+    extra={"lr_sweep": (list[float], Field(default_factory=list, description="extra learning rates for `full`"))},
+    doc="Fine-tuning of every method x seed on the target (``TrainConfig`` and ``MethodOptions``).")
+
+
+class LaunchSpec(StrictModel):
     """How the target's fine-tuning steps run. With ``deepspeed`` set, each method x seed step is
     launched as ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``; the
     rest of the pipeline runs in the calling process."""
@@ -109,79 +155,48 @@ class LaunchSpec(_Strict):
     nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) per fine-tuning launch")
 
 
-class EvalSpec(_Strict):
-    limit: int | None = 200
-    batch_size: int = 64
+class EvalSpec(StrictModel):
+    limit: int | None = Field(200, description="evaluation examples per task; null = all")
+    batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     name: str = "run"
     source: ModelSpec
     target: ModelSpec
     tasks: list[str] = Field(min_length=1)
     general_task: str = "synthetic:general"
-    probe: ProbeSpec = ProbeSpec()
+    probe: ProbeSpec = ProbeSpec()  # type: ignore[valid-type]
     scoring: ScoringSpec = ScoringSpec()
     layer_map: LayerMapSpec = LayerMapSpec()
-    training: TrainingSpec = TrainingSpec()
+    refine: RefineSpec = RefineSpec()  # type: ignore[valid-type]
+    training: TrainingSpec = TrainingSpec()  # type: ignore[valid-type]
     launch: LaunchSpec = LaunchSpec()
     eval: EvalSpec = EvalSpec()
     methods: list[str] = Field(default_factory=lambda: ["full", "trace-lf", "transfer-lf"])
     seeds: list[int] = Field(default_factory=lambda: [0])
 
 
-def _format_pydantic(err: ValidationError, path: Path | None, valid_by_loc: dict[tuple, list[str]]) -> list[str]:
-    problems = []
-    where = f"{path}: " if path else ""
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parent = tuple(e["loc"][:-1])
-            valid = valid_by_loc.get(parent)
-            hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
-            problems.append(f"{where}unknown key '{loc}'{hint}")
-        else:
-            problems.append(f"{where}'{loc}': {e['msg']}")
-    return problems
-
-
-def _valid_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
-    out = {prefix: list(model.model_fields)}
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        for candidate in getattr(ann, "__args__", (ann,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                out.update(_valid_keys(candidate, prefix + (name,)))
-    return out
-
-
 def load_pipeline(source: str | Path | dict[str, Any], base_dir: Path | None = None) -> PipelineConfig:
     """Parse and validate a pipeline config; raise one ConfigError listing every problem.
 
-    Relative paths in the config are resolved against the config file's directory.
+    Relative paths in the config are resolved against the config file's directory. Problems in a
+    file name its ``file:line``.
     """
-    path = None
+    path, problems = None, []
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"pipeline config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw, problems = read_yaml(path)
         base_dir = base_dir or path.parent
     else:
         raw = dict(source)
     base_dir = base_dir or Path.cwd()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'}: top level must be a mapping of keys to values")
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError("invalid pipeline config:", _format_pydantic(err, path, _valid_keys(PipelineConfig))) from None
-    problems = semantic_problems(cfg, base_dir)
-    if problems:
-        raise ConfigError(f"invalid pipeline config{f' {path}' if path else ''}:", problems)
+    cfg = validate_tree(PipelineConfig, raw, path, what="pipeline config", problems=problems)
+    semantic = [located(p, raw, path) for p in semantic_problems(cfg, base_dir)]
+    if semantic:
+        raise ConfigError(f"invalid pipeline config{f' {path}' if path else ''}:", semantic)
     return cfg
 
 

@@ -47,10 +47,11 @@ def _task_key(task: str) -> str:
     """The task's name made file-safe: probes record it and ``score`` names each CoreSet after it, so
     the fine-tuning step must look CoreSets up by the same name (for a YAML spec its ``name:``, not
     its path)."""
+    from trace_transfer.coreset import SUFFIX
     from trace_transfer.data import load_task
     from trace_transfer.scoring import coreset_filename
 
-    return coreset_filename(load_task(task).name).removesuffix(".coreset.safetensors")
+    return coreset_filename(load_task(task).name).removesuffix(SUFFIX)
 
 
 def _resolve_tasks(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
@@ -124,12 +125,12 @@ def run_pipeline(
         task_probes = [p for p in probe_steps.get(side, []) if not p.endswith("/" + _task_key(cfg.general_task))]
         for strategy in strategies:
             name = f"cores/{side}-{strategy}"
-            runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(), "seed": cfg.seeds[0]},
+            runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(exclude_none=True), "seed": cfg.seeds[0]},
                         _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg), depends=task_probes)
             core_dirs[f"{side}-{strategy}"] = name
     if needs_general:
         gp = f"probe/target/{_task_key(cfg.general_task)}"
-        runner.step(GENERAL_CORES, {"strategy": GENERAL_CORE_STRATEGY, **cfg.scoring.model_dump()},
+        runner.step(GENERAL_CORES, {"strategy": GENERAL_CORE_STRATEGY, **cfg.scoring.model_dump(exclude_none=True)},
                     _score_fn([runner.records[gp].dir], GENERAL_CORE_STRATEGY, cfg), depends=[gp])
 
     # 4. CKA + layer map + transfer -------------------------------------------------------------------
@@ -237,10 +238,7 @@ def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
         from trace_transfer.probe import ProbeConfig, probe
 
         p = cfg.probe
-        res = probe(model_ref, task, d, ProbeConfig(epochs=p.epochs, max_steps=p.max_steps, lr=p.lr,
-                                                    batch_size=p.batch_size, seq_len=p.seq_len, fisher=p.fisher,
-                                                    fisher_batches=p.fisher_batches, max_examples=p.max_examples,
-                                                    seed=seed))
+        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed))
         return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
 
     return fn
@@ -251,8 +249,7 @@ def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig):
         from trace_transfer.scoring import score
 
         s = cfg.scoring
-        cores = score(probe_dirs, strategy, s.ratio, d, granularity=s.granularity, budget=s.budget,
-                      alpha=s.alpha, beta=s.beta, seed=cfg.seeds[0])
+        cores = score(probe_dirs, strategy, s.ratio, d, **s.score_options(), seed=cfg.seeds[0])
         return {"coresets": {t: c.num_selected() for t, c in cores.items()}}
 
     return fn
@@ -265,15 +262,11 @@ def _cka_fn(source: str, target: str, lm, base_dir: Path):
         probes = lm.probes
         if (base_dir / probes).exists():
             probes = str(base_dir / probes)
-        res = compute_cka(source, target, probes, d, variant=_variant(lm.variant), pooling=lm.pooling,
+        res = compute_cka(source, target, probes, d, variant=lm.variant, pooling=lm.pooling,
                           max_probes=lm.max_probes, progress=False)
         return {"shape": list(res.matrix.shape)}
 
     return fn
-
-
-def _variant(v: str) -> str:
-    return {"debiased": "linear-debiased", "linear": "linear", "rbf": "rbf"}[v]
 
 
 def _layermap_fn(cka_dir: Path, lm):
@@ -291,7 +284,7 @@ def _layermap_fn(cka_dir: Path, lm):
 def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path, base_dir: Path):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.checkpoint import write_json_atomic
-        from trace_transfer.coreset import CoreSet
+        from trace_transfer.coreset import SUFFIX, CoreSet
         from trace_transfer.transfer import transfer
 
         kw = {}
@@ -300,10 +293,10 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
         if cfg.target.rules:
             kw["target_rules"] = str(base_dir / cfg.target.rules)
         counts = {}
-        for f in sorted(src_dir.glob("*.coreset.safetensors")):
+        for f in sorted(src_dir.glob("*" + SUFFIX)):
             cs, report = transfer(CoreSet.load(f), source, target, layer_map, ratio=cfg.scoring.ratio, **kw)
             cs.save(d / f.name)
-            write_json_atomic(d / f.name.replace(".coreset.safetensors", ".report.json"), report.to_dict()
+            write_json_atomic(d / f.name.replace(SUFFIX, ".report.json"), report.to_dict()
                               if hasattr(report, "to_dict") else vars(report))
             counts[f.name] = cs.num_selected()
         return {"coresets": counts}
@@ -314,6 +307,7 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
 def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
                  core_step: str | None, base_dir: Path):
     def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.coreset import SUFFIX
         from trace_transfer.train.loop import TrainConfig
         from trace_transfer.train.runner import MethodOptions, Stage, run_sequence
 
@@ -322,12 +316,12 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         for task in cfg.tasks:
             coreset = None
             if core_step:
-                coreset = str(runner.records[core_step].dir / f"{_task_key(task)}.coreset.safetensors")
+                coreset = str(runner.records[core_step].dir / (_task_key(task) + SUFFIX))
             stages.append(Stage(task, coreset))
         opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
         if spec.general_core:
             gdir = runner.records[GENERAL_CORES].dir
-            opts = replace(opts, general_coreset=str(next(gdir.glob("*.coreset.safetensors"))))
+            opts = replace(opts, general_coreset=str(next(gdir.glob("*" + SUFFIX))))
         train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
                                 grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                                 precision=t.precision, seq_len=t.seq_len, seed=seed)

@@ -27,15 +27,11 @@ from typing import Any
 import torch
 
 from trace_transfer.errors import ConfigError
+from trace_transfer.probe.config import FISHER_MODES, TRACE_COMPATIBLE_MODE
 from trace_transfer.train.loop import autocast_context, causal_lm_loss
 
 __all__ = ["FISHER_MODES", "TRACE_COMPATIBLE_MODE", "FisherAccumulator", "accumulate_fisher", "has_response_tokens"]
 
-FISHER_MODES = {
-    "batch": "squared mini-batch gradients (the official TRACE code; biased low)",
-    "per-sample": "mean of per-sample squared gradients (exact diagonal empirical Fisher)",
-}
-TRACE_COMPATIBLE_MODE = "batch"
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 

@@ -16,7 +16,7 @@ snapshotted to a temporary file in ``out_dir`` instead of a second in-memory cop
 Δ is formed one tensor at a time against it.
 
 Example:
-    >>> res = probe("tiny-llama", "synthetic:math", "probes/math", ProbeConfig(max_steps=50, batch_size=8))
+    >>> res = probe("tiny-llama", "synthetic:math", "probes/math", ProbeConfig(TrainConfig(max_steps=50, batch_size=8)))
     >>> res.final_loss
 """
 
@@ -27,7 +27,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,67 +37,15 @@ import torch
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, fingerprint_of, open_checkpoint, write_json_atomic
 from trace_transfer.errors import ConfigError, TaskError
-from trace_transfer.probe.fisher import FISHER_MODES, TRACE_COMPATIBLE_MODE, FisherAccumulator, accumulate_fisher
-from trace_transfer.train.loop import TrainConfig, train
+from trace_transfer.probe.config import FISHER_AT, FISHER_MODES, TRACE_COMPATIBLE_MODE, ProbeConfig
+from trace_transfer.probe.fisher import FisherAccumulator, accumulate_fisher
+from trace_transfer.train.loop import train
 
 __all__ = ["ProbeConfig", "ProbeResult", "probe", "FISHER_AT"]
 
 FORMAT = "trace-transfer/probe"
 FORMAT_VERSION = 1
-FISHER_AT = ("probe", "base")
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class ProbeConfig:
-    """Warm-start and Fisher settings. Defaults follow the TRACE paper: 1 epoch, lr 2e-5, AdamW,
-    cosine schedule, bf16 autocast where the hardware supports it, Fisher from squared mini-batch
-    gradients at the warm-started model."""
-
-    epochs: float = field(default=1.0, metadata={"help": "passes over the task's training data"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from epochs"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (also the Fisher batch)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int = field(default=1024, metadata={"help": "max tokens per example"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    scheduler: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where supported) | bf16 | fp32"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 disables"})
-    fisher: str = field(default=TRACE_COMPATIBLE_MODE, metadata={
-        "help": "batch (squared mini-batch gradients; the official TRACE code) | per-sample (exact empirical Fisher)"})
-    fisher_at: str = field(default="probe", metadata={"help": "probe (warm-started model, the paper) | base (θ0)"})
-    fisher_batches: int = field(default=0, metadata={"help": "mini-batches for the Fisher; 0 = one pass over the data"})
-    fisher_elements: bool = field(default=True, metadata={
-        "help": "store per-element Fisher (needed for row/column/head/element scoring); else per-tensor only"})
-    max_examples: int = field(default=0, metadata={"help": "use only the first N training examples; 0 = all"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda[:i]"})
-    seed: int = field(default=0, metadata={"help": "seed for data order"})
-    max_shard_bytes: int = field(default=DEFAULT_MAX_SHARD_BYTES, metadata={"help": "shard size of delta/fisher files"})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.fisher not in FISHER_MODES:
-            problems.append(f"fisher={self.fisher!r}: choose one of {', '.join(FISHER_MODES)}")
-        if self.fisher_at not in FISHER_AT:
-            problems.append(f"fisher_at={self.fisher_at!r}: choose one of {', '.join(FISHER_AT)}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            problems.append("give epochs > 0 or max_steps > 0")
-        if self.fisher_batches < 0 or self.max_examples < 0:
-            problems.append("fisher_batches and max_examples must be >= 0")
-        try:
-            self.train_config()
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid probe configuration:", problems)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
-                           grad_accum=self.grad_accum, seq_len=self.seq_len, warmup_ratio=self.warmup_ratio,
-                           weight_decay=self.weight_decay, scheduler=self.scheduler, precision=self.precision,
-                           max_grad_norm=self.max_grad_norm, seed=self.seed)
 
 
 @dataclass
@@ -149,13 +97,14 @@ def probe(
     from trace_transfer.models import load_model, load_tokenizer
 
     cfg = config or ProbeConfig()
+    shard_bytes = cfg.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").unlink(missing_ok=True)  # an interrupted re-run must not look complete
     tick = progress or (lambda *_: None)
     device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
 
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
@@ -173,31 +122,31 @@ def probe(
         examples = examples[: cfg.max_examples]
     # One loader for training (each pass over it draws the next seeded permutation) and a fresh one,
     # same seed, for the Fisher, so the Fisher batches do not depend on how long training ran.
-    train_loader = make_dataloader(tokenizer, examples, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train_loader = make_dataloader(tokenizer, examples, cfg.train.seq_len, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     features = train_loader.dataset
     if not len(features):
-        raise TaskError(f"task {task_obj.name!r} yields no training example (check its data and --seq-len {cfg.seq_len})")
+        raise TaskError(f"task {task_obj.name!r} yields no training example (check its data and --seq-len {cfg.train.seq_len})")
 
     def batches(epoch: int):
         return train_loader
 
     def fisher_batches():
-        return make_dataloader(tokenizer, examples, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        return make_dataloader(tokenizer, examples, cfg.train.seq_len, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
 
-    n_batches = math.ceil(len(features) / cfg.batch_size)
+    n_batches = math.ceil(len(features) / cfg.train.batch_size)
     fisher_n = min(cfg.fisher_batches, n_batches) if cfg.fisher_batches else n_batches
     params = list(net.named_parameters())
     meta = {"task": task_obj.name, "model": model_ref}
 
     # θ0 on disk, not in memory: the model is the only full copy we hold.
     snap = out / ".theta0"
-    with ShardedWriter(snap, "theta0", cfg.max_shard_bytes) as w:
+    with ShardedWriter(snap, "theta0", shard_bytes) as w:
         for name, p in params:
             w.add(name, p.detach())
 
     def run_fisher() -> FisherAccumulator:
         return accumulate_fisher(net, fisher_batches(), mode=cfg.fisher, elements=cfg.fisher_elements, max_batches=fisher_n,
-                                 precision=cfg.precision, on_batch=lambda i: tick(f"fisher ({cfg.fisher})", i, fisher_n))
+                                 precision=cfg.train.precision, on_batch=lambda i: tick(f"fisher ({cfg.fisher})", i, fisher_n))
 
     stats: dict[str, dict[str, Any]] = {name: {"shape": list(p.shape), "numel": p.numel()} for name, p in params}
     fisher_obs = 0
@@ -206,9 +155,8 @@ def probe(
         fisher_obs = acc.count
         _write_fisher(acc, out, cfg, meta, stats)
         del acc
-    train_cfg = cfg.train_config()
-    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
-    result = train(net, batches, train_cfg, steps=steps, on_step=lambda s, loss: tick("warm start", s + 1, steps))
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * n_batches / cfg.train.grad_accum))
+    result = train(net, batches, cfg.train, steps=steps, on_step=lambda s, loss: tick("warm start", s + 1, steps))
     if cfg.fisher_at == "probe":
         acc = run_fisher()
         fisher_obs = acc.count
@@ -216,7 +164,7 @@ def probe(
         del acc
 
     theta0 = open_checkpoint(snap, prefix="theta0")
-    with ShardedWriter(out, "delta", cfg.max_shard_bytes, metadata={**meta, "kind": "delta", "dtype": "float32"}) as w:
+    with ShardedWriter(out, "delta", shard_bytes, metadata={**meta, "kind": "delta", "dtype": "float32"}) as w:
         for i, (name, p) in enumerate(params):
             d = p.detach().float().cpu() - theta0.get(name).float()
             dd = d.double()
@@ -241,9 +189,9 @@ def probe(
         "model_path": model_path,
         "model_config": _config_dict(net),
         "config": asdict(cfg),
-        "seed": cfg.seed,
+        "seed": cfg.train.seed,
         "device": str(device),
-        "autocast": "bf16" if _bf16_active(cfg.precision, device) else "fp32",
+        "autocast": "bf16" if _bf16_active(cfg.train.precision, device) else "fp32",
         "data": {"examples": len(examples), "sequences": len(features), "response_tokens": n_response,
                  "batches_per_epoch": n_batches},
         "train": result.to_dict(),
@@ -264,13 +212,14 @@ def probe(
 
 
 def _write_fisher(acc: FisherAccumulator, out: Path, cfg: ProbeConfig, meta: dict, stats: dict) -> None:
+    shard_bytes = cfg.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     for name, mean in acc.tensor_means().items():
         stats[name]["fisher_mean"] = mean
     if not cfg.fisher_elements:
         for stale in [*out.glob("fisher-*-of-*.safetensors"), out / "fisher.safetensors", out / "fisher.safetensors.index.json"]:
             stale.unlink(missing_ok=True)  # a per-element Fisher from an earlier run would no longer match Δ
         return
-    with ShardedWriter(out, "fisher", cfg.max_shard_bytes,
+    with ShardedWriter(out, "fisher", shard_bytes,
                        metadata={**meta, "kind": "fisher", "mode": cfg.fisher, "at": cfg.fisher_at}) as w:
         for name in acc.names():
             f = acc.fisher(name).cpu()

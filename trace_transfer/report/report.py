@@ -20,7 +20,9 @@ from trace_transfer.report.summary import markdown_table, summary_rows
 def _coresets(d: Path | None) -> dict[str, Path]:
     if d is None or not d.exists():
         return {}
-    return {f.name.removesuffix(".coreset.safetensors"): f for f in sorted(d.glob("*.coreset.safetensors"))}
+    from trace_transfer.coreset import SUFFIX
+
+    return {f.name.removesuffix(SUFFIX): f for f in sorted(d.glob("*" + SUFFIX))}
 
 
 def _plots(out: Path, results: dict[str, list[dict[str, Any]]], step_dirs: dict[str, Path]) -> list[tuple[str, Path]]:

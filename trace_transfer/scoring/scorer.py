@@ -56,7 +56,7 @@ from trace_transfer.scoring.topk import PackedMasks, streaming_topk
 from trace_transfer.scoring.units import BUDGETS, PRESETS
 from trace_transfer._version import __version__, versions
 from trace_transfer.checkpoint import fingerprint_of, open_checkpoint
-from trace_transfer.coreset import CoreSet, UnitLayout
+from trace_transfer.coreset import SUFFIX, CoreSet, UnitLayout
 from trace_transfer.scoring.base import STRATEGIES, ProbeInput, ScoringRun, budget_count, load_probe, register_strategy, select_units
 import trace_transfer.scoring.strategies  # noqa: F401  (registers lf, cs, random, magnitude)
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError, ModelMismatchError
@@ -123,7 +123,7 @@ def _model_config(probe: ProbeInput) -> dict[str, Any] | None:
 
 def coreset_filename(task: str) -> str:
     """``<task>.coreset.safetensors`` with the task name made safe for a file name."""
-    return (re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_") or "task") + ".coreset.safetensors"
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_") or "task") + SUFFIX
 
 
 def score(

@@ -64,7 +64,7 @@ import torch
 
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import ShardedWriter, write_json_atomic, write_text_atomic
-from trace_transfer.coreset import CoreSet
+from trace_transfer.coreset import SUFFIX, CoreSet
 from trace_transfer.errors import ConfigError
 from trace_transfer.scoring import coreset_filename, score
 from trace_transfer.surgery._modeldir import check_same_tensors, open_model
@@ -321,7 +321,7 @@ def _sft_stages(order, groups, cores, ref_of, cfg: CpiFtConfig, frozen_dir: Path
             frozen = _union([cores[n] for n in trained]) if trained else _empty_like(union_all)
         frozen.metadata.update({"task": f"cpi-ft frozen, run {k}", "strategy": f"cpi-ft freeze={cfg.freeze}",
                                 "frozen_tasks": list(order) if cfg.freeze == "all" else list(trained)})
-        path = frozen.save(frozen_dir / f"run_{k}.coreset.safetensors")
+        path = frozen.save(frozen_dir / f"run_{k}{SUFFIX}")
         stages += [Stage(ref_of[n], str(path)) for n in run]
         info.append({"run": k, "tasks": run, "frozen_params": frozen.num_selected(), "coreset": str(path)})
         trained += run

@@ -12,43 +12,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trace_transfer.errors import ConfigError, TaskError
+from trace_transfer.train.config import TrainConfig  # noqa: F401  (re-exported: its historical home)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings. Defaults follow the TRACE paper's training setup (AdamW, cosine)."""
-
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored if max_steps > 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from epochs"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int = field(default=1024, metadata={"help": "max tokens per example"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    scheduler: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where supported) | bf16 | fp32"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 disables"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"scheduler {self.scheduler!r}: expected cosine, linear or constant")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision {self.precision!r}: expected auto, bf16 or fp32")
-        if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("lr must be > 0, batch_size and grad_accum >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

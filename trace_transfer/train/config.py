@@ -1,0 +1,46 @@
+"""Optimisation settings shared by every training path (probe warm start, pretraining, stages, CPI-FT).
+
+Kept apart from :mod:`trace_transfer.train.loop` so that the settings (and the pipeline schema and CLI
+options derived from them) load without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trace_transfer.config import field_problems
+from trace_transfer.errors import ConfigError
+
+__all__ = ["TrainConfig", "SCHEDULERS", "PRECISIONS"]
+
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults follow the TRACE paper's training setup (AdamW, cosine)."""
+
+    lr: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW; paper: 2e-5)", "gt": 0})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the data; ignored when max_steps > 0", "ge": 0})
+    max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = derive from epochs", "ge": 0})
+    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch", "ge": 1})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step", "ge": 1})
+    seq_len: int = field(default=1024, metadata={"help": "Max tokens per example (paper: 1024)", "ge": 1})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps with linear warm-up", "ge": 0, "lt": 1})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (masked training never applies it to frozen elements)", "ge": 0})
+    scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up",
+                                                       "choices": SCHEDULERS})
+    precision: str = field(default="auto", metadata={
+        "help": "auto = bf16 autocast where the hardware supports it (weights stay fp32)", "choices": PRECISIONS})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables", "ge": 0})
+    seed: int = field(default=0, metadata={"help": "Seed for data order and initialisation"})
+
+    def __post_init__(self) -> None:
+        problems = field_problems(self)
+        if problems:
+            raise ConfigError("invalid training configuration:", problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
