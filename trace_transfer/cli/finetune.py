@@ -7,6 +7,10 @@ from pathlib import Path
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.config import click_options
+from trace_transfer.train.config import TrainConfig
+
+
 @click.command("finetune")
 @click.option("--model", "model", required=True, help="Base model: HF id or local directory.")
 @click.option("--stage", "stage_specs", multiple=True, required=True,
@@ -16,18 +20,8 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--isolation", type=click.Choice(["none", "strict"]), default="none", show_default=True,
               help="trace: 'strict' also freezes earlier stages' cores.")
-@click.option("--epochs", type=float, default=3.0, show_default=True, help="Epochs per stage (paper: 3).")
-@click.option("--max-steps", type=int, default=0, show_default=True, help="Optimizer steps per stage; 0 = from --epochs.")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (paper: 2e-5).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seq-len", type=int, default=1024, show_default=True, help="Max tokens per example (paper: 1024).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True,
-              help="AdamW decay (never applied to frozen elements).")
-@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="auto = bf16 where the hardware supports it.")
+@click_options(TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "seq_len", "weight_decay",
+                            "scheduler", "warmup_ratio", "precision"], defaults={"epochs": 3.0})  # paper: 3 per stage
 @click.option("--replay-share", type=float, default=0.1, show_default=True,
               help="replay: share of each earlier task's training data mixed into later stages.")
 @click.option("--general-coreset", type=click.Path(dir_okay=False), default=None,
