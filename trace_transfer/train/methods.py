@@ -81,8 +81,10 @@ class RunPlan:
 class MethodOptions:
     """Method-specific settings (ignored by methods that do not use them)."""
 
-    isolation: str = field(default="none", metadata={"help": "trace: none | strict (freeze earlier stages' cores)"})
-    replay_share: float = field(default=0.1, metadata={"help": "replay: share of each earlier task's data mixed in"})
+    isolation: str = field(default="none", metadata={"help": "trace: none | strict (freeze earlier stages' cores)",
+                                                     "choices": ("none", "strict")})
+    replay_share: float = field(default=0.1, metadata={"help": "replay: share of each earlier task's data mixed in",
+                                                       "ge": 0.0, "le": 1.0})
     general_coreset: str | None = field(default=None, metadata={"help": "general-core: CoreSet to freeze"})
     lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
     lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
