@@ -409,3 +409,13 @@ def test_init_recognises_a_standard_layout_completely(tmp_path):
     assert "# TODO" not in "\n".join(l for l in draft.read_text().splitlines() if not l.startswith("#"))
     res = runner.invoke(rules_cli, ["check", str(out), "--rules", str(draft)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shipped_rules_agree_with_the_traced_wiring(tiny, family):
+    """Every shipped norm role is what a forward pass shows (no `rules check` warning), MoE included."""
+    from trace_transfer.rules.loader import check_model, get_rules
+
+    model, _ = tiny(family)
+    res = check_model(model, get_rules(family))
+    assert res.ok and res.warnings == [], res.warnings

@@ -56,7 +56,8 @@ def check(model: str, rules_path: Path | None, layout: str, as_json: bool, verbo
         failed |= not res.ok
     if as_json:
         click.echo(json.dumps([{**r.summary(), "unmatched_tensors": r.unmatched, "ignored_tensors": r.ignored,
-                                "unused": r.unused_rules, "problems": r.problems} for r in results], indent=2))
+                                "unused": r.unused_rules, "problems": r.problems, "warnings": r.warnings}
+                               for r in results], indent=2))
     else:
         for res in results:
             _print_coverage(res, verbose)
@@ -93,12 +94,17 @@ def _print_coverage(res, verbose: bool) -> None:
         click.echo("\noff for this config (when: false): " + "; ".join(res.inactive_rules))
     if res.unused_ignores:
         click.echo("\nnote: ignore patterns that matched nothing (fine for defensive patterns): " + ", ".join(res.unused_ignores))
+    if res.warnings:  # doubts, not gaps: the exit status stays 0
+        click.echo(f"\n{len(res.warnings)} warning(s):")
+        for w in res.warnings:
+            click.echo(f"  - {w}")
     if res.problems:
         click.echo(f"\n{len(res.problems)} problem(s):")
         for p in res.problems:
             click.echo(f"  - {p}")
     else:
-        click.echo("\nOK: every tensor is matched exactly once or ignored, and every rule is used.")
+        click.echo("\nOK: every tensor is matched exactly once or ignored, and every rule is used."
+                   + (" Read the warnings above." if res.warnings else ""))
     click.echo("")
 
 

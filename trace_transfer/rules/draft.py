@@ -3,15 +3,28 @@
 The draft recognises the common naming schemes (Llama, GPT-2, GPT-NeoX, Falcon, Mixtral, ...) and
 writes what it cannot decide as ``?`` with a ``# TODO`` comment: unknown roles, fused-part sizes and
 layouts. ``?`` never loads, so ``rules check`` refuses the draft until every TODO is resolved.
+
+A familiar name is not enough for a norm: ``post_attention_layernorm`` is the pre-MLP norm in Llama
+and the attention-output norm in OLMo 2. Every norm whose role depends on the layer's wiring is
+therefore decided by evidence, and written as a ``?`` TODO where there is none:
+
+* the family's known layout: a rule file on the search path for this ``model_type``;
+* the wiring itself: one forward pass on the meta device, tracing what feeds each norm and what it
+  feeds (:mod:`trace_transfer.rules.wiring`);
+* the config, for q/k norms: whether the weight spans one head, every head or the whole projection.
+
+Each decided role carries a comment with its evidence; q/k norms get their companions (``expand``).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from trace_transfer.rules.resolve import ModelSpec
+from trace_transfer.rules.wiring import WIRING_ROLES, WiringTrace, classify, module_of, norm_scope, trace_wiring
 
 _FIELDS = ("weight", "bias")
 _NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -59,6 +72,18 @@ _FUSED_PARTS = {
 }
 # Roles whose torch-Linear weight is [out = wide, in = hidden]; a stored [hidden, wide] hints at [in, out].
 _EXPANDING = {"ffn_up", "ffn_gate", "attn_qkv", "ffn_gate_up"}
+# What a norm of each role could be instead: the TODO names the alternatives a reader must tell apart.
+_ALTERNATIVES = {
+    "attn_norm": "attn_norm (before attention; in a parallel block, shared with the MLP) or layer_out_norm",
+    "ffn_norm": "ffn_norm (before the MLP, as Llama's post_attention_layernorm) or attn_post_norm (on the "
+                "attention output, as OLMo 2's and Gemma's post_attention_layernorm)",
+    "attn_post_norm": "attn_post_norm (on the attention output) or ffn_norm (before the MLP)",
+    "ffn_post_norm": "ffn_post_norm (on the MLP output) or layer_out_norm (end of the block)",
+    "layer_out_norm": "layer_out_norm (end of the block) or ffn_post_norm (on the MLP output)",
+}
+_SCOPES = {"head": "normalises each head: one [head_dim] weight shared by all heads, as in Qwen3",
+           "heads": "normalises each head with its own weights: [heads, head_dim], as in Cohere",
+           "projection": "normalises the whole projection: [heads * head_dim], as in OLMo 2"}
 
 
 def _cfg(config: Any, key: str) -> Any:
@@ -69,123 +94,258 @@ def _q(s: str) -> str:
     return '"' + s.replace('"', '\\"') + '"'
 
 
-def draft(spec: ModelSpec) -> str:
-    """YAML text of a draft rule file for ``spec`` (see the module docstring)."""
+@dataclass
+class _Group:
+    """The tensors of one module template (all layers, all fields)."""
+
+    section: str  # global | layer | experts
+    module: str  # path relative to the layer (or the full path for globals)
+    shape: tuple[int, ...]
+    full: str  # one real tensor name, for messages
+    fields: list[str | None] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # the real module paths (every layer)
+
+
+def draft(spec: ModelSpec, wiring: bool = True) -> str:
+    """YAML text of a draft rule file for ``spec`` (see the module docstring).
+
+    Args:
+        spec: the model's config and tensor shapes.
+        wiring: trace the forward pass for evidence on norms (False: only a known family rule counts).
+    """
     cfg = spec.config
-    names = list(spec.shapes)
-    prefix, n_layers = _layer_prefix(names)
-    lines_num_layers = _config_key(cfg, _NUM_LAYER_KEYS, n_layers)
-
-    groups: dict[str, dict[str, Any]] = {}  # module template -> {"fields": [...], "section": ..., "shape": ...}
-    expert_counts: set[int] = set()
-    layer_rx = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$") if prefix else None
-    for name in names:
-        m = layer_rx.match(name) if layer_rx else None
-        if m:
-            rest = m.group(2)
-            em = re.match(r"^(.*?)\.(\d+)\.(.+)$", rest)
-            section = "layer"
-            if em:
-                expert_counts.add(int(em.group(2)))
-                rest = f"{em.group(1)}.{{expert}}.{em.group(3)}"
-                section = "experts"
-            template_rest = rest
-        else:
-            section, template_rest = "global", name
-        module, field = _split_field(template_rest)
-        key = (section, module)
-        g = groups.setdefault(key, {"fields": [], "shape": spec.shapes[name], "full": name})
-        if field not in g["fields"]:
-            g["fields"].append(field)
-            g["fields"].sort(key=lambda f: (f not in _FIELDS, _FIELDS.index(f) if f in _FIELDS else 0, str(f)))
-
-    has_pre_ffn = any("pre_feedforward_layernorm" in mod for (_, mod) in groups)
-    hidden = _cfg(cfg, "hidden_size") or _cfg(cfg, "n_embd")
+    prefix, n_layers = _layer_prefix(list(spec.shapes))
+    groups, expert_counts = _collect_groups(spec, prefix)
+    guesses = {key: _guess_role(g, groups) for key, g in groups.items()}
+    evidence = _Evidence.gather(spec, groups, guesses, wiring)
     out: dict[str, list[str]] = {"before": [], "layer": [], "experts": [], "after": []}
     roles_seen: Counter[str] = Counter()
-    for (section, module), g in sorted(groups.items(), key=lambda kv: _role_rank(kv[0][1], kv[0][0])):
-        guesses = _GLOBAL_GUESSES if section == "global" else _LAYER_GUESSES
-        role = next((r for pat, r in guesses if re.search(pat, module)), "?")
-        if role == "ffn_norm" and has_pre_ffn and re.search(r"post_attention_layernorm$", module):
-            role = "attn_post_norm"  # Gemma-style sandwich norms: this one follows attention
+    for key, g in sorted(groups.items(), key=lambda kv: _role_rank(kv[1].module, kv[1].section)):
+        role, notes = evidence.decide(g, guesses[key], cfg)
         roles_seen[role] += 1
-        if section == "layer" and role.endswith("_exp"):
-            section = "experts"  # all experts stacked in one tensor (transformers >= 5 in memory)
-            expert_counts.add(g["shape"][0] - 1)
-        if section == "global":
-            target = "before" if role in _BEFORE_ROLES else "after"
-            template = module
-        else:
-            target = section
-            template = f"{prefix}.{{layer}}.{module}"
-        fields = g["fields"]
-        if fields == [None]:
-            name, field_line = template, None
-        elif None in fields:
-            name, field_line = template, None  # odd mix; leave it to the author
-        else:
-            name = f"{template}.{{field}}"
-            field_line = f"[{', '.join(fields)}]"
-        entry = [f"  - role: {_q(role) if role == '?' else role}"]
-        if role == "?":
-            entry[0] += f"   # TODO: unrecognised tensor {g['full']} {list(g['shape'])}: pick a role (see docs/rules.md) or x_<name>"
-        entry.append(f"    name: {_q(name)}")
-        if field_line and field_line != "[weight]":
-            entry.append(f"    fields: {field_line}")
-        shape = g["shape"]
-        if role in _EXPANDING and len(shape) == 2 and hidden and shape[0] == hidden and shape[1] != hidden:
-            entry.append("    transposed: true   # TODO: verify; the weight looks stored [in, out] (Conv1D-style)")
-        if role == "output":
-            entry.append("    tied_to: token_embd")
-        if section == "experts" and "{expert}" not in module:
-            entry.append("    expert_axis: 0   # TODO: verify that axis 0 stacks the experts")
-        if role in _FUSED_PARTS:
-            axis = 1 if any("transposed" in e for e in entry) else 0
-            if any("expert_axis" in e for e in entry):
-                axis += 1  # the stacked experts come first
-            entry += [
-                f"    # TODO: fused tensor {list(shape)}: confirm the axis and layout (concat, or interleave per head",
-                f"    #       with groups: num_attention_heads as in GPT-NeoX) and give each part's size as a config",
-                f"    #       expression; config: {_config_hint(cfg)}",
-                "    split:",
-                f"      axis: {axis}",
-                "      layout: concat",
-                "      parts:",
-            ]
-            entry += [f'        - {{role: {p}, size: "?"}}   # TODO' for p in _FUSED_PARTS[role]]
-        out[target].append("\n".join(entry))
-
+        target, lines = _entry(g, role, prefix, cfg, expert_counts, explained=any("TODO" in n for n in notes))
+        out[target].append("\n".join([f"  # {n}" for n in notes] + lines))
     if "output" not in roles_seen and _cfg(cfg, "tie_word_embeddings"):
         out["after"].append("  # The checkpoint has no LM head: it is tied to the embedding.\n"
                             "  - role: output\n    name: lm_head.weight\n    tied_to: token_embd")
-    model_type = spec.model_type or "unknown"
-    archs = spec.architectures
-    todos = sum(entry.count("# TODO") for section in out.values() for entry in section)
-    header = [
-        f"# Draft rule file for {model_type}, written by `trace-transfer rules init` from {spec.origin}.",
-        f"# Resolve every TODO ({todos} left), then run `trace-transfer rules check MODEL --rules THIS_FILE`.",
-        "# Guide: docs/rules.md. Roles: `trace-transfer rules list --roles`.",
-        "format: 1",
-        f"family: {model_type}",
-        f"description: {_q(f'{model_type} (drafted by rules init)')}",
-        "match:",
-        f"  model_type: [{model_type}]",
-        f"  architectures: [{', '.join(archs)}]",
-        f"num_layers: {lines_num_layers}" + ("" if lines_num_layers != '"?"' else "   # TODO: the config key holding the layer count"),
-    ]
-    n_experts = max(expert_counts) + 1 if expert_counts else None
-    if n_experts:
-        key = _config_key(cfg, _NUM_EXPERT_KEYS, n_experts)
-        header.append(f"num_experts: {key}" + ("   # TODO: config key for the expert count" if key == '"?"' else ""))
-    if _cfg(cfg, "head_dim") is None and _cfg(cfg, "num_attention_heads"):
-        header += ["config_defaults:", "  head_dim: hidden_size // num_attention_heads   # the config has no head_dim"]
-    header += ["ignore:", '  - "*.rotary_emb.inv_freq"   # rotary buffer some checkpoints carry']
     body = []
     for section in ("before", "layer", "experts", "after"):
         if out[section]:
             body.append(f"{section}:")
             body += out[section]
-    return "\n".join(header + body) + "\n"
+    settings = _settings(spec, n_layers, expert_counts) + evidence.expand(roles_seen)
+    # Counted as `rules init` reports them: every line that carries a TODO.
+    todos = sum("# TODO" in line for line in "\n".join(settings + body).splitlines())
+    return "\n".join(_header(spec, todos, evidence) + settings + body) + "\n"
+
+
+def _collect_groups(spec: ModelSpec, prefix: str | None) -> tuple[dict[tuple[str, str], _Group], set[int]]:
+    """Tensors grouped by module template (``{layer}``/``{expert}`` in place of indices), with their fields."""
+    groups: dict[tuple[str, str], _Group] = {}
+    expert_counts: set[int] = set()
+    layer_rx = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$") if prefix else None
+    for name in spec.shapes:
+        m = layer_rx.match(name) if layer_rx else None
+        section, rest = "global", name
+        if m:
+            section, rest = "layer", m.group(2)
+            em = re.match(r"^(.*?)\.(\d+)\.(.+)$", rest)
+            if em:
+                expert_counts.add(int(em.group(2)))
+                rest = f"{em.group(1)}.{{expert}}.{em.group(3)}"
+                section = "experts"
+        module, fld = _split_field(rest)
+        g = groups.setdefault((section, module), _Group(section, module, spec.shapes[name], name))
+        g.modules.append(module_of(name) if fld else name)
+        if fld not in g.fields:
+            g.fields.append(fld)
+            g.fields.sort(key=lambda f: (f not in _FIELDS, _FIELDS.index(f) if f in _FIELDS else 0, str(f)))
+    return groups, expert_counts
+
+
+def _guess_role(g: _Group, groups: dict[tuple[str, str], _Group]) -> str:
+    """The role the name suggests (``?`` when it suggests none)."""
+    guesses = _GLOBAL_GUESSES if g.section == "global" else _LAYER_GUESSES
+    role = next((r for pat, r in guesses if re.search(pat, g.module)), "?")
+    has_pre_ffn = any("pre_feedforward_layernorm" in mod for (_, mod) in groups)
+    if role == "ffn_norm" and has_pre_ffn and re.search(r"post_attention_layernorm$", g.module):
+        role = "attn_post_norm"  # Gemma-style sandwich norms: this one follows attention
+    return role
+
+
+@dataclass
+class _Evidence:
+    """What is known about the norms beyond their names: a family rule's roles and the traced wiring."""
+
+    family: dict[str, set[str]]  # real module path -> roles a known rule file gives it
+    family_file: str | None
+    trace: WiringTrace
+    roles: dict[str, str]  # real module path -> guessed role (what classify needs)
+    confirmed: set[str] = field(default_factory=set)  # q/k-norm roles whose input the trace saw come from q/k
+
+    @classmethod
+    def gather(cls, spec: ModelSpec, groups: dict, guesses: dict, wiring: bool) -> _Evidence:
+        family, family_file = _family_roles(spec)
+        trace = trace_wiring(spec.config) if wiring else WiringTrace(error="wiring=False")
+        roles = {mod: guesses[key] for key, g in groups.items() for mod in g.modules if guesses[key] != "?"}
+        return cls(family, family_file, trace, roles)
+
+    def decide(self, g: _Group, guess: str, config: Any) -> tuple[str, list[str]]:
+        """The role to write and the comment lines above the entry (evidence, or a TODO)."""
+        if g.section != "layer" or guess not in WIRING_ROLES:
+            return guess, []
+        known = {r for mod in g.modules for r in self.family.get(mod, ())}
+        traced = [classify(mod, self.trace, self.roles) for mod in g.modules]
+        traced_roles = {e.role for e in traced}
+        seen: list[tuple[str, str]] = []
+        if len(known) == 1:
+            seen.append((next(iter(known)), f"the family's rule file {self.family_file} says so"))
+        if self.trace.ok and len(traced_roles) == 1 and None not in traced_roles:
+            seen.append((traced[0].role, f"traced: {traced[0].why}"))
+        if guess in ("attn_q_norm", "attn_k_norm"):
+            return self._qk_norm(g, guess, config, seen)
+        if seen and len({r for r, _ in seen}) == 1:
+            role = seen[0][0]
+            named = "" if role == guess else f" (the name alone suggests {guess})"
+            return role, [f"{g.module}: {role}{named}: {why}" for _, why in seen]
+        return "?", [self._todo(g, guess, seen, traced_roles)]
+
+    def _qk_norm(self, g: _Group, guess: str, config: Any, seen: list[tuple[str, str]]) -> tuple[str, list[str]]:
+        roles = {r for r, _ in seen}
+        if roles - {guess}:
+            return "?", [self._todo(g, guess, seen, roles)]
+        notes = [f"{g.module}: {guess}: {why}" for _, why in seen]
+        if any(why.startswith("traced") for _, why in seen):
+            self.confirmed.add(guess)
+        scope = norm_scope(guess, g.shape, config)
+        if scope is None:
+            return "?", notes + [f"TODO: {g.full} {list(g.shape)} fits neither head_dim, [heads, head_dim] nor "
+                                 f"heads * head_dim of the config: read the attention's forward and pick the role"]
+        return guess, notes + [f"{g.module} {list(g.shape)} {_SCOPES[scope]} (from its shape and the config)"]
+
+    def _todo(self, g: _Group, guess: str, seen: list[tuple[str, str]], traced_roles: set) -> str:
+        if seen:
+            why = "the evidence disagrees: " + "; ".join(f"{r} ({w})" for r, w in seen)
+        elif self.trace.ok:
+            why = "the traced forward pass is not conclusive" + (
+                f" (it differs across layers: {sorted(r for r in traced_roles if r)})" if len(traced_roles) > 1 else "")
+        else:
+            why = f"no family rule and no functional check ({self.trace.error})"
+        return (f"TODO: {g.full}: the name suggests {guess}, but the role depends on the layer's wiring, "
+                f"{_ALTERNATIVES.get(guess, guess)}; {why}. Read the decoder layer's forward() and pick one")
+
+    def expand(self, roles_seen: Counter[str]) -> list[str]:
+        """``expand:`` companions for q/k norms (they rescale their projection's output)."""
+        pairs = [(p, n) for p, n in (("attn_q", "attn_q_norm"), ("attn_k", "attn_k_norm")) if roles_seen[n]]
+        if not pairs:
+            return []
+        if all(n in self.confirmed for _, n in pairs):
+            lines = ["# q/k norms rescale their projection's output (traced): a core q/k projection trains its norm"]
+            return lines + ["expand:"] + [f"  {p}: [{n}]" for p, n in pairs]
+        return ["expand:"] + [f"  {p}: [{n}]   # TODO: confirm that {n} rescales {p}'s output (read the "
+                              f"attention's forward); then its norm is trained with a core {p}" for p, n in pairs]
+
+
+def _family_roles(spec: ModelSpec) -> tuple[dict[str, set[str]], str | None]:
+    """Module path -> roles, from a rule file that already covers this model_type (a known layout)."""
+    from trace_transfer.errors import TraceTransferError
+    from trace_transfer.rules.loader import find_rules
+    from trace_transfer.rules.resolve import resolve
+
+    try:
+        rules = find_rules(spec, must_match=True)
+    except TraceTransferError:
+        return {}, None
+    res = resolve(rules, spec)
+    roles: dict[str, set[str]] = defaultdict(set)
+    for name, m in res.matches.items():
+        roles[module_of(name, m.field)].add(m.rule.rule.role)
+    return dict(roles), str(rules.path)
+
+
+def _entry(g: _Group, role: str, prefix: str | None, cfg: Any, expert_counts: set[int],
+           explained: bool = False) -> tuple[str, list[str]]:
+    """The section an entry goes to and its YAML lines (``explained``: a TODO note above says why it is ``?``)."""
+    section = g.section
+    if section == "layer" and role.endswith("_exp"):
+        section = "experts"  # all experts stacked in one tensor (transformers >= 5 in memory)
+        expert_counts.add(g.shape[0] - 1)
+    if section == "global":
+        target, template = ("before" if role in _BEFORE_ROLES else "after"), g.module
+    else:
+        target, template = section, f"{prefix}.{{layer}}.{g.module}"
+    if None in g.fields:
+        name, field_line = template, None  # no field suffix (or an odd mix): the name is the tensor
+    else:
+        name, field_line = f"{template}.{{field}}", f"[{', '.join(g.fields)}]"
+    entry = [f"  - role: {_q(role) if role == '?' else role}"]
+    if role == "?" and not explained:
+        entry[0] += f"   # TODO: unrecognised tensor {g.full} {list(g.shape)}: pick a role (see docs/rules.md) or x_<name>"
+    entry.append(f"    name: {_q(name)}")
+    if field_line and field_line != "[weight]":
+        entry.append(f"    fields: {field_line}")
+    hidden = _cfg(cfg, "hidden_size") or _cfg(cfg, "n_embd")
+    if role in _EXPANDING and len(g.shape) == 2 and hidden and g.shape[0] == hidden and g.shape[1] != hidden:
+        entry.append("    transposed: true   # TODO: verify; the weight looks stored [in, out] (Conv1D-style)")
+    if role == "output":
+        entry.append("    tied_to: token_embd")
+    if section == "experts" and "{expert}" not in g.module:
+        entry.append("    expert_axis: 0   # TODO: verify that axis 0 stacks the experts")
+    if role in _FUSED_PARTS:
+        entry += _split_lines(role, g.shape, entry, cfg)
+    return target, entry
+
+
+def _split_lines(role: str, shape: tuple[int, ...], entry: list[str], cfg: Any) -> list[str]:
+    axis = 1 if any("transposed" in e for e in entry) else 0
+    if any("expert_axis" in e for e in entry):
+        axis += 1  # the stacked experts come first
+    return [
+        f"    # TODO: fused tensor {list(shape)}: confirm the axis and layout (concat, or interleave per head",
+        f"    #       with groups: num_attention_heads as in GPT-NeoX) and give each part's size as a config",
+        f"    #       expression; config: {_config_hint(cfg)}",
+        "    split:",
+        f"      axis: {axis}",
+        "      layout: concat",
+        "      parts:",
+    ] + [f'        - {{role: {p}, size: "?"}}   # TODO' for p in _FUSED_PARTS[role]]
+
+
+def _header(spec: ModelSpec, todos: int, evidence: _Evidence) -> list[str]:
+    model_type = spec.model_type or "unknown"
+    if evidence.trace.ok:
+        how = "# Norm roles come from a traced forward pass (meta device); each carries its evidence."
+    else:
+        how = (f"# No functional check ran ({evidence.trace.error}); norms whose role depends on the wiring "
+               f"are TODOs.")
+    return [
+        f"# Draft rule file for {model_type}, written by `trace-transfer rules init` from {spec.origin}.",
+        f"# Resolve every TODO ({todos} left), then run `trace-transfer rules check MODEL --rules THIS_FILE`.",
+        how,
+        "# Guide: docs/rules.md. Roles: `trace-transfer rules list --roles`.",
+    ]
+
+
+def _settings(spec: ModelSpec, n_layers: int, expert_counts: set[int]) -> list[str]:
+    cfg = spec.config
+    model_type = spec.model_type or "unknown"
+    num_layers = _config_key(cfg, _NUM_LAYER_KEYS, n_layers)
+    lines = [
+        "format: 1",
+        f"family: {model_type}",
+        f"description: {_q(f'{model_type} (drafted by rules init)')}",
+        "match:",
+        f"  model_type: [{model_type}]",
+        f"  architectures: [{', '.join(spec.architectures)}]",
+        f"num_layers: {num_layers}" + ("" if num_layers != '"?"' else "   # TODO: the config key holding the layer count"),
+    ]
+    n_experts = max(expert_counts) + 1 if expert_counts else None
+    if n_experts:
+        key = _config_key(cfg, _NUM_EXPERT_KEYS, n_experts)
+        lines.append(f"num_experts: {key}" + ("   # TODO: config key for the expert count" if key == '"?"' else ""))
+    if _cfg(cfg, "head_dim") is None and _cfg(cfg, "num_attention_heads"):
+        lines += ["config_defaults:", "  head_dim: hidden_size // num_attention_heads   # the config has no head_dim"]
+    return lines + ["ignore:", '  - "*.rotary_emb.inv_freq"   # rotary buffer some checkpoints carry']
 
 
 def _role_rank(module: str, section: str) -> tuple[int, int, str]:

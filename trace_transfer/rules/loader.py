@@ -175,15 +175,24 @@ def get_rules(name: str, rules: str | Path | None = None) -> RuleSet:
     raise RuleError(f"no rule file named {name!r}; known families: {', '.join(known)}")
 
 
-def check_model(model: Any, rules: str | Path | RuleSet | None = None, layout: str = "auto") -> Resolution:
+def check_model(model: Any, rules: str | Path | RuleSet | None = None, layout: str = "auto",
+                wiring: bool = True) -> Resolution:
     """Resolve a model against its rule file and return the coverage (does not raise on gaps).
+
+    With ``wiring``, norms are also checked against a traced forward pass (meta device): a role the
+    wiring contradicts lands in ``.warnings`` (see :mod:`trace_transfer.rules.wiring`).
 
     Example:
         >>> res = check_model("path/to/model")
-        >>> res.ok, res.summary()
+        >>> res.ok, res.summary(), res.warnings
     """
     spec = model_spec(model, layout=layout)
-    return resolve(find_rules(spec, rules), spec)
+    res = resolve(find_rules(spec, rules), spec)
+    if wiring:
+        from trace_transfer.rules.wiring import check_wiring
+
+        res.warnings += check_wiring(res)
+    return res
 
 
 def draft_rules(model: Any, layout: str = "auto") -> str:

@@ -251,6 +251,8 @@ class Resolution:
     inactive_rules: list[str] = field(default_factory=list)
     unused_ignores: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Doubts that do not block (``rules check`` prints them): e.g. a norm's role contradicted by the wiring.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
