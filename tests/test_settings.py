@@ -173,6 +173,44 @@ def test_click_options_match_the_dataclass(command, cls, names, deliberate):
     assert generated >= set(names) - {"epochs", "max_steps", "lr", "seed"}, set(names) - generated
 
 
+def _function(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+# Commands that are one library call: every option named like a keyword of the call has its default.
+_CALLS = [("score", "trace_transfer.scoring.score"), ("cka", "trace_transfer.cka.compute_cka"),
+          ("map-layers", "trace_transfer.cka.map_layers"), ("pretrain", "trace_transfer.train.pretrain.pretrain"),
+          ("tiny-model", "trace_transfer.models.build_tiny_model")]
+
+
+@pytest.mark.parametrize("command,function", _CALLS, ids=[c for c, _ in _CALLS])
+def test_click_options_match_the_library_call(command, function):
+    from trace_transfer.cli import main
+
+    params = inspect.signature(_function(function)).parameters
+    shared = [o for o in main.commands[command].params
+              if isinstance(o, click.Option) and o.name in params and not o.required and not o.is_flag]
+    assert len(shared) >= 3, [o.name for o in shared]
+    for opt in shared:
+        default = params[opt.name].default
+        if default is not inspect.Parameter.empty:
+            assert opt.default == default, (command, opt.name, opt.default, default)
+
+
+def test_cli_choices_are_the_library_constants():
+    from trace_transfer.cka import POOLINGS, VARIANTS
+    from trace_transfer.cli import main
+    from trace_transfer.scoring import BUDGETS, GRANULARITIES, PRESETS
+
+    expect = {("score", "granularity"): GRANULARITIES, ("score", "budget"): BUDGETS, ("score", "preset"): PRESETS,
+              ("cka", "variant"): VARIANTS, ("cka", "pooling"): POOLINGS}
+    for (command, name), values in expect.items():
+        assert tuple(_option(main.commands[command], name).type.choices) == tuple(values), (command, name)
+
+
 def test_finetune_method_options_match():
     from trace_transfer.cli import main
     from trace_transfer.train.methods import MethodOptions
