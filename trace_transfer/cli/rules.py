@@ -10,6 +10,7 @@ import click
 
 from trace_transfer.cli._errors import Group
 from trace_transfer.cli._table import echo_table
+from trace_transfer.rules.resolve import LAYOUTS
 
 _RULES_HELP = "Rule file (or directory of them) to use instead of / before the shipped ones."
 
@@ -31,7 +32,7 @@ def command() -> None:
 @command.command("check")
 @click.argument("model")
 @click.option("--rules", "rules_path", type=click.Path(exists=True, path_type=Path), help=_RULES_HELP)
-@click.option("--layout", type=click.Choice(["auto", "checkpoint", "model", "both"]), default="auto", show_default=True,
+@click.option("--layout", type=click.Choice([*LAYOUTS, "both"]), default="auto", show_default=True,
               help="Names from the safetensors files, from the model class (meta device), or both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the coverage as JSON.")
 @click.option("--verbose", "-v", "verbose", is_flag=True, help="List every matched tensor with its slots.")
@@ -111,7 +112,7 @@ def _print_coverage(res, verbose: bool) -> None:
 @command.command("init")
 @click.argument("model")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the draft here (default: stdout).")
-@click.option("--layout", type=click.Choice(["auto", "checkpoint", "model"]), default="auto", show_default=True,
+@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
               help="Draft from the safetensors names or from the model class's parameter names.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def init(model: str, out: Path | None, layout: str, force: bool) -> None:

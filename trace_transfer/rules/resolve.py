@@ -22,6 +22,9 @@ from trace_transfer.rules.schema import CompiledRule, RuleSet, rule_error
 from trace_transfer.errors import ArtifactNotFoundError, ConfigError
 
 _MAX_LISTED = 8
+# Where tensor names come from: checkpoint (safetensors files), model (the class on the meta device), or
+# auto (checkpoint when safetensors files exist, else model). The CLI takes its --layout choices from here.
+LAYOUTS = ("auto", "checkpoint", "model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,8 +99,8 @@ def model_spec(model: Any, layout: str = "auto", trust_remote_code: bool = False
         ArtifactNotFoundError: the directory/hub id does not exist or holds no config.
         ConfigError: ``layout`` is unknown, or the class cannot be built for ``layout="model"``.
     """
-    if layout not in ("auto", "checkpoint", "model"):
-        raise ConfigError(f"layout {layout!r}: expected auto, checkpoint or model")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r}: expected {', '.join(LAYOUTS)}")
     if isinstance(model, ModelSpec):
         return model
     import torch
