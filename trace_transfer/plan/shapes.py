@@ -112,7 +112,7 @@ def find_config(ref: str, base_dir: Path | None = None, roots: list[Path] | tupl
     candidates = [Path(ref).expanduser()]
     if base_dir is not None and not candidates[0].is_absolute():
         candidates.insert(0, base_dir / ref)
-    candidates += [root / ref for root in roots]
+    candidates += [Path(root).expanduser() / ref for root in roots]
     for c in candidates:
         f = c / "config.json" if c.is_dir() else c
         if f.is_file() and f.suffix == ".json":
