@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trace_transfer.cli.rules import command as rules_cli
 from trace_transfer.errors import RuleError
 from trace_transfer.rules.draft import draft
-from trace_transfer.rules.loader import check_model, parse_rule_text
+from trace_transfer.rules.loader import check_model, draft_rules, parse_rule_text
 from trace_transfer.rules.resolve import model_spec, resolve
 from trace_transfer.rules.wiring import classify, module_of, trace_wiring
 
@@ -89,8 +89,7 @@ def test_cohere_draft_sees_the_parallel_block_and_per_head_norms():
 
 
 def test_a_known_family_rule_is_evidence_when_nothing_is_traced():
-    spec = _spec("llama")
-    text = draft(spec, wiring=False)
+    text = draft_rules(AutoConfig.for_model("llama", **_TINY), wiring=False)
     roles = {m: e["role"] for m, e in _entries(text).items()}
     assert roles["input_layernorm"] == "attn_norm" and roles["post_attention_layernorm"] == "ffn_norm"
     assert "the family's rule file" in text and "llama.yaml" in text

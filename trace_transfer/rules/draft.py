@@ -23,7 +23,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from trace_transfer.rules.resolve import ModelSpec
+from trace_transfer.rules.resolve import ModelSpec, resolve
+from trace_transfer.rules.schema import RuleSet
 from trace_transfer.rules.wiring import WIRING_ROLES, WiringTrace, classify, module_of, norm_scope, trace_wiring
 
 _FIELDS = ("weight", "bias")
@@ -106,18 +107,20 @@ class _Group:
     modules: list[str] = field(default_factory=list)  # the real module paths (every layer)
 
 
-def draft(spec: ModelSpec, wiring: bool = True) -> str:
+def draft(spec: ModelSpec, wiring: bool = True, family: RuleSet | None = None) -> str:
     """YAML text of a draft rule file for ``spec`` (see the module docstring).
 
     Args:
         spec: the model's config and tensor shapes.
         wiring: trace the forward pass for evidence on norms (False: only a known family rule counts).
+        family: a rule file already covering this model_type (``rules init`` passes the one it finds):
+            its roles are evidence too.
     """
     cfg = spec.config
     prefix, n_layers = _layer_prefix(list(spec.shapes))
     groups, expert_counts = _collect_groups(spec, prefix)
     guesses = {key: _guess_role(g, groups) for key, g in groups.items()}
-    evidence = _Evidence.gather(spec, groups, guesses, wiring)
+    evidence = _Evidence.gather(spec, groups, guesses, wiring, family)
     out: dict[str, list[str]] = {"before": [], "layer": [], "experts": [], "after": []}
     roles_seen: Counter[str] = Counter()
     for key, g in sorted(groups.items(), key=lambda kv: _role_rank(kv[1].module, kv[1].section)):
@@ -184,8 +187,8 @@ class _Evidence:
     confirmed: set[str] = field(default_factory=set)  # q/k-norm roles whose input the trace saw come from q/k
 
     @classmethod
-    def gather(cls, spec: ModelSpec, groups: dict, guesses: dict, wiring: bool) -> _Evidence:
-        family, family_file = _family_roles(spec)
+    def gather(cls, spec: ModelSpec, groups: dict, guesses: dict, wiring: bool, rules: RuleSet | None) -> _Evidence:
+        family, family_file = _family_roles(spec, rules)
         trace = trace_wiring(spec.config) if wiring else WiringTrace(error="wiring=False")
         roles = {mod: guesses[key] for key, g in groups.items() for mod in g.modules if guesses[key] != "?"}
         return cls(family, family_file, trace, roles)
@@ -246,15 +249,9 @@ class _Evidence:
                               f"attention's forward); then its norm is trained with a core {p}" for p, n in pairs]
 
 
-def _family_roles(spec: ModelSpec) -> tuple[dict[str, set[str]], str | None]:
+def _family_roles(spec: ModelSpec, rules: RuleSet | None) -> tuple[dict[str, set[str]], str | None]:
     """Module path -> roles, from a rule file that already covers this model_type (a known layout)."""
-    from trace_transfer.errors import TraceTransferError
-    from trace_transfer.rules.loader import find_rules
-    from trace_transfer.rules.resolve import resolve
-
-    try:
-        rules = find_rules(spec, must_match=True)
-    except TraceTransferError:
+    if rules is None:
         return {}, None
     res = resolve(rules, spec)
     roles: dict[str, set[str]] = defaultdict(set)

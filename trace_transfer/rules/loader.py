@@ -195,11 +195,20 @@ def check_model(model: Any, rules: str | Path | RuleSet | None = None, layout: s
     return res
 
 
-def draft_rules(model: Any, layout: str = "auto") -> str:
-    """Draft a rule file (YAML text) for an architecture from its tensor names; see ``rules init``."""
+def draft_rules(model: Any, layout: str = "auto", wiring: bool = True) -> str:
+    """Draft a rule file (YAML text) for an architecture from its tensor names; see ``rules init``.
+
+    Norm roles need evidence: a traced forward pass (``wiring``) or a rule file on the search path
+    that already covers the model_type (passed to the draft as the family's known layout).
+    """
     from trace_transfer.rules.draft import draft
 
-    return draft(model_spec(model, layout=layout))
+    spec = model_spec(model, layout=layout)
+    try:
+        family = find_rules(spec, must_match=True)
+    except RuleError:
+        family = None
+    return draft(spec, wiring=wiring, family=family)
 
 
 def _config_of(model: Any) -> Any:
