@@ -22,6 +22,7 @@ def command():
       trace-transfer coreset stats cores/math.coreset.safetensors
       trace-transfer coreset stats cores/math.coreset.safetensors cores/code.coreset.safetensors
       trace-transfer coreset union cores/math.coreset.safetensors cores/code.coreset.safetensors --out both
+      trace-transfer coreset export cores/math.coreset.safetensors --to axolotl --out math.axolotl.yaml
     """
 
 
@@ -230,3 +231,32 @@ def _print_overlap(console, files, sets, per) -> None:
     for key in keys:
         table.add_row(str(key), *[f"{c[key]:.4f}" if key in c else "" for c in columns.values()])
     console.print(table)
+
+
+@command.command("export", short_help="Write a CoreSet as Axolotl / LLaMA-Factory / PEFT / JSON freezing config.")
+@click.argument("file", type=_FILE)
+@click.option("--to", "fmt", required=True, type=click.Choice(["axolotl", "llamafactory", "peft", "json"]),
+              help="Target: axolotl (unfrozen_parameters with row ranges), llamafactory (freeze tuning), "
+                   "peft (a SHiRA adapter directory), json ({name: ranges}).")
+@click.option("--out", required=True, type=click.Path(), help="File to write (peft: a directory).")
+@click.option("--approximate", is_flag=True,
+              help="llamafactory: write the closest setting when none is exact, reporting parameters added/lost.")
+@click.option("--base-model", default=None, help="peft: base_model_name_or_path for the adapter (default: the CoreSet's model).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+def export(file, fmt, out, approximate, base_model, force):
+    """Export FILE so another trainer trains exactly its core (or refuse, saying why and what is exact).
+
+    \b
+    Examples:
+      trace-transfer coreset export cores/math.coreset.safetensors --to axolotl --out math.axolotl.yaml
+      trace-transfer coreset export cores/math.coreset.safetensors --to llamafactory --out lf.yaml --approximate
+      trace-transfer coreset export cores/math.coreset.safetensors --to peft --out adapters/math
+      trace-transfer coreset export cores/math.coreset.safetensors --to json --out math.ranges.json
+    """
+    from trace_transfer.coreset.export import export_coreset
+
+    res = export_coreset(file, fmt, out, approximate=approximate, force=force, base_model=base_model)
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    exact = "exact" if res.exact else f"approximate: +{res.added:,} added, -{res.lost:,} lost"
+    click.echo(f"{fmt}: {exact} -> {res.path}")
