@@ -271,26 +271,32 @@ def _entry(g: _Group, role: str, prefix: str | None, cfg: Any, expert_counts: se
         target, template = ("before" if role in _BEFORE_ROLES else "after"), g.module
     else:
         target, template = section, f"{prefix}.{{layer}}.{g.module}"
-    if None in g.fields:
-        name, field_line = template, None  # no field suffix (or an odd mix): the name is the tensor
-    else:
-        name, field_line = f"{template}.{{field}}", f"[{', '.join(g.fields)}]"
     entry = [f"  - role: {_q(role) if role == '?' else role}"]
     if role == "?" and not explained:
         entry[0] += f"   # TODO: unrecognised tensor {g.full} {list(g.shape)}: pick a role (see docs/rules.md) or x_<name>"
-    entry.append(f"    name: {_q(name)}")
-    if field_line and field_line != "[weight]":
-        entry.append(f"    fields: {field_line}")
-    hidden = _cfg(cfg, "hidden_size") or _cfg(cfg, "n_embd")
-    if role in _EXPANDING and len(g.shape) == 2 and hidden and g.shape[0] == hidden and g.shape[1] != hidden:
-        entry.append("    transposed: true   # TODO: verify; the weight looks stored [in, out] (Conv1D-style)")
-    if role == "output":
-        entry.append("    tied_to: token_embd")
-    if section == "experts" and "{expert}" not in g.module:
-        entry.append("    expert_axis: 0   # TODO: verify that axis 0 stacks the experts")
+    if None in g.fields:  # no field suffix (or an odd mix): the name is the tensor
+        entry.append(f"    name: {_q(template)}")
+    else:
+        entry.append(f"    name: {_q(template + '.{field}')}")
+        if g.fields != ["weight"]:
+            entry.append(f"    fields: [{', '.join(g.fields)}]")
+    entry += _storage_lines(g, role, section, cfg)
     if role in _FUSED_PARTS:
         entry += _split_lines(role, g.shape, entry, cfg)
     return target, entry
+
+
+def _storage_lines(g: _Group, role: str, section: str, cfg: Any) -> list[str]:
+    """Transposed storage, ties and stacked experts: what the shape and the role suggest, marked to verify."""
+    lines = []
+    hidden = _cfg(cfg, "hidden_size") or _cfg(cfg, "n_embd")
+    if role in _EXPANDING and len(g.shape) == 2 and hidden and g.shape[0] == hidden and g.shape[1] != hidden:
+        lines.append("    transposed: true   # TODO: verify; the weight looks stored [in, out] (Conv1D-style)")
+    if role == "output":
+        lines.append("    tied_to: token_embd")
+    if section == "experts" and "{expert}" not in g.module:
+        lines.append("    expert_axis: 0   # TODO: verify that axis 0 stacks the experts")
+    return lines
 
 
 def _split_lines(role: str, shape: tuple[int, ...], entry: list[str], cfg: Any) -> list[str]:

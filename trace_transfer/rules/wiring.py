@@ -214,6 +214,11 @@ def classify(module: str, trace: WiringTrace, roles: dict[str, str]) -> Evidence
     # What a norm feeds decides first: in BLOOM the attention module adds the residual itself, so the
     # pre-MLP norm's input is "the attention block's output" too; only a norm whose output goes to no
     # projection is a post-norm.
+    return _by_consumers(w, trace, roles, short) or _by_producer(w, roles, short) or Evidence(
+        None, "the traced forward pass shows neither what feeds it nor what it feeds")
+
+
+def _by_consumers(w: Wiring, trace: WiringTrace, roles: dict[str, str], short) -> Evidence | None:
     fed = {c: roles.get(c) or _block(c, roles) for c in w.consumers}
     if "output" in fed.values() or (trace.head is not None and trace.head in w.consumers):
         return Evidence("output_norm", "its output feeds the LM head")
@@ -226,14 +231,18 @@ def classify(module: str, trace: WiringTrace, roles: dict[str, str]) -> Evidence
         return Evidence("attn_norm", f"its output feeds the attention projections ({names})")
     if blocks == {"ffn"}:
         return Evidence("ffn_norm", f"its output feeds the MLP ({names})")
-    src_block = _block(w.producer, roles)
+    return None
+
+
+def _by_producer(w: Wiring, roles: dict[str, str], short) -> Evidence | None:
+    src_role, src_block = roles.get(w.producer or ""), _block(w.producer, roles)
     if src_role == "attn_o" or src_block == "attn":
         return Evidence("attn_post_norm", f"its input is the output of {short(w.producer)} (the attention block) "
                                           f"and its output feeds no projection")
     if src_role in ("ffn_down", "ffn_down_exp", "ffn_shared_down") or src_block == "ffn":
         return Evidence("ffn_post_norm", f"its input is the output of {short(w.producer)} (the MLP block) "
                                          f"and its output feeds no projection")
-    return Evidence(None, "the traced forward pass shows neither what feeds it nor what it feeds")
+    return None
 
 
 def _shorten(module: str):
