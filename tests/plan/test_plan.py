@@ -134,6 +134,16 @@ def test_cli_table_fits_80_columns_and_hub_ids_need_configs():
     assert missing.exit_code != 0 and "--configs" in missing.output
 
 
+def test_inference_verdicts(shapes):
+    from trace_transfer.plan.planner import _inference_step
+
+    s, hw = shapes["Qwen/Qwen3-32B"], Hardware(gpus_per_node=8)
+    assert _inference_step("eval", [s], 1, 512, 64, None, hw, loglik=False).verdict == "fits"
+    assert _inference_step("eval", [s], 16, 1024, 256, None, hw, loglik=True).verdict == "needs 2 GPUs (device_map)"
+    # full-sequence logits of a huge batch stay on one GPU whatever device_map does
+    assert _inference_step("eval", [s], 512, 4096, 256, None, hw, loglik=True).verdict.startswith("does not fit")
+
+
 @pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("80GB", 80 * 10**9), ("141", 141 * GiB),
                                            ("1.5TiB", int(1.5 * 1024 * GiB))])
 def test_parse_size(text, expected):

@@ -46,7 +46,8 @@ def _with_overrides(path: Path, overrides: tuple[str, ...]) -> Path | dict:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="GPUs per node [default: the config's launch.nproc_per_node, else 1].")
-@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes.")
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
+              help="Nodes [default: the config's launch.nnodes where it has one, else 1].")
 @click.option("--gpu", "gpu_name", default="h100", show_default=True,
               help="GPU type for memory, bf16 peak and bandwidth: a100-40gb, a100, h100-pcie, h100, h200, l40s, "
                    "b200, mi300x.")
@@ -97,7 +98,8 @@ def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, exam
         raise ConfigError(f"--mfu {mfu!r}: expected LO-HI in percent, e.g. 25-50") from None
     cfg = load_pipeline(_with_overrides(config, overrides), base_dir=config.parent)
     per_task, default = _examples(examples)
-    hw = Hardware(gpu=gpu_spec(gpu_name), gpus_per_node=gpus or cfg.launch.nproc_per_node, nodes=nodes,
+    hw = Hardware(gpu=gpu_spec(gpu_name), gpus_per_node=gpus or cfg.launch.nproc_per_node,
+                  nodes=nodes or getattr(cfg.launch, "nnodes", None) or 1,
                   gpu_memory=parse_size(gpu_mem, "--gpu-mem") if gpu_mem else None,
                   host_memory=parse_size(host_mem, "--host-mem"), mfu=mfu_range)
     result = plan(cfg, hw, base_dir=config.parent, configs=list(configs), examples=per_task,

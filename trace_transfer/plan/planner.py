@@ -227,8 +227,12 @@ def _inference_step(name: str, shapes: list[ModelShape], batch: int, prompt: int
     while not fits(mem, hw) and gpus < MAX_GPUS:
         gpus += 1
         mem = inference_memory(worst, batch, prompt, new, gpus, hw, loglik)
-    verdict = "fits" if ok else (f"needs {gpus} GPUs (device_map)" if gpus <= hw.world
-                                 else f"needs {gpus - hw.world} more GPUs")
+    if not fits(mem, hw):  # the transients stay on one GPU however many hold the layers
+        verdict = "does not fit: lower the batch size"
+    elif ok:
+        verdict = "fits"
+    else:
+        verdict = f"needs {gpus} GPUs (device_map)" if gpus <= hw.world else f"needs {gpus - hw.world} more GPUs"
     step = StepPlan(name, "inference", " + ".join(s.ref for s in shapes), "1 GPU bf16", memory=mem,
                     fits_as_configured=ok, verdict=verdict, count=count)
     if not ok:
