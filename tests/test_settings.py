@@ -287,6 +287,17 @@ def test_pipeline_semantic_problems_and_duplicates_have_lines_too(tmp_path):
         load_pipeline(p)
 
 
+def test_a_misspelled_method_is_reported_with_schema_problems(tmp_path):
+    from trace_transfer.pipeline.config import load_pipeline
+
+    p = tmp_path / "pipe.yaml"
+    p.write_text(_PIPELINE + "methods: [full, fulll]\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(p)
+    assert len(err.value.problems) == 3 and f"{p}:10: methods: unknown pipeline method 'fulll'" in str(err.value)
+    assert "did you mean 'full'" in str(err.value)
+
+
 def test_task_yaml_errors_name_file_line_and_the_closest_key(tmp_path):
     from trace_transfer.data import load_task
 

@@ -193,11 +193,29 @@ def load_pipeline(source: str | Path | dict[str, Any], base_dir: Path | None = N
     else:
         raw = dict(source)
     base_dir = base_dir or Path.cwd()
-    cfg = validate_tree(PipelineConfig, raw, path, what="pipeline config", problems=problems)
+    try:
+        cfg = validate_tree(PipelineConfig, raw, path, what="pipeline config", problems=problems)
+    except ConfigError as exc:
+        # The other checks need a valid config; the methods list rarely depends on the rest, so one run
+        # still names a misspelled method next to a misspelled key.
+        more = [located(p, raw, path) for p in _raw_method_problems(raw)] if isinstance(raw, dict) else []
+        if not more:
+            raise
+        problems = [*exc.problems, *more]
+        raise ConfigError(f"invalid pipeline config{f' {path}' if path else ''} ({len(problems)} problem(s)):",
+                          problems) from None
     semantic = [located(p, raw, path) for p in semantic_problems(cfg, base_dir)]
     if semantic:
         raise ConfigError(f"invalid pipeline config{f' {path}' if path else ''}:", semantic)
     return cfg
+
+
+def _raw_method_problems(raw: dict[str, Any]) -> list[str]:
+    methods, tasks, launch = raw.get("methods"), raw.get("tasks"), raw.get("launch")
+    if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
+        return []
+    return method_problems(methods, num_tasks=len(tasks) if isinstance(tasks, list) else 10**9,
+                           deepspeed=bool(launch.get("deepspeed")) if isinstance(launch, dict) else False)
 
 
 def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
