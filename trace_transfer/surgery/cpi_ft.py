@@ -213,9 +213,6 @@ def cpi_ft(
         ConfigError: fewer than two tasks, a task repeated, bad settings, ``out_dir`` holding another
             run (or any run without ``resume``).
     """
-    from trace_transfer.data import load_task
-    from trace_transfer.evaluation.code_exec import check_tasks_consent
-    from trace_transfer.evaluation.continual import continual_metrics
     from trace_transfer.train.runner import run_sequence
 
     cfg = config or CpiFtConfig()
@@ -223,14 +220,7 @@ def cpi_ft(
     sft_cfg = sft_cfg or ft_cfg
     say = progress or (lambda msg: logger.info(msg))
     refs = [str(t) for t in tasks]
-    if len(refs) < 2:
-        raise ConfigError(f"CPI-FT needs at least two tasks (--task, repeated), got {len(refs)}")
-    loaded = [load_task(r) for r in refs]
-    check_tasks_consent(loaded)  # before any training, not at the first evaluation
-    names = [t.name for t in loaded]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"task(s) {dupes} given more than once; each task is one column of R")
+    names = _task_names(refs)
     out = Path(out_dir)
     identity = {"model": str(model), "tasks": refs, "config": cfg.to_dict(), "ft": ft_cfg.to_dict(),
                 "sft": sft_cfg.to_dict(), "eval_limit": eval_limit}
@@ -241,11 +231,10 @@ def cpi_ft(
     base = _local_base(model, out, say)
 
     # Step 1: independent fine-tuning per task, then core regions.
-    ft_runs = {}
     for ref, name in zip(refs, names):
         say(f"[1/5] fine-tuning {name} on its own")
-        ft_runs[name] = run_sequence(base, [Stage(ref)], "full", out / "ft" / _safe(name), ft_cfg,
-                                     eval_limit=eval_limit, resume=True, eval_batch_size=eval_batch_size)
+        run_sequence(base, [Stage(ref)], "full", out / "ft" / _safe(name), ft_cfg,
+                     eval_limit=eval_limit, resume=True, eval_batch_size=eval_batch_size)
     tuned = {n: out / "ft" / _safe(n) / "stage_1" for n in names}
     say(f"[1/5] core regions: top {cfg.ratio:g} of parameters by update magnitude ({cfg.granularity})")
     cores = core_regions(base, tuned, out / "cores", ratio=cfg.ratio, granularity=cfg.granularity,
@@ -263,7 +252,6 @@ def cpi_ft(
     merge = merge_models([tuned[n] for n in names], out / "merged", "transplant",
                          coresets=[core_files[n] for n in names], base=base,
                          options=MergeOptions(fill="slerp", collision=cfg.collision, per_row=cfg.per_row))
-    totals = merge.totals()
 
     # Step 5: pipeline SFT with core regions frozen.
     order = [n for g in clusters.groups for n in g]
@@ -274,15 +262,47 @@ def cpi_ft(
                        resume=True, eval_batch_size=eval_batch_size)
 
     # Results in the runner's shape, row 0 = the base model.
+    paths = {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},
+             "clusters": str(out / "clusters.json"), "merged": str(out / "merged"), "sft": str(out / "sft")}
+    results = _cpi_results(out, sft, stages, order, clusters, {n: cores[n] for n in names}, merge, frozen_info,
+                           cfg, paths)
+    results["provenance"] = {**results.get("provenance", {}), "cpi_ft": identity, "base_model": str(base),
+                             "started": started, "versions": versions(),
+                             "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    _write_results(out, results, order)
+    return CpiFtResult(out, results)
+
+
+def _task_names(refs: list[str]) -> list[str]:
+    """The tasks' names, after every check that needs no training: count, code-exec consent, repeats."""
+    from trace_transfer.data import load_task
+    from trace_transfer.evaluation.code_exec import check_tasks_consent
+
+    if len(refs) < 2:
+        raise ConfigError(f"CPI-FT needs at least two tasks (--task, repeated), got {len(refs)}")
+    loaded = [load_task(r) for r in refs]
+    check_tasks_consent(loaded)  # before any training, not at the first evaluation
+    names = [t.name for t in loaded]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"task(s) {dupes} given more than once; each task is one column of R")
+    return names
+
+
+def _cpi_results(out: Path, sft: RunResult, stages: list[Stage], order: list[str], clusters, cores: dict[str, CoreSet],
+                 merge, frozen_info: list[dict[str, Any]], cfg: CpiFtConfig, paths: dict[str, Any]) -> dict[str, Any]:
+    """The SFT run's results with row 0 replaced by the base model, plus the CPI-FT details."""
+    from trace_transfer.evaluation.continual import continual_metrics
+
     base_row = [_eval_score(out / "ft" / _safe(n) / "stage_0", n) for n in order]
     single = {n: _eval_score(out / "ft" / _safe(n) / "stage_1", n) for n in order}
+    totals = merge.totals()
     results = dict(sft.results)
     R = [base_row] + [list(r) for r in sft.R[1:]]
-    labels = ["before (base)"] + list(results.get("row_labels", [])[1:])
     n_runs = len(get_method(SFT_METHOD).plan(stages))
     results.update({
         "R": R,
-        "row_labels": labels,
+        "row_labels": ["before (base)"] + list(results.get("row_labels", [])[1:]),
         "metrics": continual_metrics(R) if len(R) >= 2 else None,
         "complete": len(R) - 1 == n_runs,
         "method": "cpi-ft",
@@ -292,20 +312,15 @@ def cpi_ft(
             "jaccard_names": clusters.names,
             "row_after_merge": list(sft.R[0]),
             "single_task_ft": single,
-            "core_params": {n: cores[n].num_selected() for n in names},
+            "core_params": {n: cs.num_selected() for n, cs in cores.items()},
             "collisions": {"total": totals["collisions"], "conflicts": totals["conflicts"],
                            "per_tensor": {k: v["collisions"] for k, v in merge.collisions().items()}},
             "frozen": frozen_info,
             "config": cfg.to_dict(),
-            "paths": {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},
-                      "clusters": str(out / "clusters.json"), "merged": str(out / "merged"), "sft": str(out / "sft")},
+            "paths": paths,
         },
     })
-    results["provenance"] = {**results.get("provenance", {}), "cpi_ft": identity, "base_model": str(base),
-                             "started": started, "versions": versions(),
-                             "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    _write_results(out, results, order)
-    return CpiFtResult(out, results)
+    return results
 
 
 def _sft_stages(order, groups, cores, ref_of, cfg: CpiFtConfig, frozen_dir: Path):
