@@ -134,6 +134,34 @@ def test_cli_table_fits_80_columns_and_hub_ids_need_configs():
     assert missing.exit_code != 0 and "--configs" in missing.output
 
 
+def test_plan_counts_a_scored_coreset_exactly(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trace_transfer.coreset import CoreSet, UnitLayout
+    from trace_transfer.models import build_tokenizer, tiny_config
+    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.plan import plan
+
+    # the target of examples/pipelines/tiny.yaml: Qwen3, 3 layers, hidden 48, BPE vocabulary
+    cfg = tiny_config("qwen3", 3, 48, 4, 2, vocab_size=len(build_tokenizer("bpe")))
+    model = AutoModelForCausalLM.from_config(cfg)
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    rows = torch.zeros(model.get_parameter(q).shape[0], dtype=torch.bool)
+    rows[:2] = True
+    cs = CoreSet.from_unit_masks({q: rows, up: torch.tensor([True])}, {q: UnitLayout.rows(), up: UnitLayout()}, model,
+                                 metadata={"strategy": "lf", "granularity": "row"})
+    path = cs.save(tmp_path / "math.coreset.safetensors")
+    pipeline = load_pipeline(PIPELINES / "tiny.yaml")
+    steps = {s.name: s for s in plan(pipeline, Hardware(), base_dir=PIPELINES, coresets=[path],
+                                     examples={"synthetic:general": 100}).steps}
+    exact = steps["ft coreset math"]
+    # the whole up_proj, and δ = 2 rows of q_proj under apply_coreset's auto (sparse) masking
+    assert exact.trainable_params == model.get_parameter(up).numel() + 2 * 48
+    assert set(exact.methods) == {"trace-lf", "trace-cs", "transfer-lf", "transfer-cs"}
+    assert not any(n.startswith("ft row") for n in steps)  # the bounds are gone
+
+
 def test_inference_verdicts(shapes):
     from trace_transfer.plan.planner import _inference_step
 

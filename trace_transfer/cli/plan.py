@@ -65,12 +65,15 @@ def _with_overrides(path: Path, overrides: tuple[str, ...]) -> Path | dict:
 @click.option("--masking", type=click.Choice(["dense", "sparse"]), default=None,
               help="Masking of finer-than-tensor cores [default: the config's, else auto = sparse up to half a "
                    "tensor; the other one is shown too].")
+@click.option("--coreset", "coresets", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A scored CoreSet of the target: the core methods' row counts exactly what it trains "
+                   "(the largest, when repeated) instead of bounds from scoring.ratio.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value for this plan (dotted key, YAML value), e.g. --set scoring.ratio=0.05 "
                    "--set training.batch_size=1; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
-def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, examples, eval_items, masking, overrides,
-            as_json):
+def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, examples, eval_items, masking, coresets,
+            overrides, as_json):
     """Estimate memory, FLOPs and time of every step of a pipeline, from model configs alone.
 
     Each model is built on the meta device from its config.json (no weights are read or
@@ -103,5 +106,5 @@ def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, exam
                   gpu_memory=parse_size(gpu_mem, "--gpu-mem") if gpu_mem else None,
                   host_memory=parse_size(host_mem, "--host-mem"), mfu=mfu_range)
     result = plan(cfg, hw, base_dir=config.parent, configs=list(configs), examples=per_task,
-                  default_examples=default, eval_items=eval_items, masking=masking)
+                  default_examples=default, eval_items=eval_items, masking=masking, coresets=list(coresets))
     click.echo(to_json(result) if as_json else render(result))

@@ -119,7 +119,7 @@ def core_trainable(shape: ModelShape, ratio: float, granularity: str, budget: st
     k = int(ratio * scope)
     if masking == "sparse":
         idx = 4 * k if granularity == "element" else 4 * k // max(1, shape.hidden)
-        transient = shape.largest_tensor if granularity == "element" else 0
+        transient = sizes[0] if granularity == "element" and sizes else 0
         # Rows/heads/columns compute only δ's slice of the weight gradient; an element core builds the
         # full weight and its full gradient (one tensor at a time).
         wgrad = sum(t.numel for t in shape.tensors if t.group in SCOPE and len(t.shape) >= 2) \
@@ -130,6 +130,37 @@ def core_trainable(shape: ModelShape, ratio: float, granularity: str, budget: st
     return Trainable(f"{granularity} {pct} dense", dense, dense,
                      note="dense masking: every tensor in scope that holds a core unit stays trainable "
                           "(assumed: all of them, 1.00x full FT state as measured)")
+
+
+def coreset_trainable(shape: ModelShape, path: str | Path, masking: str) -> Trainable:
+    """Exact counts from a scored CoreSet of the model: tensors wholly core train whole; a partly-core
+    tensor trains whole under dense masking, as δ (+ int32 indices) under sparse masking — where at
+    most half of it is core, as ``apply_coreset``'s ``auto`` does."""
+    from trace_transfer.coreset import CoreSet
+    from trace_transfer.errors import ModelMismatchError
+
+    cs = CoreSet.load(path)
+    sizes = {t.name: t for t in shape.tensors}
+    grad = wgrad = extra = index = transient = 0
+    for name in cs.names():
+        t = sizes.get(name)
+        if t is None or tuple(cs.shape(name)) != t.shape:
+            raise ModelMismatchError(f"CoreSet {path}: tensor {name!r} {list(cs.shape(name))} is not in "
+                                     f"{shape.ref} with that shape; plan with the CoreSet of this model")
+        n, matrix = cs.num_selected(name), len(t.shape) >= 2
+        element = cs.granularity(name) == "element"
+        if n == t.numel or masking == "dense" or (masking == "auto" and n > t.numel // 2):
+            grad += t.numel
+            wgrad += t.numel if matrix else 0
+        else:
+            grad, extra = grad + n, extra + n
+            index += 4 * (n if element else max(1, n // max(1, t.numel // t.shape[0])))
+            wgrad += (t.numel if element else n) if matrix else 0
+            transient = max(transient, t.numel if element else 0)
+    label = f"coreset {Path(path).name.removesuffix('.coreset.safetensors')}"
+    return Trainable(label, grad, wgrad, extra_params=extra, index_bytes=index, transient_params=transient,
+                     note=f"exact, from {path}: {cs.num_selected():,} core parameters ({cs.ratio():.2%}) in "
+                          f"{len(cs.names())} tensors, masking {masking}")
 
 
 def method_trainable(entry: Any, shape: ModelShape, cfg: PipelineConfig, masking: str) -> Trainable:
@@ -292,7 +323,7 @@ def count_examples(task: str, examples: dict[str, int], default: int | None) -> 
 
 def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, configs: list[Path] | tuple = (),
          examples: dict[str, int] | None = None, default_examples: int | None = None,
-         eval_items: int | None = None, masking: str | None = None) -> Plan:
+         eval_items: int | None = None, masking: str | None = None, coresets: list[str | Path] | tuple = ()) -> Plan:
     """Plan every step of ``cfg`` on ``hw`` from the models' configs alone.
 
     Args:
@@ -305,6 +336,8 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
         eval_items: evaluation items per task when ``eval.limit`` is null.
         masking: ``dense`` / ``sparse`` for finer-than-tensor cores (default: the config's, else
             ``apply_coreset``'s ``auto``: sparse up to half a tensor).
+        coresets: scored CoreSets of the target; the core methods' row then counts exactly what the
+            largest of them trains instead of bounds from the ratio.
 
     Returns:
         A :class:`Plan`; ``Plan.to_dict()`` is the ``--json`` output.
@@ -319,7 +352,7 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
     base_dir = Path(base_dir or Path.cwd())
     roots = config_roots(list(configs))
     examples = examples or {}
-    masking = masking or getattr(cfg.training, "masking", None) or "auto"
+    masking = requested = masking or getattr(cfg.training, "masking", None) or "auto"
     if masking == "auto":  # apply_coreset's rule: sparse where at most half of a tensor is core
         masking = "sparse" if cfg.scoring.ratio <= 0.5 else "dense"
     methods = resolve(cfg.methods)
@@ -390,7 +423,11 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
     ranks = configured.world if configured.engine == "deepspeed" else 1
     tgt = shapes["target"]
     rows: dict[str, tuple[Trainable, list[str]]] = {}
+    exact = max((coreset_trainable(tgt, c, requested) for c in coresets), key=lambda t: t.grad_params, default=None)
     for name, entry in methods:
+        if exact is not None and entry.strategy is not None:
+            rows.setdefault(exact.label, (exact, []))[1].append(name)
+            continue
         tr = method_trainable(entry, tgt, cfg, masking)
         rows.setdefault(tr.label, (tr, []))[1].append(name)
         if tr.label.endswith((" dense", " sparse")):  # also show what the other masking would need
