@@ -51,6 +51,26 @@ def test_sparse_and_dense_give_the_same_weights_and_non_core_stays_bit_identical
         assert rs.losses == pytest.approx(rd.losses, rel=1e-5)
 
 
+def test_element_core_linear_works_blockwise_and_its_gradients_are_exact(monkeypatch):
+    import trace_transfer.train.sparse as sparse
+
+    monkeypatch.setattr(sparse, "_BLOCK_ELEMENTS", 7)  # 6 blocks of one row, one of them without core
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 5, dtype=torch.double, generator=g)
+    index = torch.tensor([0, 3, 7, 8, 14, 22, 29], dtype=torch.int32)
+    delta = torch.randn(len(index), dtype=torch.double, generator=g).requires_grad_()
+    x = torch.randn(2, 3, 5, dtype=torch.double, generator=g).requires_grad_()
+    bias = torch.randn(6, dtype=torch.double, generator=g).requires_grad_()
+    assert len(sparse._row_blocks(w0.shape, index)) == 6
+
+    def f(x, delta, bias):
+        return sparse._ElementLinear.apply(x, w0, delta, bias, index)
+
+    want = torch.nn.functional.linear(x, w0.reshape(-1).index_add(0, index, delta).view(6, 5), bias)
+    torch.testing.assert_close(f(x, delta, bias), want)
+    assert torch.autograd.gradcheck(f, (x, delta, bias))
+
+
 def test_partly_core_tensors_get_no_gradient_and_state_only_for_their_core():
     model = tiny_llama()
     cs = coreset_at(model, "row")

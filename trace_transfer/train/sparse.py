@@ -22,11 +22,14 @@ How the forward pass sees ``W0 + scatter(δ)`` — the mechanism, chosen by meas
   columns: ``y += x[..., idx]·δᵀ``. Autograd then never forms the full ``[out, in]`` weight gradient
   — ``∂δ`` costs ``k/out`` of it — which is why a 5 % row core steps *faster* than full FT (and than
   dense gradient masking, which computes the full gradient and zeroes 95 % of it).
-* **``nn.Linear`` with an element core**: ``W0 + scatter(δ)`` has to exist for the matmul; it is built
-  inside ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps ``x`` and δ, not a full copy
-  of the weight per layer until backward — one transient weight-sized tensor at a time instead of a
-  whole model's worth. Under ZeRO-3 (parameters with ``ds_id``) the weight is built once and kept
-  instead, so no recomputation depends on DeepSpeed re-gathering W0 inside the checkpointed region.
+* **``nn.Linear`` with an element core**: a custom autograd function works through W a block of rows
+  (~1M elements) at a time: forward builds ``W0 + scatter(δ)`` per block, backward rebuilds it per
+  block for ``∂x`` and gathers ``∂δ`` from each block's weight gradient as it is made. No
+  weight-sized tensor exists at any point (measured on the 58M bench model: peak RSS 1,262 MiB when
+  the effective weight is kept for backward, 1,106 MiB rebuilt under ``torch.utils.checkpoint``, less
+  again blockwise), for the same matmul flops. Under ZeRO-3 (parameters with ``ds_id``) the
+  effective weight is built once and kept instead, so backward does not depend on W0 being
+  re-gathered.
 * **any other module** (embeddings, norms, GPT-2 ``Conv1D``, custom layers): the module's own forward
   runs with ``W0 + scatter(δ)`` swapped into its ``_parameters`` for the duration of the call. Works
   for every module that reads its weight as ``self.<attr>``; the effective weight is a full copy.
@@ -220,9 +223,7 @@ def _linear(module: torch.nn.Module, mine: dict[str, SparseDelta], input: torch.
     if w.axis is None:
         if hasattr(weight, "ds_id"):
             return F.linear(input, w.effective(weight), bias)
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(_element_linear, input, weight, w.delta, bias, w, use_reentrant=False)
+        return _ElementLinear.apply(input, weight, w.delta, bias, w.index_on(input.device))
     idx = w.index_on(input.device)
     delta = w.delta
     y = F.linear(input, weight, bias)
@@ -232,8 +233,64 @@ def _linear(module: torch.nn.Module, mine: dict[str, SparseDelta], input: torch.
     return y + F.linear(input.index_select(-1, idx), delta).to(y.dtype)
 
 
-def _element_linear(input, weight, delta, bias, entry):
-    return F.linear(input, entry.effective(weight), bias)
+# Rows of W processed per block by the element-core linear: ~1M elements (4 MB in fp32), so no
+# weight-sized tensor is ever formed, and each block is still a matmul large enough to run at speed.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+class _ElementLinear(torch.autograd.Function):
+    """``y = x·(W0 + scatter(δ))ᵀ + b`` for an element core, one block of W's rows at a time.
+
+    The effective weight exists only a block at a time (forward and backward), and ``∂δ`` is gathered
+    from each block's weight gradient as it is made — memory is O(block), not O(W) per layer. ``index``
+    holds flat positions in ascending order (``nonzero`` order), so each block's core positions are a
+    contiguous slice of it."""
+
+    @staticmethod
+    def forward(ctx, x, w0, delta, bias, index):
+        blocks = _row_blocks(w0.shape, index)
+        ys = [F.linear(x, _block(w0, delta, index, b), None if bias is None else bias[b[0]:b[1]]) for b in blocks]
+        ctx.save_for_backward(x, w0, delta, index)
+        ctx.blocks, ctx.has_bias = blocks, bias is not None
+        return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w0, delta, index = ctx.saved_tensors
+        dt = gy.dtype
+        gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]).to(dt)
+        # ∂x sums over blocks: accumulate in fp32 when the matmuls run in bf16/fp16 (autocast)
+        acc = torch.promote_types(dt, torch.float32)
+        gx = torch.zeros(x2.shape, dtype=acc, device=x2.device) if ctx.needs_input_grad[0] else None
+        gd = torch.empty(delta.shape, dtype=dt, device=delta.device) if ctx.needs_input_grad[2] else None
+        cols = w0.shape[1]
+        for r0, r1, lo, hi in ctx.blocks:
+            g = gy2[:, r0:r1]
+            if gx is not None:
+                part = g @ _block(w0, delta, index, (r0, r1, lo, hi)).to(dt)
+                gx += part if part.dtype == acc else part.to(acc)
+            if gd is not None and hi > lo:
+                gd[lo:hi] = (g.t() @ x2).reshape(-1).index_select(0, index[lo:hi] - r0 * cols)
+        gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        gx = gx.reshape(x.shape).to(x.dtype) if gx is not None else None
+        return gx, None, None if gd is None else gd.to(delta.dtype), gb, None
+
+
+def _row_blocks(shape: torch.Size, index: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    rows, cols = shape
+    step = max(1, _BLOCK_ELEMENTS // max(1, cols))
+    starts = list(range(0, rows, step))
+    bounds = torch.tensor([r * cols for r in starts[1:]], dtype=index.dtype, device=index.device)
+    cuts = [0] + torch.searchsorted(index, bounds).tolist() + [len(index)]
+    return [(r, min(r + step, rows), cuts[i], cuts[i + 1]) for i, r in enumerate(starts)]
+
+
+def _block(w0: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, b: tuple[int, int, int, int]) -> torch.Tensor:
+    r0, r1, lo, hi = b
+    w = w0[r0:r1].clone()
+    if hi > lo:
+        w.view(-1).index_add_(0, index[lo:hi] - r0 * w0.shape[1], delta[lo:hi].to(w.dtype))
+    return w
 
 
 def _fold_state_dict_hook(mine: dict[str, SparseDelta]):
