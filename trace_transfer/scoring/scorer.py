@@ -59,6 +59,7 @@ from trace_transfer.checkpoint import fingerprint_of, open_checkpoint
 from trace_transfer.coreset import SUFFIX, CoreSet, UnitLayout
 from trace_transfer.scoring.base import STRATEGIES, ProbeInput, ScoringRun, budget_count, load_probe, register_strategy, select_units
 import trace_transfer.scoring.strategies  # noqa: F401  (registers lf, cs, random, magnitude)
+import trace_transfer.scoring.spectrum  # noqa: F401  (registers spectrum)
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError, ModelMismatchError
 
 __all__ = ["score", "register_strategy", "STRATEGIES", "BUDGETS", "PRESETS", "GRANULARITIES", "ProbeInput", "load_probe", "coreset_filename"]
