@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke run (issue 12, item 9). On a CUDA machine, from the repository root:
 #
-#   bash bench/gpu_smoke.sh                # both parts, ~15 min on one H100/H200
+#   bash bench/gpu_smoke.sh                # both parts, ~12 min on one H100/H200
 #   bash bench/gpu_smoke.sh --dry-run      # no GPU needed: validate, plan, print the commands
 #   bash bench/gpu_smoke.sh --tiny         # no GPU needed: the same plumbing on CPU at toy size
 #
@@ -15,6 +15,7 @@
 # plan, the pipeline's run directory and report, throughput.json.
 #
 # Options: --out DIR, --gpus N (ranks for part 2, default 1), --skip-pipeline, --skip-throughput.
+# Environment: GPU_TYPE (the planner's GPU name), PIPELINE_TIMEOUT (seconds, default 600), PYTHON.
 set -euo pipefail
 
 OUT=runs/gpu-smoke
@@ -31,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     --tiny) TINY=1; shift ;;
     --skip-pipeline) PIPELINE=0; shift ;;
     --skip-throughput) THROUGHPUT=0; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_smoke.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,7 +71,13 @@ say "gpu_smoke: $(date -u +%Y-%m-%dT%H:%M:%SZ), out=$OUT, config=$CONFIG$([[ $TI
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$SUMMARY" || true
 
 # The plan first (it validates the config, all problems at once): what every step should need on this
-# GPU type (h100 unless GPU_TYPE says otherwise).
+# GPU type (GPU_TYPE, else guessed from nvidia-smi, else h100).
+if [[ -z "${GPU_TYPE:-}" ]] && command -v nvidia-smi >/dev/null; then
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
+    *H200*) GPU_TYPE=h200 ;; *H100*PCIe*) GPU_TYPE=h100-pcie ;; *H100*) GPU_TYPE=h100 ;;
+    *A100*40GB*) GPU_TYPE=a100-40gb ;; *A100*) GPU_TYPE=a100 ;; *L40S*) GPU_TYPE=l40s ;; *B200*) GPU_TYPE=b200 ;;
+  esac
+fi
 "$PY" -m trace_transfer plan "$CONFIG" --gpus 1 --gpu "${GPU_TYPE:-h100}" | tee "$OUT/plan.txt" | tee -a "$SUMMARY"
 
 if [[ $PIPELINE == 1 ]]; then
@@ -81,12 +88,22 @@ if [[ $PIPELINE == 1 ]]; then
   else
     say "note: 'trace-transfer run' has no --device yet; steps that do not pick the GPU themselves run on the CPU"
   fi
+  # A hard limit: GPU time is scarce, and a step that fell back to the CPU would run for hours. A rerun
+  # with the same --out resumes after the last finished step.
   start=$(date +%s)
-  run "$PY" -m trace_transfer run "$CONFIG" --out "$OUT/pipeline" "${RUN_ARGS[@]}"
+  status=0
+  run timeout "${PIPELINE_TIMEOUT:-600}" "$PY" -m trace_transfer run "$CONFIG" --out "$OUT/pipeline" "${RUN_ARGS[@]}" \
+    || status=$?
   elapsed=$(( $(date +%s) - start ))
   if [[ $DRY == 0 ]]; then
-    verdict=$([[ $elapsed -le 480 ]] && echo met || echo MISSED)
-    say "part 1: pipeline in ${elapsed}s ($verdict: goal <= 480 s); report: $OUT/pipeline/report/report.md"
+    if [[ $status == 124 ]]; then
+      say "part 1: MISSED: pipeline stopped at the ${PIPELINE_TIMEOUT:-600}s limit (see which step in the log above)"
+    elif [[ $status != 0 ]]; then
+      say "part 1: FAILED (exit $status) after ${elapsed}s"
+    else
+      verdict=$([[ $elapsed -le 480 ]] && echo met || echo MISSED)
+      say "part 1: pipeline in ${elapsed}s ($verdict: goal <= 480 s); report: $OUT/pipeline/report/report.md"
+    fi
   fi
 fi
 
