@@ -85,6 +85,7 @@ class SparseDelta:
     index: torch.Tensor
     owners: list[tuple[torch.nn.Module, str]]
     _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    _blocks: list[tuple[int, int, int, int]] | None = None
 
     @property
     def delta_attr(self) -> str:
@@ -100,6 +101,13 @@ class SparseDelta:
             idx = self.index.to(device)
             self._on_device = {device: idx}  # one copy: the model may move after the deltas were made
         return idx
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """Row blocks of an element core's weight, with the slice of ``index`` each one holds —
+        computed once (on the CPU copy of the index: no device sync in the forward pass)."""
+        if self._blocks is None:
+            self._blocks = _row_blocks(torch.Size(_shape(self.param)), self.index)
+        return self._blocks
 
     def effective(self, base: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
         """``base + scatter(δ)`` (defaults: the parameter and the live δ), differentiable in δ."""
@@ -223,7 +231,7 @@ def _linear(module: torch.nn.Module, mine: dict[str, SparseDelta], input: torch.
     if w.axis is None:
         if hasattr(weight, "ds_id"):
             return F.linear(input, w.effective(weight), bias)
-        return _ElementLinear.apply(input, weight, w.delta, bias, w.index_on(input.device))
+        return _ElementLinear.apply(input, weight, w.delta, bias, w.index_on(input.device), w.blocks())
     idx = w.index_on(input.device)
     delta = w.delta
     y = F.linear(input, weight, bias)
@@ -247,8 +255,8 @@ class _ElementLinear(torch.autograd.Function):
     contiguous slice of it."""
 
     @staticmethod
-    def forward(ctx, x, w0, delta, bias, index):
-        blocks = _row_blocks(w0.shape, index)
+    def forward(ctx, x, w0, delta, bias, index, blocks=None):
+        blocks = blocks if blocks is not None else _row_blocks(w0.shape, index)
         ys = [F.linear(x, _block(w0, delta, index, b), None if bias is None else bias[b[0]:b[1]]) for b in blocks]
         ctx.save_for_backward(x, w0, delta, index)
         ctx.blocks, ctx.has_bias = blocks, bias is not None
@@ -273,7 +281,7 @@ class _ElementLinear(torch.autograd.Function):
                 gd[lo:hi] = (g.t() @ x2).reshape(-1).index_select(0, index[lo:hi] - r0 * cols)
         gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         gx = gx.reshape(x.shape).to(x.dtype) if gx is not None else None
-        return gx, None, None if gd is None else gd.to(delta.dtype), gb, None
+        return gx, None, None if gd is None else gd.to(delta.dtype), gb, None, None
 
 
 def _row_blocks(shape: torch.Size, index: torch.Tensor) -> list[tuple[int, int, int, int]]:
