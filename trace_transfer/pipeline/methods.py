@@ -33,7 +33,7 @@ __all__ = ["PipelineMethod", "PIPELINE_METHODS", "GENERAL_CORE_STRATEGY", "regis
 # the parameters general skills lean on most, frozen while the rest is fine-tuned.
 GENERAL_CORE_STRATEGY = "lf"
 
-Cores = Literal["none", "target", "transfer"]
+Cores = Literal["none", "target", "transfer", "cheap"]
 Trainer = Literal["sequence", "cpi-ft"]
 
 
@@ -48,6 +48,12 @@ class PipelineMethod:
                 "'transfer' (scored on the source, mapped onto the target by CKA + rules)"})
     strategy: str | None = field(default=None, metadata={
         "help": "the scoring strategy (trace_transfer.scoring) that makes those CoreSets"})
+    refine: bool = field(default=False, metadata={
+        "help": "choose the units on the target with `refine` (the config's `refine:` sets the signal): inside the "
+                "per-slot budgets transfer carries from the source (cores='transfer'), or globally with no source "
+                "at all (cores='cheap', the source-free control)"})
+    granularity: str | None = field(default=None, metadata={
+        "help": "score the source at this granularity instead of scoring.granularity ('tensor': mapped exactly)"})
     general_core: bool = field(default=False, metadata={
         "help": "needs the general core: the target probed on general_task and scored with "
                 f"{GENERAL_CORE_STRATEGY!r}, passed to the runner as MethodOptions.general_coreset"})
@@ -62,8 +68,10 @@ class PipelineMethod:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.cores not in ("none", "target", "transfer"):
-            problems.append(f"cores={self.cores!r}: expected 'none', 'target' or 'transfer'")
+        if self.cores not in ("none", "target", "transfer", "cheap"):
+            problems.append(f"cores={self.cores!r}: expected 'none', 'target', 'transfer' or 'cheap'")
+        if self.cores == "cheap" and not self.refine:
+            problems.append("cores='cheap' are chosen by refine on the target: set refine=True")
         if self.trainer not in ("sequence", "cpi-ft"):
             problems.append(f"trainer={self.trainer!r}: expected 'sequence' or 'cpi-ft'")
         if (self.cores == "none") != (self.strategy is None):
@@ -77,7 +85,9 @@ class PipelineMethod:
     @property
     def core_key(self) -> str | None:
         """The CoreSet family it trains on, as named in the run directory (``cores/<core_key>``)."""
-        return f"{self.cores}-{self.strategy}" if self.strategy else None
+        if not self.strategy:
+            return None
+        return f"{self.cores}-{self.strategy}" + (f"-{self.granularity}" if self.granularity else "")
 
 
 PIPELINE_METHODS: Registry[PipelineMethod] = Registry(
@@ -150,8 +160,14 @@ for _s, _what in (("lf", "TRACE-LF"), ("cs", "TRACE-CS"), ("random", "random equ
     register_pipeline_method(f"trace-{_s}", runner="trace", cores="target", strategy=_s,
                              description=f"selective activation on the target's own {_what} cores")
 for _s, _what in (("lf", "TRACE-LF"), ("cs", "TRACE-CS")):
-    register_pipeline_method(f"transfer-{_s}", runner="trace", cores="transfer", strategy=_s,
-                             description=f"selective activation on the source's {_what} cores, transferred")
+    register_pipeline_method(f"transfer-{_s}", runner="trace", cores="transfer", strategy=_s, refine=True,
+                             description=f"the source's {_what} cores as per-slot budgets on the target, units "
+                                         "chosen there by the refine signal")
+register_pipeline_method("transfer-lf-tensor", runner="trace", cores="transfer", strategy="lf", granularity="tensor",
+                         description="the source's whole-tensor TRACE-LF cores, mapped exactly (nothing run on the target)")
+register_pipeline_method("cheap-lf", runner="trace", cores="cheap", strategy="lf", refine=True,
+                         description="no source: the global top ratio by the refine signal on the target "
+                                     "(the source-free control at the same target cost)")
 register_pipeline_method("cpi-ft", trainer="cpi-ft", deepspeed=False,
                          description="CPI-FT: per-task FT, cluster by core overlap, transplant + SLERP, pipelined SFT")
 register_pipeline_method("general-core", runner="general-core", general_core=True,

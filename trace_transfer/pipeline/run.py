@@ -92,9 +92,11 @@ def run_pipeline(
     out = PipelineResult(Path(run_dir))
     methods = {name: PIPELINE_METHODS.get(name) for name in cfg.methods}
     strategies_for = {  # which CoreSets to score on each side; transferred ones start on the source
-        "source": sorted({m.strategy for m in methods.values() if m.cores == "transfer"}),
+        "source": sorted({m.core_key.removeprefix("transfer-") for m in methods.values() if m.cores == "transfer"}),
         "target": sorted({m.strategy for m in methods.values() if m.cores == "target"}),
     }
+    transfers = {m.core_key: m for m in methods.values() if m.cores == "transfer"}
+    cheap = {m.core_key: m for m in methods.values() if m.cores == "cheap"}
     needs_general = any(m.general_core for m in methods.values())
 
     # 1. models ------------------------------------------------------------------------------------
@@ -123,11 +125,14 @@ def run_pipeline(
     core_dirs: dict[str, str] = {}
     for side, strategies in strategies_for.items():
         task_probes = [p for p in probe_steps.get(side, []) if not p.endswith("/" + _task_key(cfg.general_task))]
-        for strategy in strategies:
-            name = f"cores/{side}-{strategy}"
-            runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(exclude_none=True), "seed": cfg.seeds[0]},
-                        _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg), depends=task_probes)
-            core_dirs[f"{side}-{strategy}"] = name
+        for key in strategies:  # a strategy, or strategy-granularity for a source scored differently
+            strategy, _, granularity = key.partition("-")
+            name = f"cores/{side}-{key}"
+            runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(exclude_none=True), "seed": cfg.seeds[0],
+                               **({"granularity": granularity} if granularity else {})},
+                        _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg, granularity or None),
+                        depends=task_probes)
+            core_dirs[f"{side}-{key}"] = name
     if needs_general:
         gp = f"probe/target/{_task_key(cfg.general_task)}"
         runner.step(GENERAL_CORES, {"strategy": GENERAL_CORE_STRATEGY, **cfg.scoring.model_dump(exclude_none=True)},
@@ -138,19 +143,26 @@ def run_pipeline(
         lm = cfg.layer_map
         runner.step("cka", {**lm.model_dump(), "source": source[0], "target": target[0]},
                     _cka_fn(source[0], target[0], lm, base_dir), depends=_deps(source[1]) + _deps(target[1]))
-        runner.step("layermap", {"method": lm.method, "bootstrap": lm.bootstrap, "seed": cfg.seeds[0]},
+        runner.step("layermap", {"method": lm.method, "bootstrap": lm.bootstrap, "seed": cfg.seeds[0],
+                                 "fallback": lm.fallback},
                     _layermap_fn(runner.records["cka"].dir, lm), depends=["cka"])
         out.artifacts["cka"] = runner.records["cka"].dir
         out.artifacts["layermap"] = runner.records["layermap"].dir / "layer_map.json"
-        for strategy in strategies_for["source"]:
-            name = f"cores/transfer-{strategy}"
-            src_cores = core_dirs[f"source-{strategy}"]
+        for key in strategies_for["source"]:
+            name, spec = f"cores/transfer-{key}", transfers[f"transfer-{key}"]
+            src_cores = core_dirs[f"source-{key}"]
             runner.step(name, {"ratio": cfg.scoring.ratio, "source_rules": cfg.source.rules,
-                               "target_rules": cfg.target.rules},
+                               "target_rules": cfg.target.rules,
+                               **({"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump()} if spec.refine else {})},
                         _transfer_fn(runner.records[src_cores].dir, cfg, source[0], target[0],
-                                     runner.records["layermap"].dir / "layer_map.json", base_dir),
-                        depends=[src_cores, "layermap"])
-            core_dirs[f"transfer-{strategy}"] = name
+                                     runner.records["layermap"].dir / "layer_map.json", base_dir, spec.refine),
+                        depends=[src_cores, "layermap"] + _deps(target[1]))
+            core_dirs[f"transfer-{key}"] = name
+    for key in cheap:  # source-free: the same cheap pass, top ratio over the whole target
+        runner.step(f"cores/{key}", {"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump(),
+                                     **cfg.scoring.model_dump(exclude_none=True)},
+                    _cheap_fn(cfg, target[0]), depends=_deps(target[1]))
+        core_dirs[key] = f"cores/{key}"
 
     # 5. fine-tuning: every method x seed on the target ----------------------------------------------
     for method, spec in methods.items():
@@ -172,6 +184,12 @@ def run_pipeline(
     from trace_transfer.report.summary import summarise
 
     out.summary = summarise(cfg, out.results, baselines=PIPELINE_METHODS.where(lambda e: e.obj.baseline))
+    _add_target_costs(out.summary, methods, core_dirs, runner, cfg)
+    if "layermap" in runner.records:
+        import json
+
+        lm_file = runner.records["layermap"].dir / "layer_map.json"
+        out.summary["layer_map"] = {k: v for k, v in json.loads(lm_file.read_text()).items() if k in ("method", "verdict")}
     report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
     rec = runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds},
                       _report_fn(cfg, runner, out), depends=report_deps)
@@ -244,12 +262,15 @@ def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
     return fn
 
 
-def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig):
+def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig, granularity: str | None = None):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.scoring import score
 
         s = cfg.scoring
-        cores = score(probe_dirs, strategy, s.ratio, d, **s.score_options(), seed=cfg.seeds[0])
+        opts = s.score_options()
+        if granularity:  # e.g. whole tensors for transfer-lf-tensor, counted in parameters like the rest
+            opts.update(granularity=granularity, budget=opts.get("budget") or "params")
+        cores = score(probe_dirs, strategy, s.ratio, d, **opts, seed=cfg.seeds[0])
         return {"coresets": {t: c.num_selected() for t, c in cores.items()}}
 
     return fn
@@ -273,16 +294,58 @@ def _layermap_fn(cka_dir: Path, lm):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.cka import CKAResult
         from trace_transfer.cka import map_layers
+        from trace_transfer.cka.layermap import LayerMap
 
         m = map_layers(CKAResult.load(cka_dir), lm.method, bootstrap=lm.bootstrap)
+        if not m.informative and lm.fallback == "relative-depth":
+            # Flat CKA (independently trained small models): its map is noise, relative depth is not.
+            cka_map = m
+            m = LayerMap.relative_depth(cka_map.num_source_layers, cka_map.num_target_layers)
+            m.verdict, m.provenance["cka_map"] = cka_map.verdict, cka_map.to_dict()
         m.save(d / "layer_map.json")
         return {"forward": {str(k): v for k, v in m.forward.items()}}
 
     return fn
 
 
-def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path, base_dir: Path):
+def _refine_config(cfg: PipelineConfig, **extra: Any):
+    """The refine pass of a pipeline: signal, batches and steps from ``refine:``, the rest as the probe."""
+    from trace_transfer.refine import RefineConfig
+
+    p = cfg.probe
+    return RefineConfig(**cfg.refine.model_dump(), lr=p.lr, batch_size=p.batch_size, seq_len=p.seq_len,
+                        max_examples=p.max_examples, seed=cfg.seeds[0], **extra)
+
+
+def _native_probe(cfg: PipelineConfig):
+    """What a native probe of one task costs under this config (for the refine provenance)."""
+    from trace_transfer.probe import ProbeConfig
+
+    return ProbeConfig.from_flat(**cfg.probe.model_dump(), seed=cfg.seeds[0])
+
+
+def _cheap_fn(cfg: PipelineConfig, target: str):
     def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.refine import refine
+        from trace_transfer.scoring import coreset_filename
+
+        s = cfg.scoring
+        extra = {"ratio": s.ratio, **({"granularity": s.granularity} if s.granularity else {})}
+        passes = {}
+        for task in cfg.tasks:
+            cs, cost = refine(target, task, None, _refine_config(cfg, **extra), native=_native_probe(cfg))
+            cs.save(d / coreset_filename(cs.metadata["task"]))
+            passes[task] = cost["forward_backward"]
+        return {"forward_backward": passes}
+
+    return fn
+
+
+def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path, base_dir: Path,
+                 refine_units: bool = False):
+    def fn(d: Path) -> dict[str, Any]:
+        if refine_units:
+            return _transfer_and_refine(d, src_dir, cfg, source, target, layer_map, base_dir)
         from trace_transfer.checkpoint import write_json_atomic
         from trace_transfer.coreset import SUFFIX, CoreSet
         from trace_transfer.transfer import transfer
@@ -302,6 +365,60 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
         return {"coresets": counts}
 
     return fn
+
+
+def _transfer_and_refine(d: Path, src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path,
+                         base_dir: Path) -> dict[str, Any]:
+    """Per task: the source CoreSet -> per-slot budgets on the target -> units chosen there by refine."""
+    from trace_transfer.coreset import SUFFIX
+    from trace_transfer.refine import refine
+    from trace_transfer.scoring import coreset_filename
+    from trace_transfer.transfer import BUDGETS_SUFFIX, transfer
+
+    kw = {}
+    if cfg.source.rules:
+        kw["source_rules"] = str(base_dir / cfg.source.rules)
+    if cfg.target.rules:
+        kw["target_rules"] = str(base_dir / cfg.target.rules)
+    passes = {}
+    for task in cfg.tasks:
+        name = coreset_filename(_task_key(task))
+        budgets, report = transfer(src_dir / name, source, target, layer_map, ratio=cfg.scoring.ratio, carry="budget", **kw)
+        budgets.save(d / name.replace(SUFFIX, BUDGETS_SUFFIX))
+        report.save(d / name.replace(SUFFIX, ".report.json"))
+        cs, cost = refine(target, task, budgets, _refine_config(cfg), native=_native_probe(cfg))
+        cs.save(d / name)
+        passes[task] = cost["forward_backward"]
+    return {"forward_backward": passes}
+
+
+def _add_target_costs(summary: dict[str, Any], methods: dict, core_dirs: dict[str, str], runner: StepRunner,
+                      cfg: PipelineConfig) -> None:
+    """Each method's forward+backward passes on the target per task, relative to a native probe's.
+
+    A native probe costs its warm-start steps (x grad_accum) plus its Fisher batches; ``trace-*``
+    methods pay that (1.0), transferred whole tensors and random cores nothing (0.0), refined
+    CoreSets what their provenance records. Baselines choose no cores (None)."""
+    from trace_transfer.coreset import SUFFIX, CoreSet
+
+    costs = {}
+    for name, spec in methods.items():
+        if spec.cores == "none":
+            cost = None
+        elif spec.cores == "target":
+            cost = 0.0 if spec.strategy == "random" else 1.0
+        elif not spec.refine:
+            cost = 0.0
+        else:
+            rel = [CoreSet.load(f).metadata.get("cost", {}).get("relative_to_native")
+                   for f in sorted(runner.records[core_dirs[spec.core_key]].dir.glob("*" + SUFFIX))]
+            rel = [r for r in rel if r is not None]
+            cost = sum(rel) / len(rel) if rel else None
+        costs[name] = cost
+    for label, entry in summary["methods"].items():
+        entry["target_cost"] = costs.get(label.split("@")[0])
+    summary["conventions"]["target_cost"] = ("forward+backward passes on the target per task to choose the cores, "
+                                             "relative to a native probe (warm-start steps x grad_accum + Fisher batches)")
 
 
 def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,

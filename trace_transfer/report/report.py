@@ -109,6 +109,12 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str
 
     out.mkdir(parents=True, exist_ok=True)
     figs = _plots(out, results, step_dirs)
+    points = {k: (e["target_cost"], 100 * e["aa"][0], 100 * (e["aa"][1] or 0.0)) for k, e in summary["methods"].items()
+              if e.get("target_cost") is not None and e["aa"][0] is not None}
+    if points:
+        from trace_transfer.report.plots import plot_cost_accuracy
+
+        figs.append(("Cost and accuracy: how the target's cores are chosen", plot_cost_accuracy(points, out / "cost_accuracy.png")))
     write_json_atomic(out / "summary.json", summary)
     md = [f"# trace-transfer run: {getattr(cfg, 'name', 'run')}", "",
           f"Tasks (in order): {' → '.join(summary['tasks'])} · seeds: {summary.get('seeds')} · "
@@ -116,6 +122,10 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str
           "Scores in % (mean ± std over seeds): final score per task after the last stage, average (AA), "
           "change of AA against the best baseline, BWT and FWT (GEM definitions, denominator T−1).", "",
           markdown_table(summary), ""]
+    verdict = (summary.get("layer_map") or {}).get("verdict")
+    if verdict:
+        md += [f"Layer map: **{summary['layer_map']['method']}** — CKA {'is' if verdict['informative'] else 'is not'} "
+               f"informative ({verdict['reason']}).", ""]
     for title, p in figs:
         md += [f"## {title}", "", f"![{title}]({p.name})", ""]
     md += ["## Conventions", "", *[f"- **{k}**: {v}" for k, v in summary["conventions"].items()], ""]

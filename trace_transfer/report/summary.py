@@ -82,10 +82,12 @@ def _fmt(ms: tuple[float | None, float | None], pct: bool = True, signed: bool =
 
 def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (scores in %)."""
-    header = ["method", *summary["tasks"], "avg", "Δ vs best baseline", "BWT", "FWT"]
+    costs = any("target_cost" in e for e in summary["methods"].values())
+    header = ["method", *summary["tasks"], "avg", "Δ vs best baseline", "BWT", "FWT"] + (["target cost"] if costs else [])
     rows = []
     for label, e in summary["methods"].items():
         delta = e["delta_vs_best_baseline"]
+        cost = e.get("target_cost")
         rows.append([
             label + (" (best baseline)" if label == summary["best_baseline"] else ""),
             *[_fmt(v) for v in e["final"]],
@@ -93,7 +95,7 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             "—" if delta is None or label == summary["best_baseline"] else f"{100 * delta:+.1f}",
             _fmt(e["bwt"], signed=True),
             _fmt(e["fwt"], signed=True),
-        ])
+        ] + ([("—" if cost is None else f"{100 * cost:.0f} %")] if costs else []))
     return header, rows
 
 
