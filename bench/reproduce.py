@@ -14,8 +14,12 @@ Two parts, both resumable (rerunning skips what is done):
    the same seeds; reports the Transfer − TRACE gap and the Jaccard overlap of transferred and
    target-native CoreSets against the overlap two random CoreSets of that budget would have.
 
-    python bench/reproduce.py --work runs --seeds 0,1,2 --sizes 192x4,256x6
+    python bench/reproduce.py --work runs --seeds 0,1,2 --sizes 192x4,256x6 --frontier-large
     python bench/reproduce.py --work runs --aggregate-only     # tables + plot from what exists
+
+3. **Transfer against cheap target passes** (``bench/transfer_frontier.py``): native trace-lf, transfer
+   budgets refined by each signal, transfer at tensor granularity, the profile ablation, the source-free
+   cheap pass and random cores, each with its target cost (``<work>/frontier/frontier.md``).
 
 Writes ``<work>/reproduce.json``, ``<work>/reproduce.md`` and ``<work>/stability_plasticity.png``.
 """
@@ -54,6 +58,19 @@ def run_stream(work: Path, sizes: list[tuple[int, int]], seeds: list[int], threa
                    "--hidden", str(hidden), "--layers", str(layers), "--threads", str(threads)]
             with logfile.open("a") as f:
                 subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_frontier(work: Path, seeds: list[int], large: bool) -> None:
+    """Part 3: the cost-accuracy frontier of transfer (``bench/transfer_frontier.py``), on the demo pair
+    and, with ``large``, on a larger pair (source 4x192 -> target 6x256)."""
+    runs = [(work / "frontier", [])] + ([(work / "frontier-large", ["--source-size", "192x4", "--target-size", "256x6"])]
+                                        if large else [])
+    for d, extra in runs:
+        log(f"transfer frontier -> {d} (log: {d}.log)")
+        cmd = [sys.executable, str(HERE / "transfer_frontier.py"), "--work", str(d), "--seeds", ",".join(map(str, seeds)),
+               *extra]
+        with Path(f"{d}.log").open("a") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
 
 
 def run_transfer(work: Path, seeds: list[int]) -> Path:
@@ -251,6 +268,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="192x4", help="comma-separated HIDDENxLAYERS base sizes for the scale trend")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--skip-frontier", action="store_true", help="skip part 3 (bench/transfer_frontier.py)")
+    ap.add_argument("--frontier-large", action="store_true", help="part 3 also on source 4x192 -> target 6x256")
     ap.add_argument("--aggregate-only", action="store_true", help="no training: tables and plot from what exists")
     args = ap.parse_args()
     work = Path(args.work)
@@ -268,9 +287,14 @@ def main() -> None:
         run_stream(work, sizes, seeds, args.threads)
         if not args.skip_transfer:
             run_transfer(work, seeds)
+        if not args.skip_frontier:
+            run_frontier(work, seeds, args.frontier_large)
     stream = aggregate_stream(work, sizes)
     transfer = None if args.skip_transfer else aggregate_transfer(work / "demo")
     md = markdown(stream, transfer)
+    for name in ("frontier", "frontier-large"):  # part 3's tables, written by transfer_frontier.py
+        if (work / name / "frontier.md").exists():
+            md += f"\n## Transfer cost-accuracy frontier ({name})\n\n" + (work / name / "frontier.md").read_text()
     print(md)
     (work / "reproduce.md").write_text(md)
     if stream:
