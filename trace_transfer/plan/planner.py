@@ -136,7 +136,7 @@ def coreset_trainable(shape: ModelShape, path: str | Path, masking: str) -> Trai
     """Exact counts from a scored CoreSet of the model: tensors wholly core train whole; a partly-core
     tensor trains whole under dense masking, as δ (+ int32 indices) under sparse masking — where at
     most half of it is core, as ``apply_coreset``'s ``auto`` does."""
-    from trace_transfer.coreset import CoreSet
+    from trace_transfer.coreset import SUFFIX, CoreSet
     from trace_transfer.errors import ModelMismatchError
 
     cs = CoreSet.load(path)
@@ -157,7 +157,7 @@ def coreset_trainable(shape: ModelShape, path: str | Path, masking: str) -> Trai
             index += 4 * (n if element else max(1, n // max(1, t.numel // t.shape[0])))
             wgrad += (t.numel if element else n) if matrix else 0
             transient = max(transient, t.numel if element else 0)
-    label = f"coreset {Path(path).name.removesuffix('.coreset.safetensors')}"
+    label = f"coreset {Path(path).name.removesuffix(SUFFIX)}"
     return Trainable(label, grad, wgrad, extra_params=extra, index_bytes=index, transient_params=transient,
                      note=f"exact, from {path}: {cs.num_selected():,} core parameters ({cs.ratio():.2%}) in "
                           f"{len(cs.names())} tensors, masking {masking}")
