@@ -357,7 +357,10 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
             kw["target_rules"] = str(base_dir / cfg.target.rules)
         counts = {}
         for f in sorted(src_dir.glob("*" + SUFFIX)):
-            cs, report = transfer(CoreSet.load(f), source, target, layer_map, ratio=cfg.scoring.ratio, **kw)
+            # Without refine a method trains what transfer alone gives: whole tensors map exactly; finer
+            # units fall back to the profile ablation (a CoreSet; budgets need refine to become one).
+            cs, report = transfer(CoreSet.load(f), source, target, layer_map, ratio=cfg.scoring.ratio,
+                                  carry="profile", **kw)
             cs.save(d / f.name)
             write_json_atomic(d / f.name.replace(SUFFIX, ".report.json"), report.to_dict()
                               if hasattr(report, "to_dict") else vars(report))
