@@ -53,6 +53,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_output(path: str | os.PathLike, force: bool = False, what: str = "output") -> Path:
+    """Refuse an output path that already holds something (unless ``force``) or cannot be written.
+
+    Called before any work, so a command never overwrites what it did not create and never fails
+    only after the work is done. An empty existing directory counts as free.
+
+    Raises:
+        ArtifactError: ``path`` exists (and ``force`` is off), lies under a file, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not force and (path.is_file() or any(path.iterdir())):
+        raise ArtifactError(f"{what} {path} already exists; pass --force to overwrite it or choose another path")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {what} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {what} {path}: {parent} is not writable; choose another path")
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, force: bool = False, what: str = "output directory") -> Iterator[Path]:
+    """:func:`check_output`, then create ``path``; remove the directories created here if the block fails.
+
+    A failed command thus leaves no empty output directory behind, and never removes one it did not
+    create (nor anything in it).
+    """
+    path = Path(check_output(path, force, what))
+    created = []
+    p = path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created:  # the outermost directory made here, with whatever the failed command wrote into it
+            import shutil
+
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -64,6 +110,18 @@ def _publish(tmp: Path, target: Path) -> None:
     if tmp.exists():
         os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, target)
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """A JSON object from an artifact file; a damaged file is an ArtifactError naming it and ``fix``
+    (the next step, e.g. "re-run `trace-transfer probe`"), not a JSONDecodeError traceback."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(obj).__name__}; {fix}")
+    return obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -120,7 +178,7 @@ class CheckpointReader:
         self._where: dict[str, Path] = {}
         self.metadata: dict[str, Any] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 meta = fh.metadata() or {}
                 if METADATA_KEY in meta and not self.metadata:
                     try:
@@ -161,14 +219,14 @@ class CheckpointReader:
         return sum(f.stat().st_size for f in self.files)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._where[self._check(name)]), framework="pt") as fh:
+        with open_safetensors(self._where[self._check(name)]) as fh:
             return fh.get_tensor(name)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` shard by shard (file order), one tensor alive at a time."""
         wanted = set(names) if names is not None else None
         for f in self.files:
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for name in fh.keys():
                     if wanted is None or name in wanted:
                         yield name, fh.get_tensor(name)
@@ -177,6 +235,15 @@ class CheckpointReader:
         if name not in self._where:
             raise KeyError(f"tensor {name!r} not in checkpoint {self.files[0].parent} ({len(self)} tensors)")
         return name
+
+
+def open_safetensors(path: str | os.PathLike, framework: str = "pt"):
+    """``safe_open`` whose failure (truncated or foreign file: safetensors' own error types) is an ArtifactError."""
+    try:
+        return safe_open(str(path), framework=framework)
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                            f"it is truncated or corrupt: rewrite it with the command that made it") from exc
 
 
 def open_checkpoint(path: str | os.PathLike, prefix: str | None = None) -> CheckpointReader:

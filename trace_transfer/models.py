@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_model",
+    "check_model_dir",
+    "read_model_config",
     "load_tokenizer",
     "build_tiny_model",
     "build_tokenizer",
@@ -382,6 +384,8 @@ def _resolve(ref: str | os.PathLike, what: str) -> tuple[str, bool]:
                 f"{path} is a directory but not a Hugging Face model directory (no config.json); pass the "
                 f"directory written by save_pretrained, `trace-transfer tiny-model` or `trace-transfer pretrain`"
             )
+        if path.is_dir() and what == "model":
+            check_model_dir(path)
         return str(path), True
     if isinstance(ref, Path) or _looks_local(s):
         raise ArtifactNotFoundError(
@@ -389,6 +393,40 @@ def _resolve(ref: str | os.PathLike, what: str) -> tuple[str, bool]:
             f"--out {s}` or pass an existing directory or hub id"
         )
     return s, False
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A local model directory's ``config.json`` as a dict.
+
+    Raises:
+        ArtifactError: the file is missing, not UTF-8 or not a JSON object.
+    """
+    from trace_transfer.checkpoint import read_json_object
+
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise ArtifactError(f"{Path(path)} has no config.json; pass a Hugging Face model directory "
+                            f"(written by save_pretrained or `trace-transfer tiny-model`)")
+    return read_json_object(f, "restore the model's config.json")
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """Check a local model directory before transformers loads it: a readable config.json and weight
+    files whose headers read and whose sizes match them (a truncated or foreign file otherwise
+    surfaces as a library traceback deep inside ``from_pretrained``).
+
+    Raises:
+        ArtifactError / ArtifactNotFoundError: naming the file to fix.
+    """
+    from trace_transfer.checkpoint import open_checkpoint
+
+    read_model_config(path)
+    path = Path(path)
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        open_checkpoint(path)  # raises ArtifactError naming a truncated/corrupt shard
+    elif not any(path.glob("*.bin")) and not any(path.glob("*.bin.index.json")):
+        raise ArtifactNotFoundError(f"{path} holds no weights (*.safetensors); copy the model's weight files "
+                                    f"into it or pass another model directory")
 
 
 def _hub_error(ref: str, what: str, exc: Exception) -> ArtifactNotFoundError:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from trace_transfer.cka import POOLINGS, VARIANTS
+from trace_transfer.cli._output import force_option
 
 
 @click.command("cka")
@@ -34,8 +35,9 @@ from trace_transfer.cka import POOLINGS, VARIANTS
 @click.option("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu).")
 @click.option("--no-kernels", is_flag=True, help="Do not keep the per-layer n x n kernels (saves disk; "
               "map-layers --bootstrap then becomes unavailable).")
+@force_option
 def command(source, target, probes, out, variant, pooling, include_special, padding_side, batch_size, max_probes,
-            max_length, rbf_sigma, dtype, device, no_kernels) -> None:
+            max_length, rbf_sigma, dtype, device, no_kernels, force) -> None:
     """Compare every decoder layer of SOURCE with every decoder layer of TARGET by CKA on probe texts.
 
     The two models may use different tokenizers: each probe text gives one pooled vector per layer.
@@ -49,12 +51,14 @@ def command(source, target, probes, out, variant, pooling, include_special, padd
     from rich.console import Console
     from rich.table import Table
 
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.cka import compute_cka
 
-    res = compute_cka(source, target, probes, out, variant=variant, pooling=pooling,
-                      exclude_special=not include_special, padding_side=padding_side, batch_size=batch_size,
-                      max_probes=max_probes, max_length=max_length, rbf_sigma=rbf_sigma,
-                      keep_kernels=not no_kernels, dtype=dtype, device=device)
+    with output_dir(out, force, "CKA directory"):
+        res = compute_cka(source, target, probes, out, variant=variant, pooling=pooling,
+                          exclude_special=not include_special, padding_side=padding_side, batch_size=batch_size,
+                          max_probes=max_probes, max_length=max_length, rbf_sigma=rbf_sigma,
+                          keep_kernels=not no_kernels, dtype=dtype, device=device)
     table = Table(title=f"CKA {res.variant}, n={res.n}: best target layer per source layer")
     for col in ("source layer", "best target", "CKA", "runner-up"):
         table.add_column(col, justify="right")

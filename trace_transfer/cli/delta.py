@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from trace_transfer.cli._errors import Group
+from trace_transfer.cli._output import force_option
 
 
 def _human(n: int) -> str:
@@ -38,7 +39,8 @@ def command() -> None:
               help="Store changed elements outside the CoreSet too (reported) instead of failing.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size cap of the delta file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Delta directory to write.")
-def extract_cmd(base, tuned, coreset, allow_outside, max_shard_size, out) -> None:
+@force_option
+def extract_cmd(base, tuned, coreset, allow_outside, max_shard_size, out, force) -> None:
     """Store the elements where TUNED differs from BASE (sorted flat indices + values), with BASE's fingerprint.
 
     \b
@@ -47,9 +49,10 @@ def extract_cmd(base, tuned, coreset, allow_outside, max_shard_size, out) -> Non
     """
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.surgery._modeldir import parse_size
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.surgery.delta import extract
 
-    with progress_bars() as update:
+    with output_dir(out, force, "delta directory"), progress_bars() as update:
         rep = extract(base, tuned, coreset, out, allow_outside=allow_outside,
                       max_shard_bytes=parse_size(max_shard_size),
                       progress=lambda i, n, _name: update("delta extract", i, n))
@@ -72,14 +75,15 @@ def extract_cmd(base, tuned, coreset, allow_outside, max_shard_size, out) -> Non
               help="Delta directory from `delta extract`.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size cap of the written model.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output model dir.")
-def apply_cmd(base, delta, max_shard_size, out) -> None:
+@force_option
+def apply_cmd(base, delta, max_shard_size, out, force) -> None:
     """Rebuild the tuned model (bit-identical) from BASE + DELTA.
 
     \b
     Example:
       trace-transfer delta apply --base tiny --delta deltas/math --out rebuilt/math
     """
-    _rebuild("apply", base, delta, max_shard_size, out)
+    _rebuild("apply", base, delta, max_shard_size, out, force)
 
 
 @command.command("revert")
@@ -88,23 +92,25 @@ def apply_cmd(base, delta, max_shard_size, out) -> None:
               help="Delta directory from `delta extract`.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size cap of the written model.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output model dir.")
-def revert_cmd(tuned, delta, max_shard_size, out) -> None:
+@force_option
+def revert_cmd(tuned, delta, max_shard_size, out, force) -> None:
     """Rebuild the base model (bit-identical) from TUNED − DELTA.
 
     \b
     Example:
       trace-transfer delta revert --tuned run/stage_1 --delta deltas/math --out rebuilt/base
     """
-    _rebuild("revert", tuned, delta, max_shard_size, out)
+    _rebuild("revert", tuned, delta, max_shard_size, out, force)
 
 
-def _rebuild(direction: str, source: Path, delta: Path, max_shard_size: str, out: Path) -> None:
+def _rebuild(direction: str, source: Path, delta: Path, max_shard_size: str, out: Path, force: bool) -> None:
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.surgery import delta as delta_mod
     from trace_transfer.surgery._modeldir import parse_size
 
     fn = delta_mod.apply if direction == "apply" else delta_mod.revert
-    with progress_bars() as update:
+    with output_dir(out, force, "output model directory"), progress_bars() as update:
         rep = fn(source, delta, out, max_shard_bytes=parse_size(max_shard_size),
                  progress=lambda i, n, _name: update(f"delta {direction}", i, n))
     what = "tuned" if direction == "apply" else "base"

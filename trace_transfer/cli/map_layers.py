@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._output import force_option
+
 
 @click.command("map-layers")
 @click.option("--cka", "cka_dir", required=True, type=click.Path(exists=True, path_type=Path),
@@ -20,7 +22,8 @@ import click
 @click.option("--fraction", type=float, default=0.8, show_default=True,
               help="Share of probes drawn without replacement per resample.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
+@force_option
+def command(cka_dir, method, out, bootstrap, fraction, seed, force) -> None:
     """Map each source layer to a target layer (and each target layer back to a source layer).
 
     Also judges whether the CKA is informative at all: the mapped layers must beat a random layer's
@@ -35,8 +38,10 @@ def command(cka_dir, method, out, bootstrap, fraction, seed) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from trace_transfer.checkpoint import check_output
     from trace_transfer.cka import map_layers
 
+    check_output(out, force, "layer map")
     lm = map_layers(cka_dir, method=method, bootstrap=bootstrap, seed=seed, fraction=fraction)
     lm.save(out)
 

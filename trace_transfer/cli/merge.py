@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._output import force_option
 from trace_transfer.surgery import FILL_MODES, MERGE_COLLISION_RULES, MULTI_METHODS, RESTRICT_MODES
 
 
@@ -32,8 +33,9 @@ from trace_transfer.surgery import FILL_MODES, MERGE_COLLISION_RULES, MULTI_METH
                                       "update: largest |model - base|).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size cap of the written safetensors.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output model dir.")
+@force_option
 def command(method, models, t, weights, coresets, restrict, per_row, multi, fill, base, collision, max_shard_size,
-            out) -> None:
+            out, force) -> None:
     """Merge model directories, streaming one tensor at a time into sharded safetensors.
 
     METHOD is slerp, lerp, transplant, or a merge method registered with register_merge_method.
@@ -47,13 +49,14 @@ def command(method, models, t, weights, coresets, restrict, per_row, multi, fill
       trace-transfer merge transplant --model ft/math --model ft/code \\
           --coreset cores/math.coreset.safetensors --coreset cores/code.coreset.safetensors --fill slerp --out cpi
     """
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.surgery._modeldir import parse_size
     from trace_transfer.surgery.merge import MergeOptions, merge_models
 
     opts = MergeOptions(t=t, weights=list(weights) or None, per_row=per_row, multi=multi, restrict=restrict,
                         fill=fill, collision=collision)
-    with progress_bars() as update:
+    with output_dir(out, force, "output model directory"), progress_bars() as update:
         report = merge_models(list(models), out, method, coresets=list(coresets), base=base, options=opts,
                               max_shard_bytes=parse_size(max_shard_size),
                               progress=lambda i, n, _name: update(f"merge {method}", i, n))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trace_transfer.cli._output import force_option
 from trace_transfer.config import click_options
 from trace_transfer.probe.config import ProbeConfig
 from trace_transfer.train.config import TrainConfig
@@ -17,8 +18,9 @@ from trace_transfer.train.config import TrainConfig
 @click_options(TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "seq_len", "precision"])
 @click_options(ProbeConfig, ["fisher", "fisher_at", "fisher_batches", "fisher_elements", "max_examples", "device"])
 @click_options(TrainConfig, ["seed"])
+@force_option
 def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, precision, fisher, fisher_at,
-            fisher_batches, fisher_elements, max_examples, device, seed):
+            fisher_batches, fisher_elements, max_examples, device, seed, force):
     """Warm-start fine-tune MODEL on TASK and write the probe directory.
 
     \b
@@ -29,13 +31,14 @@ def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, pr
     Example:
       trace-transfer probe --model tiny --task synthetic:math --out probes/math --max-steps 100 --lr 3e-4
     """
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.probe import ProbeConfig, probe
 
     cfg = ProbeConfig.from_flat(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                                 precision=precision, fisher=fisher, fisher_at=fisher_at, fisher_batches=fisher_batches,
                                 fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed)
-    with progress_bars() as bar:
+    with output_dir(out_dir, force, "probe directory"), progress_bars() as bar:
         res = probe(model, task, out_dir, cfg, progress=bar)
     first, last = res.first_loss, res.final_loss
     loss = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no steps"

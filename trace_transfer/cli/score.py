@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trace_transfer.cli._output import force_option
 from trace_transfer.scoring import BUDGETS, DEFAULT_SCOPE, GRANULARITIES, PRESETS, SCOPE_GROUPS
 
 
@@ -31,7 +32,8 @@ from trace_transfer.scoring import BUDGETS, DEFAULT_SCOPE, GRANULARITIES, PRESET
 @click.option("--head-dim", type=int, default=None, help="Attention head size for --granularity head "
                                                          "[default: from the probed model's config].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
-def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, alpha, beta, scope, head_dim, seed):
+@force_option
+def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, alpha, beta, scope, head_dim, seed, force):
     """Score parameters from warm-start probes and write one CoreSet per task.
 
     \b
@@ -46,13 +48,16 @@ def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, a
     from rich.console import Console
     from rich.table import Table
 
+    from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
     from trace_transfer.scoring import coreset_filename, score
 
-    with progress_bars() as bar:
+    # OUT may hold other CoreSets (score refuses only to overwrite its own files without --force); a
+    # directory created here is removed again if scoring fails.
+    with output_dir(out_dir, force=True, what="CoreSet directory"), progress_bars() as bar:
         cores = score(list(probe_dirs), strategy, ratio, out_dir, granularity=granularity, budget=budget,
                       preset=preset, scope=scope, alpha=alpha, beta=beta, seed=seed, head_dim=head_dim,
-                      progress=bar)
+                      progress=bar, force=force)
     first = next(iter(cores.values())).metadata
     table = Table(title=f"{strategy} · {first['granularity']} · budget {first['budget']} · ratio {ratio} · "
                         f"scope {','.join(first['scope'])}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._output import force_option
 from trace_transfer.cli._table import echo_table
 
 
@@ -35,8 +36,9 @@ from trace_transfer.cli._table import echo_table
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Target CoreSet (*.coreset.safetensors) or, when carrying budgets, *.budgets.json "
                    "(a .coreset.safetensors name is changed to .budgets.json).")
+@force_option
 def command(coreset_path, source, target, layer_map, ratio, rules, direction, budget, target_names, carry, report_path,
-            out) -> None:
+            out, force) -> None:
     """Transfer a CoreSet from a small source model to a different target (TRACE §5.5).
 
     Units are matched by role through both models' rule files and by layer through the layer map;
@@ -52,12 +54,17 @@ def command(coreset_path, source, target, layer_map, ratio, rules, direction, bu
       trace-transfer refine --budgets cores/math.budgets.json --model tiny-qwen3 --task synthetic:math \\
           --signal fisher --batches 16 --out cores/math.qwen3.coreset.safetensors
     """
+    from trace_transfer.checkpoint import check_output
     from trace_transfer.transfer import BUDGETS_SUFFIX, SlotBudgets, transfer
 
+    check_output(out, force, "output file")
+    if report_path:
+        check_output(report_path, force, "report")
     cs, report = transfer(coreset_path, source, target, layer_map, ratio=ratio, rules=list(rules),
                           direction=direction, budget=budget, target_layout=target_names, carry=carry)
     if isinstance(cs, SlotBudgets) and not out.name.endswith(".json"):
         out = out.with_name(out.name.removesuffix(".safetensors").removesuffix(".coreset") + BUDGETS_SUFFIX)
+    check_output(out, force, "output file")  # the name may have changed to .budgets.json
     path = cs.save(out)
     if report_path:
         report.save(report_path)

@@ -28,7 +28,7 @@ from typing import Any
 
 from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
-from trace_transfer.pipeline.steps import StepRunner, stable_hash
+from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_pipeline(
     base_dir = Path(base_dir or Path.cwd())
     cfg = _resolve_tasks(cfg, base_dir)
     check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
-    runner = StepRunner(Path(run_dir), force=force, on_event=say)
+    runner = StepRunner(Path(run_dir), force=force, on_event=say, families=STEP_FAMILIES)
     out = PipelineResult(Path(run_dir))
     methods = {name: PIPELINE_METHODS.get(name) for name in cfg.methods}
     strategies_for = {  # which CoreSets to score on each side; transferred ones start on the source

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,14 @@ from trace_transfer.checkpoint import write_json_atomic
 logger = logging.getLogger(__name__)
 
 STEP_FILE = "step.json"
+# Written into a run directory when a pipeline claims it: a later run may resume there, and a
+# directory without it (and not empty) belongs to someone else and is never written into.
+RUN_MARKER = ".trace-transfer-pipeline"
+# The top level of every step name run_pipeline uses (``--force`` takes these or longer prefixes).
+STEP_FAMILIES = ("models", "probe", "cores", "cka", "layermap", "finetune", "report")
+# Test hook: a step name (or prefix) whose step is hard-killed (SIGKILL, no cleanup) once its body
+# has returned, before step.json marks it done; used by tests/test_faults.py.
+KILL_ENV = "TRACE_TRANSFER_KILL_STEP"
 
 
 def stable_hash(obj: Any) -> str:
@@ -50,11 +60,32 @@ class StepRunner:
         force: step names (or name prefixes, e.g. ``probe`` for ``probe/source/math``) to redo; a
             step consuming a step redone in this invocation is redone too.
         on_event: callback ``(message)`` for progress output.
+        families: the known top levels of step names; a ``force`` entry outside them is an error.
+
+    Raises:
+        ConfigError: ``run_dir`` holds files of something else (not empty, no run marker), or a
+            ``force`` entry names no step family.
     """
 
-    def __init__(self, run_dir: Path, force: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None):
+    def __init__(self, run_dir: Path, force: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None,
+                 families: tuple[str, ...] | None = None):
+        from trace_transfer.checkpoint import check_output
+        from trace_transfer.errors import ConfigError
+
+        unknown = [f for f in force if families is not None and f.strip("/").split("/")[0] not in families]
+        if unknown:
+            raise ConfigError(f"--force {unknown[0]!r}: no such step; steps are named {', '.join(families)} "
+                              f"or a longer prefix such as cores/target-lf or finetune/full")
         self.run_dir = Path(run_dir)
+        check_output(self.run_dir, force=True, what="run directory")  # under a file, read-only: fail now
+        if self.run_dir.is_dir() and not (self.run_dir / RUN_MARKER).exists():
+            foreign = sorted(p.name for p in self.run_dir.iterdir() if p.name not in (families or STEP_FAMILIES))
+            if foreign:
+                raise ConfigError(f"--out {self.run_dir} is not a pipeline run directory (it holds "
+                                  f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); choose a new "
+                                  f"--out (nothing was changed)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RUN_MARKER).touch()
         self.force = tuple(force)
         self.records: dict[str, StepRecord] = {}
         self._ran: set[str] = set()  # steps executed in this invocation: their dependents must follow
@@ -103,6 +134,9 @@ class StepRunner:
         t0 = time.perf_counter()
         result = fn(step_dir) or {}
         seconds = time.perf_counter() - t0
+        if os.environ.get(KILL_ENV) and name.startswith(os.environ[KILL_ENV]):
+            # The worst moment to die: every artifact written, step.json not yet (the rerun must redo it).
+            os.kill(os.getpid(), signal.SIGKILL)
         write_json_atomic(
             marker,
             {"name": name, "hash": h, "params": params, "depends": dep_hashes, "result": result,

@@ -55,7 +55,7 @@ from trace_transfer.scoring.stream import DEFAULT_CHUNK_ELEMS, TensorSource, sin
 from trace_transfer.scoring.topk import PackedMasks, streaming_topk
 from trace_transfer.scoring.units import BUDGETS, PRESETS
 from trace_transfer._version import __version__, versions
-from trace_transfer.checkpoint import fingerprint_of, open_checkpoint
+from trace_transfer.checkpoint import check_output, fingerprint_of, open_checkpoint
 from trace_transfer.coreset import SUFFIX, CoreSet, UnitLayout
 from trace_transfer.scoring.base import STRATEGIES, ProbeInput, ScoringRun, budget_count, load_probe, register_strategy, select_units
 import trace_transfer.scoring.strategies  # noqa: F401  (registers lf, cs, random, magnitude)
@@ -144,6 +144,7 @@ def score(
     progress: Progress | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     use_tensor_stats: bool = True,
+    force: bool = False,
 ) -> dict[str, CoreSet]:
     """Score parameters of each probed task and select its core set.
 
@@ -164,6 +165,7 @@ def score(
         progress: ``(stage, done, total)`` callback.
         use_tensor_stats: at tensor granularity, use the probe's recorded per-tensor reductions
             (``fisher_tensor.json``) instead of re-reading Δ and Fisher.
+        force: overwrite existing ``<task>.coreset.safetensors`` files in ``out_dir`` (else refused).
 
     Returns:
         ``{task: CoreSet}`` in probe order.
@@ -230,6 +232,11 @@ def score(
 
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
+        # Other files in OUT are left alone: only the CoreSets this call writes may be overwritten.
+        if out_path.exists() and not out_path.is_dir():
+            raise ArtifactError(f"--out {out_path} is a file; score writes a directory of CoreSets: choose another path")
+        for p in probes:
+            check_output(out_path / coreset_filename(p.task), force, "CoreSet")
         out_path.mkdir(parents=True, exist_ok=True)
     with single_threaded():
         return _score_all(run, strat, base_meta, out_path, t0)
@@ -251,6 +258,7 @@ def _score_all(run: ScoringRun, strat, base_meta: dict, out_path: Path | None, t
     per_task = strat.unit_scores(run)
     for t, (p, scores) in enumerate(zip(probes, per_task)):
         masks, counts = select_units(scores, run)
+        _check_not_empty(counts["selected_units"], counts["total_units"], run.ratio)
         meta = {**base_meta, "task": p.task, **counts, **(run.notes[t] if t < len(run.notes) else {}),
                 "created": datetime.now(timezone.utc).isoformat(), "seconds": round(time.time() - t0, 3)}
         cs = CoreSet.from_unit_masks(masks, layouts, shapes, {n: s.float() for n, s in scores.items()}, meta)
@@ -282,6 +290,7 @@ def _select_elements(run: ScoringRun, strat, t: int, target: Path, tmp: Path, me
     try:
         selected = streaming_topk(items, fn, k, masks, run.chunk_elems, on_pass=on_pass, on_chunk=on_chunk,
                                   sample_fn=getattr(fn, "sample", None))
+        _check_not_empty(sum(selected.values()), total, run.ratio)
         note = run.notes[-1] if run.notes else {}
         meta = {**meta, **note, "budget_target": k, "selected_units": sum(selected.values()), "total_units": total,
                 "scope_params": total, "created": datetime.now(timezone.utc).isoformat(),
@@ -290,6 +299,13 @@ def _select_elements(run: ScoringRun, strat, t: int, target: Path, tmp: Path, me
     finally:
         masks.remove()
     return CoreSet.load(path)
+
+
+def _check_not_empty(selected: int, total: int, ratio: float) -> None:
+    # An empty CoreSet trains nothing (TRACE) or everything (its complement): never what was asked for.
+    if selected == 0:
+        raise ConfigError(f"--ratio {ratio:g} selects no unit: the budget rounds down to 0 of {total:,} units; "
+                          f"raise --ratio (or use a finer --granularity)")
 
 
 def _paper_deviations(probes: list[ProbeInput]) -> list[str]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from trace_transfer._version import versions
-from trace_transfer.checkpoint import write_json_atomic, write_text_atomic
+from trace_transfer.checkpoint import check_output, write_json_atomic, write_text_atomic
 from trace_transfer.errors import ArtifactNotFoundError, ConfigError
 from trace_transfer.evaluation.continual import continual_metrics, format_matrix_markdown
 from trace_transfer.train.loop import TrainConfig, train
@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 RESULTS_FORMAT = "trace-transfer/results"
 # Test hook: "K:N" hard-kills the process (SIGKILL, no cleanup) after optimizer step N of stage K,
-# the way an OOM kill or a pre-empted node would; used by the resume test.
+# the way an OOM kill or a pre-empted node would; "K:save" while stage K's checkpoint is being saved
+# (written to its temp dir, not yet renamed). Used by the resume and fault tests.
 KILL_ENV = "TRACE_TRANSFER_KILL_AT"
 
 
@@ -111,6 +112,7 @@ def _identity(model_ref: str, stages: Sequence[Stage], method: str, options: Met
         "config": cfg.to_dict(),
         "eval_limit": eval_limit,
         "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
+        "input_sha256": _input_hashes(stages, options, monitor),
     }
 
 
@@ -118,17 +120,29 @@ def _check_resume(out: Path, identity: dict[str, Any], resume: bool) -> list[int
     import json
 
     run_json = out / "run.json"
-    done = completed_stages(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory path for the run")
+    check_output(out, force=True, what="run directory")  # under a file or read-only: fail before any work
     if not run_json.exists():
-        if done:
-            raise ConfigError(f"{out} holds completed stages but no run.json; choose a new --out")
+        # A fresh run writes only into a new or empty directory: whatever is there was not made by
+        # this run, so it is neither removed nor overwritten. Hidden files (a pipeline step's
+        # .attempt) are never touched, so they do not count.
+        present = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+        if present:
+            shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+            raise ConfigError(f"--out {out} is not empty ({shown}) and holds no run.json, so it is not a run to "
+                              f"resume; choose a new --out (nothing was changed)")
         return []
     if not resume:
         raise ConfigError(
-            f"{out} already holds a run ({len(done)} completed stage(s)); pass --resume to continue it "
-            f"or choose a new --out"
+            f"{out} already holds a run ({len(completed_stages(out))} completed stage(s)); pass --resume to "
+            f"continue it or choose a new --out"
         )
-    previous = json.loads(run_json.read_text())["identity"]
+    try:
+        previous = json.loads(run_json.read_text())["identity"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: {run_json} is not a run.json written by finetune ({exc}); choose a new --out") from exc
+    done = completed_stages(out)
     diffs = [k for k in identity if previous.get(k) != identity[k]]
     if diffs:
         raise ConfigError(
@@ -138,12 +152,20 @@ def _check_resume(out: Path, identity: dict[str, Any], resume: bool) -> list[int
     return done
 
 
-def _discard_incomplete(out: Path, keep_upto: int) -> None:
-    """Remove stage directories after the last complete one (a killed stage's partial output)."""
+def _discard_incomplete(out: Path, keep_upto: int, n_stages: int) -> None:
+    """Remove this run's stage directories after the last complete one (a killed stage's partial output).
+
+    Only what this run writes is touched: ``stage_<k>`` and the ``.stage_<k>.*`` temp dirs of an
+    interrupted checkpoint write, for the stages ``k`` of this run. Anything else in ``out`` stays.
+    """
+    ours = range(keep_upto + 1, n_stages + 1)
     for p in out.iterdir():
-        if p.name.startswith("stage_") and p.name[6:].isdigit() and int(p.name[6:]) > keep_upto:
+        if not p.is_dir():
+            continue
+        if p.name.startswith("stage_") and p.name[6:].isdigit() and int(p.name[6:]) in ours:
             shutil.rmtree(p)
-        elif p.name.startswith(".stage_") and p.is_dir():  # temp dirs of an interrupted checkpoint write
+        elif p.name.startswith(".stage_") and p.name.split(".")[1][6:].isdigit() \
+                and int(p.name.split(".")[1][6:]) in ours:
             shutil.rmtree(p)
 
 
@@ -156,6 +178,33 @@ def _load_coresets(stages: Sequence[Stage], options: MethodOptions, model: torch
         if c is not None:
             c.check_fits(model)
     return cores, general
+
+
+def _check_coresets_fit(model_ref: str, stages: Sequence[Stage], options: MethodOptions, needed: bool) -> None:
+    """Load every CoreSet and check it against the model's parameters (built on the meta device from
+    its config, no weights) before the run directory is claimed or the base model is evaluated."""
+    paths = [s.coreset for s in stages if needed and s.coreset]
+    paths += [options.general_coreset] if options.general_coreset else []
+    if not paths or not Path(model_ref).is_dir():
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trace_transfer.coreset import CoreSet
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_ref))
+    for path in paths:
+        CoreSet.load(path).check_fits(model)
+
+
+def _input_hashes(stages: Sequence[Stage], options: MethodOptions, monitor: Sequence[str]) -> dict[str, str]:
+    """sha256 of every input file named by path (CoreSets, task specs): --resume compares content, so a
+    file replaced between a kill and the resume is caught, not silently trained on."""
+    from trace_transfer.checkpoint import file_sha256
+
+    files = [s.coreset for s in stages if s.coreset] + [s.task for s in stages] + list(monitor)
+    files += [options.general_coreset] if options.general_coreset else []
+    return {str(f): file_sha256(f) for f in files if f and Path(f).is_file()}
 
 
 def _coreset_summary(path: str | None) -> dict[str, Any] | None:
@@ -210,6 +259,8 @@ def _save_checkpoint(model, tokenizer, out: Path, k: int, stage_info: dict[str, 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "stage.json", stage_info)
+        if os.environ.get(KILL_ENV) == f"{k}:save":  # test hook: die with the checkpoint written, not yet renamed
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -221,6 +272,8 @@ def _kill_hook(stage: int) -> Callable[[int, float], None] | None:
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return None
+    if spec.endswith(":save"):
+        return None  # handled in _save_checkpoint
     k, n = (int(x) for x in spec.split(":"))
     if k != stage:
         return None
@@ -257,20 +310,26 @@ def _validate(meth, method: str, stages: list[Stage], options: MethodOptions,
         raise ConfigError(f"cannot run method {method!r}", problems)
 
 
-def _open_out_dir(out: Path, identity: dict[str, Any], resume: bool, ranks: _Ranks) -> tuple[list[int], str]:
-    """Check ``out`` against ``identity``; on rank 0 drop a killed stage's leftovers and (re)write run.json.
+def _open_out_dir(out: Path, identity: dict[str, Any], resume: bool, ranks: _Ranks,
+                  n_stages: int) -> tuple[list[int], str]:
+    """Check ``out`` against ``identity``; on rank 0 write run.json (fresh run) or drop a killed stage's leftovers.
 
     Returns the complete stages and the start time.
     """
-    ranks.on_main("creating the run directory", lambda: out.mkdir(parents=True, exist_ok=True))
     done = _check_resume(out, identity, resume)
+    resuming = resume and (out / "run.json").exists()
+    # A resumed run keeps its run.json (same identity, checked above) and its start time.
+    started = (_read_json(out / "run.json").get("started") if resuming else None) \
+        or _dt.datetime.now(_dt.timezone.utc).isoformat()
+    ranks.on_main("creating the run directory", lambda: out.mkdir(parents=True, exist_ok=True))
     # Every rank has read OUT before rank 0 changes it (else a slower rank sees the fresh run.json).
     ranks.barrier()
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
 
     def prepare_out() -> None:
-        _discard_incomplete(out, done[-1] if done else -1)
-        write_json_atomic(out / "run.json", {"identity": identity, "started": started, "versions": versions()})
+        if resuming:  # a fresh run found nothing of its own to discard
+            _discard_incomplete(out, done[-1] if done else -1, n_stages)
+        else:
+            write_json_atomic(out / "run.json", {"identity": identity, "started": started, "versions": versions()})
 
     ranks.on_main("preparing the run directory", prepare_out)
     return done, started
@@ -408,20 +467,26 @@ def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path
     """Join the process group (DeepSpeed), claim ``out`` and load the tasks: the run's context and its done stages."""
     from trace_transfer.data import load_task
     from trace_transfer.evaluation.code_exec import check_tasks_consent
-    from trace_transfer.models import load_tokenizer
+    from trace_transfer.models import check_model_dir, load_tokenizer
 
     ranks = _Ranks(deepspeed_config is not None)
     say = (progress or (lambda msg: logger.info(msg))) if ranks.main else _quiet
     identity = _identity(model_ref, stages, method, options, cfg, eval_limit,
                          str(deepspeed_config) if deepspeed_config else None, monitor)
-    # A code_exec task without consent is refused before the run directory is claimed or anything trains.
-    check_tasks_consent([load_task(s.task) for s in stages] + [load_task(m) for m in monitor])
-    done, started = _open_out_dir(out, identity, resume, ranks)
+    # Every input is checked before the run directory is claimed or anything trains: a code_exec task
+    # without consent, task data that cannot be read, a broken model, a CoreSet that does not fit.
+    tasks, monitored = [load_task(s.task) for s in stages], [load_task(m) for m in monitor]
+    check_tasks_consent(tasks + monitored)
+    for t in tasks:
+        t.train_examples()  # loads (and caches) the rows: a bad data file fails here, not after the base eval
+    if Path(model_ref).is_dir():
+        check_model_dir(model_ref)
+    tokenizer = load_tokenizer(model_ref)
+    _check_coresets_fit(model_ref, stages, options, needed=(method == "trace"))
+    done, started = _open_out_dir(out, identity, resume, ranks, len(meth.plan(stages)))
     run = _Run(model_ref, stages, method, meth, out, cfg, options, identity, started, deepspeed_config, ranks,
                say, eval_limit, eval_batch_size)
-    run.tasks = [load_task(s.task) for s in stages]
-    run.monitored = [load_task(m) for m in monitor]
-    run.tokenizer = load_tokenizer(model_ref)
+    run.tasks, run.monitored, run.tokenizer = tasks, monitored, tokenizer
     return run, done
 
 
@@ -481,6 +546,11 @@ def run_sequence(
                            deepspeed_config, progress, monitor, eval_limit, eval_batch_size)
     ranks, out = run.ranks, run.out
     plans = meth.plan(stages)
+
+    # A finished run resumed: nothing to do, and nothing on disk is rewritten.
+    finished = _read_json(out / "results.json") if (out / "results.json").exists() else {}
+    if resume and all(p.index in done for p in plans) and 0 in done and finished.get("complete"):
+        return RunResult(out_dir=out, results=finished, rank=ranks.rank)
 
     # 2. Replay the stages an interrupted run finished; evaluate the base model unless that is done.
     run.replay(done)
