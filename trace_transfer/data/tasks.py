@@ -344,6 +344,10 @@ def load_task(ref: str | os.PathLike | Task, tokenizer: Any = None) -> Task:
     if isinstance(ref, Task):
         return ref.bind(tokenizer) if tokenizer is not None else ref
     s = os.fspath(ref)
+    if s.startswith("lm-eval:"):  # evaluation-only: scored through lm-evaluation-harness
+        from trace_transfer.data.lm_eval_ref import LmEvalTask
+
+        return LmEvalTask(s)  # type: ignore[return-value]
     if s.startswith("synthetic:"):
         return Task(_synthetic_spec(s), s, tokenizer)
     return Task(load_task_spec(s), s, tokenizer)

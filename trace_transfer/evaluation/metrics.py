@@ -469,6 +469,11 @@ def evaluate(
         from trace_transfer.data import load_task
 
         task = load_task(task)
+    if getattr(task, "backend", None) == "lm-eval":  # lm-eval:<task> refs
+        from trace_transfer.evaluation.lm_eval_backend import evaluate_lm_eval
+
+        return EvalResult(**evaluate_lm_eval(model, tokenizer, task, limit=limit, batch_size=batch_size,
+                                             per_example=per_example))
     name, opts = _metric_of(task)
     opts.update(overrides)
     if name not in METRICS:
