@@ -111,6 +111,7 @@ def test_core_regions_pick_the_largest_updates(tmp_path):
     for name, sd in (("base", base), ("tuned", tuned)):
         (tmp_path / name).mkdir()
         save_file(sd, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')  # a model dir has a config
     cores = core_regions(tmp_path / "base", {"t": tmp_path / "tuned"}, tmp_path / "cores", ratio=0.2)
     m = cores["t"].mask("model.layers.0.mlp.w.weight").reshape(-1)
     # 20% of 25 parameters = 5: |update| 10, 9, 9, 8, 8.

@@ -233,13 +233,19 @@ def cpi_ft(
     # Step 1: independent fine-tuning per task, then core regions.
     for ref, name in zip(refs, names):
         say(f"[1/5] fine-tuning {name} on its own")
-        run_sequence(base, [Stage(ref)], "full", out / "ft" / _safe(name), ft_cfg,
-                     eval_limit=eval_limit, resume=True, eval_batch_size=eval_batch_size)
+        run_dir = out / "ft" / _safe(name)
+        run_sequence(base, [Stage(ref)], "full", run_dir, ft_cfg, eval_limit=eval_limit,
+                     resume=_started(run_dir), eval_batch_size=eval_batch_size)
     tuned = {n: out / "ft" / _safe(n) / "stage_1" for n in names}
-    say(f"[1/5] core regions: top {cfg.ratio:g} of parameters by update magnitude ({cfg.granularity})")
-    cores = core_regions(base, tuned, out / "cores", ratio=cfg.ratio, granularity=cfg.granularity,
-                         scope=cfg.scope, keep_deltas=cfg.keep_deltas)
     core_files = {n: out / "cores" / coreset_filename(n) for n in names}
+    if all(f.exists() for f in core_files.values()):  # a resumed run: same identity, so the same cores
+        cores = {n: CoreSet.load(f) for n, f in core_files.items()}
+    else:
+        say(f"[1/5] core regions: top {cfg.ratio:g} of parameters by update magnitude ({cfg.granularity})")
+        for f in core_files.values():  # what a killed scoring pass of this run left; never the user's files
+            f.unlink(missing_ok=True)
+        cores = core_regions(base, tuned, out / "cores", ratio=cfg.ratio, granularity=cfg.granularity,
+                             scope=cfg.scope, keep_deltas=cfg.keep_deltas)
 
     # Step 2: clustering.
     clusters = cluster_tasks({n: cores[n] for n in names}, tau=cfg.tau, method=cfg.cluster_method)
@@ -259,7 +265,7 @@ def cpi_ft(
     stages, frozen_info = _sft_stages(order, clusters.groups, cores, ref_of, cfg, out / "frozen")
     say(f"[5/5] pipeline SFT ({cfg.sft}, freeze {cfg.freeze}): " + " -> ".join(order))
     sft = run_sequence(out / "merged", stages, SFT_METHOD, out / "sft", sft_cfg, eval_limit=eval_limit,
-                       resume=True, eval_batch_size=eval_batch_size)
+                       resume=_started(out / "sft"), eval_batch_size=eval_batch_size)
 
     # Results in the runner's shape, row 0 = the base model.
     paths = {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},
@@ -336,7 +342,10 @@ def _sft_stages(order, groups, cores, ref_of, cfg: CpiFtConfig, frozen_dir: Path
             frozen = _union([cores[n] for n in trained]) if trained else _empty_like(union_all)
         frozen.metadata.update({"task": f"cpi-ft frozen, run {k}", "strategy": f"cpi-ft freeze={cfg.freeze}",
                                 "frozen_tasks": list(order) if cfg.freeze == "all" else list(trained)})
-        path = frozen.save(frozen_dir / f"run_{k}{SUFFIX}")
+        target = frozen_dir / f"run_{k}{SUFFIX}"
+        # A resumed run keeps the files its SFT run started with (same identity, same content; the
+        # runner checks their hashes): rewriting them would only change their timestamps.
+        path = target if target.exists() else frozen.save(target)
         stages += [Stage(ref_of[n], str(path)) for n in run]
         info.append({"run": k, "tasks": run, "frozen_params": frozen.num_selected(), "coreset": str(path)})
         trained += run
@@ -404,6 +413,11 @@ def _local_base(model: str | Path, out: Path, say: Callable[[str], None]) -> Pat
         load_model(str(model)).save_pretrained(target)
         load_tokenizer(str(model)).save_pretrained(target)
     return target
+
+
+def _started(run_dir: Path) -> bool:
+    """Resume a step's runner run only where one was started (its run.json exists), else start it fresh."""
+    return (run_dir / "run.json").exists()
 
 
 def _safe(name: str) -> str:
