@@ -40,7 +40,8 @@ def test_dry_run_validates_plans_and_prints_the_commands(tmp_path):
     out = proc.stdout
     assert "verdict" in out  # the plan validated the config and ran
     # the sizes the issue asks for: a ~0.5B source and a ~1.5B target
-    assert "source source (built llama) (0.50B)" in out and "target target (built qwen3) (1.48B)" in out
+    header = " ".join(out.split())
+    assert "source built llama 20x1536 (503.7M)" in header and "target built qwen3 32x2048 (1.48B)" in header
     assert "$ " in out and "trace_transfer run bench/gpu_smoke.yaml" in out and "bench/zero3_throughput.py" in out
     assert (tmp_path / "out" / "plan.txt").read_text().startswith("plan for gpu-smoke")
     assert not (tmp_path / "out" / "pipeline").exists()  # nothing ran

@@ -287,7 +287,8 @@ def _inference_step(name: str, shapes: list[ModelShape], batch: int, prompt: int
 def resolve_shape(spec: ModelSpec, side: str, base_dir: Path, roots: list[Path]) -> ModelShape:
     if spec.build is not None:
         b = spec.build
-        return tiny_shape(b.arch, b.layers, b.hidden, b.heads, b.kv_heads, b.tokenizer, f"{side} (built {b.arch})")
+        return tiny_shape(b.arch, b.layers, b.hidden, b.heads, b.kv_heads, b.tokenizer,
+                          f"built {b.arch} {b.layers}x{b.hidden}")
     return model_shape(find_config(spec.model, base_dir, roots), spec.model)
 
 
