@@ -238,14 +238,7 @@ def cpi_ft(
                      resume=_started(run_dir), eval_batch_size=eval_batch_size)
     tuned = {n: out / "ft" / _safe(n) / "stage_1" for n in names}
     core_files = {n: out / "cores" / coreset_filename(n) for n in names}
-    if all(f.exists() for f in core_files.values()):  # a resumed run: same identity, so the same cores
-        cores = {n: CoreSet.load(f) for n, f in core_files.items()}
-    else:
-        say(f"[1/5] core regions: top {cfg.ratio:g} of parameters by update magnitude ({cfg.granularity})")
-        for f in core_files.values():  # what a killed scoring pass of this run left; never the user's files
-            f.unlink(missing_ok=True)
-        cores = core_regions(base, tuned, out / "cores", ratio=cfg.ratio, granularity=cfg.granularity,
-                             scope=cfg.scope, keep_deltas=cfg.keep_deltas)
+    cores = _cores_of_run(base, tuned, core_files, cfg, say)
 
     # Step 2: clustering.
     clusters = cluster_tasks({n: cores[n] for n in names}, tau=cfg.tau, method=cfg.cluster_method)
@@ -277,6 +270,19 @@ def cpi_ft(
                              "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     _write_results(out, results, order)
     return CpiFtResult(out, results)
+
+
+def _cores_of_run(base: Path, tuned: dict[str, Path], core_files: dict[str, Path], cfg: CpiFtConfig,
+                  say: Callable[[str], None]) -> dict[str, CoreSet]:
+    """Step 1b, or its result when a resumed run already has it (same identity, so the same cores)."""
+    if all(f.exists() for f in core_files.values()):
+        return {n: CoreSet.load(f) for n, f in core_files.items()}
+    say(f"[1/5] core regions: top {cfg.ratio:g} of parameters by update magnitude ({cfg.granularity})")
+    for f in core_files.values():  # what a killed scoring pass of this run left; never the user's files
+        f.unlink(missing_ok=True)
+    out = next(iter(core_files.values())).parent
+    return core_regions(base, tuned, out, ratio=cfg.ratio, granularity=cfg.granularity, scope=cfg.scope,
+                        keep_deltas=cfg.keep_deltas)
 
 
 def _task_names(refs: list[str]) -> list[str]:
