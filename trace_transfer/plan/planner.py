@@ -356,104 +356,15 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
     masking = requested = masking or getattr(cfg.training, "masking", None) or "auto"
     if masking == "auto":  # apply_coreset's rule: sparse where at most half of a tensor is core
         masking = "sparse" if cfg.scoring.ratio <= 0.5 else "dense"
-    methods = resolve(cfg.methods)
-    need_transfer = any(m.cores == "transfer" for _, m in methods)
-    need_target_probes = any(m.cores == "target" for _, m in methods)
-    general = any(m.general_core for _, m in methods)
     shapes = {"source": resolve_shape(cfg.source, "source", base_dir, roots),
               "target": resolve_shape(cfg.target, "target", base_dir, roots)}
-    steps: list[StepPlan] = []
-    full = lambda s: Trainable("full", s.params, s.matmul_params)  # noqa: E731
-    n_ex = {t: count_examples(t, examples, default_examples) for t in [*cfg.tasks, cfg.general_task]}
-
-    # Models built and pretrained in the run (tiny configs).
-    for side in ("source", "target"):
-        spec = getattr(cfg, side)
-        if spec.pretrain is not None:
-            p = spec.pretrain
-            setup = Setup("single", micro_batch=p.batch_size, seq_len=p.seq_len, bf16=False)
-            steps.append(_train_step(f"pretrain {side}", shapes[side], full(shapes[side]), setup, hw,
-                                     p.steps * p.batch_size * p.seq_len, 1))
-
-    # Probes: one process, fp32 weights + AdamW, bf16 autocast where the GPU has it.
-    pr = cfg.probe
-    probe_setup = Setup("single", micro_batch=pr.batch_size, seq_len=pr.seq_len, bf16=True)
-    for side, tasks in (("source", list(cfg.tasks) if need_transfer else []),
-                        ("target", (list(cfg.tasks) if need_target_probes else []) + ([cfg.general_task] if general else []))):
-        if not tasks:
-            continue
-        token_counts = [_probe_tokens(pr, n_ex[t]) for t in tasks]
-        tokens = max(token_counts) if all(token_counts) else None
-        step = _train_step(f"probe {side} x{len(tasks)}", shapes[side], full(shapes[side]), probe_setup, hw, tokens,
-                           len(tasks))
-        step.notes.append(f"disk per probe: delta + Fisher {8 * shapes[side].params / 2**30:.0f} GiB "
-                          f"(+ {4 * shapes[side].params / 2**30:.0f} GiB θ0 while it runs)")
-        steps.append(step)
-
-    # Scoring: streamed on the host, reads Δ and Fisher of every task.
-    for side, n_tasks in (("source", len(cfg.tasks) if need_transfer else 0),
-                          ("target", len(cfg.tasks) if need_target_probes else 0)):
-        if n_tasks:
-            sh = shapes[side]
-            read = 8 * sh.params * n_tasks
-            step = StepPlan(f"score {side}", "host", sh.ref, "host", memory={
-                "per_gpu": {}, "total": 0, "host_per_node": _score_host(sh, cfg.scoring.granularity, n_tasks)},
-                seconds=(read / 2e9, read / 0.5e9))
-            step.notes.append(f"reads {read / 2**30:.0f} GiB of delta + Fisher per strategy; time: disk-bound "
-                              "at 2-0.5 GB/s")
-            steps.append(step)
-
-    # CKA + transfer.
-    if need_transfer:
-        lm = cfg.layer_map
-        steps.append(_inference_step("cka (both models)", [shapes["source"], shapes["target"]], 8, CKA_MAX_LENGTH,
-                                     0, lm.max_probes, hw, loglik=True))
-        steps.append(StepPlan("transfer (configs)", "config", f"{shapes['source'].ref} -> {shapes['target'].ref}",
-                              "host", memory={"per_gpu": {}, "total": 0, "host_per_node": 0},
-                              notes=["configs and CoreSets only: seconds, no weights"]))
-
-    # Fine-tuning: one row per distinct trainable set.
-    t = cfg.training
-    world = hw.world
-    if cfg.launch.deepspeed:
-        ds_path = Path(cfg.launch.deepspeed)
-        ds_path = ds_path if ds_path.is_absolute() else base_dir / ds_path
-        configured = _deepspeed_setup(ds_path, world, t.batch_size, t.seq_len, t.precision)
-    else:
-        configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
-    ranks = configured.world if configured.engine == "deepspeed" else 1
-    tgt = shapes["target"]
-    rows: dict[str, tuple[Trainable, list[str]]] = {}
-    exact = max((coreset_trainable(tgt, c, requested) for c in coresets), key=lambda t: t.grad_params, default=None)
-    for name, entry in methods:
-        if exact is not None and entry.strategy is not None:
-            rows.setdefault(exact.label, (exact, []))[1].append(name)
-            continue
-        tr = method_trainable(entry, tgt, cfg, masking)
-        rows.setdefault(tr.label, (tr, []))[1].append(name)
-        if tr.label.endswith((" dense", " sparse")):  # also show what the other masking would need
-            other = method_trainable(entry, tgt, cfg, "dense" if masking == "sparse" else "sparse")
-            other = replace(other, note=f"{other.note} (not configured: training.masking is {masking!r})")
-            rows.setdefault(other.label, (other, []))[1].append(name)
-    stage_examples = [n_ex[x] for x in cfg.tasks]
-    for label, (tr, names) in rows.items():
-        if t.max_steps:
-            tokens = t.max_steps * t.batch_size * t.grad_accum * ranks * t.seq_len * len(cfg.tasks)
-        elif all(stage_examples):
-            tokens = t.epochs * sum(stage_examples) * t.seq_len
-        else:
-            tokens = None
-        steps.append(_train_step(f"ft {label}", tgt, tr, configured, hw, tokens, len(cfg.seeds), names))
-
-    # Evaluation after every stage (and before the first), on the target.
-    e = cfg.eval
-    items = e.limit if e.limit is not None else eval_items
-    ev = _inference_step("eval per stage", [tgt], e.batch_size, t.seq_len, EVAL_NEW_TOKENS,
-                         items * len(cfg.tasks) if items else None, hw, loglik=True, count=len(cfg.tasks) + 1)
-    if not items:
-        ev.notes.append("time: eval.limit is null (full test sets); pass --eval-items N for a time estimate")
-    steps.append(ev)
-
+    methods = resolve(cfg.methods)
+    tasks = [*cfg.tasks, *([cfg.general_task] if any(m.general_core for _, m in methods) else [])]
+    ctx = _Context(cfg, hw, shapes, methods, {t: count_examples(t, examples, default_examples) for t in tasks})
+    exact = max((coreset_trainable(shapes["target"], c, requested) for c in coresets), key=lambda t: t.grad_params,
+                default=None)
+    steps = [*_pretrain_steps(ctx), *_probe_steps(ctx), *_score_steps(ctx), *_transfer_steps(ctx),
+             *_finetune_steps(ctx, masking, exact, base_dir), _eval_step(ctx, eval_items)]
     assumptions = [
         "memory: model states (ZeRO paper accounting) + activations (Korthikanti et al. 2022, per-layer, "
         "redone for RMSNorm/SwiGLU/GQA with SDPA attention) + ZeRO buffers + "
@@ -463,9 +374,133 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
         "step is not modelled",
         f"finer-than-tensor cores: masking '{masking}' (the config's, or apply_coreset's 'auto': sparse up to "
         "half a tensor); the other masking is listed too, marked 'not configured'",
-        f"host: every DeepSpeed rank loads the whole model (checkpoint dtype) before ZeRO partitions it",
+        "host: every DeepSpeed rank loads the whole model (checkpoint dtype) before ZeRO partitions it",
     ]
     return Plan(cfg.name, hw, shapes, steps, assumptions)
+
+
+@dataclass
+class _Context:
+    cfg: PipelineConfig
+    hw: Hardware
+    shapes: dict[str, ModelShape]
+    methods: list[tuple[str, Any]]  # (name, PipelineMethod)
+    examples: dict[str, int | None]  # training examples per task, None where unknown
+
+    def needs(self, what: str) -> bool:
+        if what == "general":
+            return any(m.general_core for _, m in self.methods)
+        return any(m.cores == what for _, m in self.methods)
+
+
+def _full(shape: ModelShape) -> Trainable:
+    return Trainable("full", shape.params, shape.matmul_params)
+
+
+def _pretrain_steps(ctx: _Context) -> list[StepPlan]:
+    """Models built and pretrained in the run (tiny configs): one process, fp32."""
+    out = []
+    for side in ("source", "target"):
+        p = getattr(ctx.cfg, side).pretrain
+        if p is not None:
+            setup = Setup("single", micro_batch=p.batch_size, seq_len=p.seq_len, bf16=False)
+            out.append(_train_step(f"pretrain {side}", ctx.shapes[side], _full(ctx.shapes[side]), setup, ctx.hw,
+                                   p.steps * p.batch_size * p.seq_len, 1))
+    return out
+
+
+def _probe_sides(ctx: _Context) -> list[tuple[str, list[str]]]:
+    cfg = ctx.cfg
+    target = (list(cfg.tasks) if ctx.needs("target") else []) + ([cfg.general_task] if ctx.needs("general") else [])
+    return [(side, tasks) for side, tasks in (("source", list(cfg.tasks) if ctx.needs("transfer") else []),
+                                              ("target", target)) if tasks]
+
+
+def _probe_steps(ctx: _Context) -> list[StepPlan]:
+    """Warm-start probes: one process, fp32 weights + AdamW, bf16 autocast where the GPU has it."""
+    pr = ctx.cfg.probe
+    setup = Setup("single", micro_batch=pr.batch_size, seq_len=pr.seq_len, bf16=True)
+    out = []
+    for side, tasks in _probe_sides(ctx):
+        shape = ctx.shapes[side]
+        token_counts = [_probe_tokens(pr, ctx.examples[t]) for t in tasks]
+        tokens = max(token_counts) if all(token_counts) else None
+        step = _train_step(f"probe {side} x{len(tasks)}", shape, _full(shape), setup, ctx.hw, tokens, len(tasks))
+        step.notes.append(f"disk per probe: delta + Fisher {8 * shape.params / 2**30:.0f} GiB "
+                          f"(+ {4 * shape.params / 2**30:.0f} GiB θ0 while it runs)")
+        out.append(step)
+    return out
+
+
+def _score_steps(ctx: _Context) -> list[StepPlan]:
+    """Scoring streams Δ and Fisher of every task probed on a side, on the host."""
+    out = []
+    n_tasks = len(ctx.cfg.tasks)
+    for side in [s for s, need in (("source", "transfer"), ("target", "target")) if ctx.needs(need)]:
+        sh = ctx.shapes[side]
+        read = 8 * sh.params * n_tasks
+        host = _score_host(sh, ctx.cfg.scoring.granularity, n_tasks)
+        step = StepPlan(f"score {side}", "host", sh.ref, "host", memory={"per_gpu": {}, "total": 0,
+                                                                         "host_per_node": host},
+                        seconds=(read / 2e9, read / 0.5e9))
+        step.notes.append(f"reads {read / 2**30:.0f} GiB of delta + Fisher per strategy; time: disk-bound at "
+                          "2-0.5 GB/s")
+        out.append(step)
+    return out
+
+
+def _transfer_steps(ctx: _Context) -> list[StepPlan]:
+    if not ctx.needs("transfer"):
+        return []
+    src, tgt = ctx.shapes["source"], ctx.shapes["target"]
+    return [_inference_step("cka (both models)", [src, tgt], 8, CKA_MAX_LENGTH, 0, ctx.cfg.layer_map.max_probes,
+                            ctx.hw, loglik=True),
+            StepPlan("transfer (configs)", "config", f"{src.ref} -> {tgt.ref}", "host",
+                     memory={"per_gpu": {}, "total": 0, "host_per_node": 0},
+                     notes=["configs and CoreSets only: seconds, no weights"])]
+
+
+def _finetune_steps(ctx: _Context, masking: str, exact: Trainable | None, base_dir: Path) -> list[StepPlan]:
+    """One row per distinct trainable set (methods training the same thing share it)."""
+    cfg, t, tgt = ctx.cfg, ctx.cfg.training, ctx.shapes["target"]
+    if cfg.launch.deepspeed:
+        ds_path = Path(cfg.launch.deepspeed)
+        ds_path = ds_path if ds_path.is_absolute() else base_dir / ds_path
+        configured = _deepspeed_setup(ds_path, ctx.hw.world, t.batch_size, t.seq_len, t.precision)
+    else:
+        configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
+    rows: dict[str, tuple[Trainable, list[str]]] = {}
+    for name, entry in ctx.methods:
+        if exact is not None and entry.strategy is not None:
+            rows.setdefault(exact.label, (exact, []))[1].append(name)
+            continue
+        tr = method_trainable(entry, tgt, cfg, masking)
+        rows.setdefault(tr.label, (tr, []))[1].append(name)
+        if tr.label.endswith((" dense", " sparse")):  # also show what the other masking would need
+            other = method_trainable(entry, tgt, cfg, "dense" if masking == "sparse" else "sparse")
+            other = replace(other, note=f"{other.note} (not configured: training.masking is {masking!r})")
+            rows.setdefault(other.label, (other, []))[1].append(name)
+    stage_examples = [ctx.examples[x] for x in cfg.tasks]
+    ranks = configured.world if configured.engine == "deepspeed" else 1
+    if t.max_steps:
+        tokens = t.max_steps * t.batch_size * t.grad_accum * ranks * t.seq_len * len(cfg.tasks)
+    elif all(stage_examples):
+        tokens = t.epochs * sum(stage_examples) * t.seq_len
+    else:
+        tokens = None
+    return [_train_step(f"ft {label}", tgt, tr, configured, ctx.hw, tokens, len(cfg.seeds), names)
+            for label, (tr, names) in rows.items()]
+
+
+def _eval_step(ctx: _Context, eval_items: int | None) -> StepPlan:
+    """Evaluation after every stage (and before the first), on the target."""
+    e, n_tasks = ctx.cfg.eval, len(ctx.cfg.tasks)
+    items = e.limit if e.limit is not None else eval_items
+    ev = _inference_step("eval per stage", [ctx.shapes["target"]], e.batch_size, ctx.cfg.training.seq_len,
+                         EVAL_NEW_TOKENS, items * n_tasks if items else None, ctx.hw, loglik=True, count=n_tasks + 1)
+    if not items:
+        ev.notes.append("time: eval.limit is null (full test sets); pass --eval-items N for a time estimate")
+    return ev
 
 
 def _probe_tokens(pr: Any, n_examples: int | None) -> float | None:
