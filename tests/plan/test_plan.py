@@ -94,6 +94,9 @@ def test_plan_on_the_paper_pipeline_gives_verdicts(tmp_path):
     assert not steps["probe source"].fits_as_configured and steps["probe source"].verdict.startswith("needs ZeRO-3 x8")
     assert steps["ft full"].memory["per_gpu"]["params"] == 2 * p.models["target"].params // 8
     assert all(s.verdict for s in p.steps)
+    opts = steps["ft full"].options  # every ZeRO variant, for scripts that pick their own trade-off
+    assert opts["zero0"]["per_gpu"] > opts["zero2"]["per_gpu"] > opts["zero3"]["per_gpu"] > opts["zero3+ckpt"]["per_gpu"]
+    assert opts["zero3+offload_opt+ckpt"]["fits"] and not opts["zero0"]["fits"]
     assert steps["ft full"].seconds[0] < steps["ft full"].seconds[1]
 
 

@@ -65,6 +65,7 @@ class StepPlan:
     count: int = 1
     methods: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # DeepSpeed variants over the same GPUs
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items()}
@@ -241,12 +242,30 @@ def _train_step(name: str, shape: ModelShape, tr: Trainable, configured: Setup, 
         step.suggestion_memory = chosen_mem
     if tr.note:
         step.notes.append(tr.note)
+    step.options = _zero_options(shape, tr, configured, hw)
     if tokens:
         step.flops = train_flops(shape, tr, tokens, configured.seq_len, chosen.checkpointing)
         step.seconds = time_range(step.flops, chosen.world if chosen.engine == "deepspeed" else 1, hw)
     else:
         step.notes.append("time: the number of training examples is unknown offline (pass --examples)")
     return step
+
+
+def _zero_options(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware) -> dict[str, dict[str, Any]]:
+    """Per-GPU and host memory of every ZeRO stage and offload variant on ``hw``, with and without
+    gradient checkpointing (the JSON's ``options``: pick your own trade-off)."""
+    base = Setup("deepspeed", world=hw.world, micro_batch=configured.micro_batch, seq_len=configured.seq_len,
+                 buffers=configured.buffers)
+    variants = {f"zero{z}": with_(base, zero=z) for z in (0, 1, 2, 3)}
+    variants["zero3+offload_opt"] = with_(base, zero=3, offload_optimizer=True)
+    variants["zero3+offload_opt+param"] = with_(base, zero=3, offload_optimizer=True, offload_param=True)
+    out = {}
+    for name, setup in variants.items():
+        for ckpt in (False, True):
+            mem = train_memory(shape, tr, with_(setup, checkpointing=ckpt), hw)
+            out[name + ("+ckpt" if ckpt else "")] = {"per_gpu": mem["total"], "host_per_node": mem["host_per_node"],
+                                                     "fits": fits(mem, hw)}
+    return out
 
 
 def _inference_step(name: str, shapes: list[ModelShape], batch: int, prompt: int, new: int, items: int | None,
