@@ -110,7 +110,22 @@ def parse_yaml(text: str, source: str | Path, error: type[ConfigError] = ConfigE
 
 def read_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple[Any, list[str]]:
     """:func:`parse_yaml` of a file (UTF-8)."""
-    return parse_yaml(Path(path).read_text(encoding="utf-8"), path, error)
+    return parse_yaml(read_text(path, error), path, error)
+
+
+def read_text(path: str | Path, error: type[ConfigError] = ConfigError) -> str:
+    """A config file's text (UTF-8); raises ``error`` naming the file (and the line of a non-UTF-8
+    byte) when it cannot be read, instead of a UnicodeDecodeError or OSError traceback."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory; pass a YAML file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror}); check the path and its permissions") from None
+    return text
 
 
 def line_of(tree: Any, loc: tuple) -> int | None:
@@ -344,6 +359,11 @@ def click_options(cls: Any, names: list[str], *, defaults: dict[str, Any] | None
             kw["type"] = click.Choice([str(c) for c in meta["choices"]])
         elif hints[n] is bool:
             flag = f"{flag}/--no-{flag[2:]}"
+        elif hints[n] in (int, float) and any(b in meta for b in ("ge", "gt", "le", "lt")):
+            # The field's bounds are the option's: -3 steps is refused as a usage error, not sliced.
+            rng = click.IntRange if hints[n] is int else click.FloatRange
+            kw["type"] = rng(min=meta.get("ge", meta.get("gt")), max=meta.get("le", meta.get("lt")),
+                             min_open="gt" in meta, max_open="lt" in meta)
         elif hints[n] in (int, float, str):
             kw["type"] = hints[n]
         made.append(click.option(flag, n, **kw))

@@ -205,8 +205,12 @@ def test_budget_is_exact(probes):
     for ratio in (0.01, 0.05, 0.29, 0.5):
         el = score(dirs[:1], "lf", ratio, granularity="element")["math"]
         assert el.num_selected() == budget_count(ratio, scope_params)
-        rows = score(dirs[:1], "lf", ratio, granularity="row", budget="tensors")["math"]
         n_units = sum(SHAPES[n][0] if len(SHAPES[n]) == 2 else 1 for n in LAYER_NAMES)
+        if budget_count(ratio, n_units) == 0:  # an empty CoreSet is refused, not written (issue 10)
+            with pytest.raises(ConfigError, match="selects no unit"):
+                score(dirs[:1], "lf", ratio, granularity="row", budget="tensors")
+            continue
+        rows = score(dirs[:1], "lf", ratio, granularity="row", budget="tensors")["math"]
         assert rows.metadata["selected_units"] == budget_count(ratio, n_units)
         p = score(dirs[:1], "lf", ratio, granularity="row", budget="params")["math"]
         assert p.num_selected() <= budget_count(ratio, scope_params) < p.num_selected() + 12
@@ -388,8 +392,8 @@ def test_random_has_the_same_budget_and_is_seeded(probes, gran):
 def test_same_inputs_same_files(probes, tmp_path):
     dirs, _ = probes
     for gran in ("row", "element"):
-        score(dirs, "lf", 0.1, tmp_path / "a", granularity=gran)
-        score(dirs, "lf", 0.1, tmp_path / "b", granularity=gran)
+        score(dirs, "lf", 0.1, tmp_path / "a", granularity=gran, force=True)
+        score(dirs, "lf", 0.1, tmp_path / "b", granularity=gran, force=True)
         for t in ("math", "code", "med"):
             a = CoreSet.load(tmp_path / "a" / f"{t}.coreset.safetensors")
             b = CoreSet.load(tmp_path / "b" / f"{t}.coreset.safetensors")

@@ -54,7 +54,7 @@ from trace_transfer.cka.capture import (
 from trace_transfer.cka.probe_sets import load_probe_texts, shipped_probe_sets
 from trace_transfer.cka.variants import VARIANTS
 from trace_transfer._version import versions
-from trace_transfer.checkpoint import METADATA_KEY, atomic_path, save_safetensors_atomic, write_json_atomic
+from trace_transfer.checkpoint import METADATA_KEY, atomic_path, open_safetensors, save_safetensors_atomic, write_json_atomic
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 
 _VARIANT_ALIASES = {"debiased": "linear-debiased", "biased": "linear", "linear-biased": "linear", "rbf-biased": "rbf"}
@@ -453,16 +453,17 @@ class CKAResult:
     @classmethod
     def load(cls, path: str | Path) -> CKAResult:
         """Load from a directory written by :meth:`save` (or its ``cka.safetensors``)."""
-        from safetensors import safe_open
-
         path = Path(path)
         directory = path.parent if path.suffix == ".safetensors" else path
         file = directory / MATRIX_FILE
         if not file.exists():
             raise ArtifactNotFoundError(f"no {MATRIX_FILE} in {directory}; create it with "
                                         f"`trace-transfer cka --source S --target T --probes general --out {directory}`")
-        with safe_open(str(file), framework="np") as fh:
-            meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
+        with open_safetensors(file, framework="np") as fh:
+            try:
+                meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{file}: its header is not valid JSON ({exc}); recompute it with `trace-transfer cka`") from exc
             if meta.get("format") != FORMAT:
                 raise ArtifactError(f"{file} is not a trace-transfer CKA file (format={meta.get('format')!r})")
             if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -489,11 +490,9 @@ class _LazyKernels(Sequence):
         return self.count
 
     def __getitem__(self, l: int) -> np.ndarray:  # type: ignore[override]
-        from safetensors import safe_open
-
         if not 0 <= l < self.count:
             raise IndexError(l)
-        with safe_open(str(self.file), framework="np") as fh:
+        with open_safetensors(self.file, framework="np") as fh:
             return fh.get_tensor(f"{self.side}.{l}")
 
 

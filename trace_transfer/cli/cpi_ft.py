@@ -43,7 +43,8 @@ from trace_transfer.train.config import TrainConfig
 @click_options(TrainConfig, ["batch_size", "grad_accum", "seq_len", "weight_decay", "scheduler", "warmup_ratio",
                             "precision"])
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--eval-limit", type=click.IntRange(min=0), default=None,
+              help="Evaluate the first N examples of each task.")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")

@@ -11,7 +11,7 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--model", "model", required=True, help="HF id or local model directory.")
 @click.option("--task", "tasks", multiple=True, required=True,
               help="Task reference (synthetic:NAME or a task YAML); repeat for several.")
-@click.option("--limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Evaluate the first N examples of each task.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward/generate call.")
 @click.option("--per-example", is_flag=True, help="Keep every prediction in the JSON output.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")

@@ -31,7 +31,8 @@ from trace_transfer.train.config import TrainConfig
                    "gradients of whole tensors; auto = sparse where at most half of a tensor is core.")
 @click.option("--lora-r", type=int, default=8, show_default=True, help="lora: rank (paper: 8).")
 @click.option("--lora-alpha", type=int, default=16, show_default=True, help="lora: alpha (paper: 16).")
-@click.option("--eval-limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--eval-limit", type=click.IntRange(min=0), default=None,
+              help="Evaluate the first N examples of each task.")
 @click.option("--monitor", "monitor", multiple=True,
               help="Task evaluated after every stage but never trained (e.g. synthetic:general); repeatable.")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)

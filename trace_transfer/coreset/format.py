@@ -132,6 +132,18 @@ def _pack(bits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(np.uint8), bitorder="little"))
 
 
+def _mask_digest(entry: Mapping[str, Any], mask: Any) -> str:
+    """sha256 over a tensor's layout, shape and stored mask bytes (so a swapped layout changes it too)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([entry["layout"], list(entry["shape"])], sort_keys=True).encode())
+    data = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, dtype=np.uint8)
+    data = data.reshape(-1)
+    for i in range(0, data.size, 64 << 20):  # bounded copies out of a memory map
+        h.update(data[i : i + (64 << 20)].tobytes())
+    return h.hexdigest()
+
+
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").astype(bool))
 
@@ -236,7 +248,13 @@ class CoreSet:
             raise ArtifactError(f"{path}: not a safetensors file ({exc})") from exc
         if raw is None:
             raise ArtifactError(f"{path}: no '{METADATA_KEY}' header; was it written by CoreSet.save()?")
-        header = json.loads(raw)
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}: the CoreSet header is not valid JSON ({exc}); the file is corrupt: "
+                                f"re-create it (e.g. `trace-transfer score`)") from exc
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{path}: the CoreSet header is not a JSON object; re-create the file")
         if header.get("format") != FORMAT:
             raise ArtifactError(f"{path}: format {header.get('format')!r} is not {FORMAT!r}")
         if int(header.get("format_version", 0)) > FORMAT_VERSION:
@@ -244,19 +262,61 @@ class CoreSet:
                 f"{path}: CoreSet format version {header['format_version']} is newer than this "
                 f"trace-transfer supports ({FORMAT_VERSION}); upgrade trace-transfer"
             )
-        tensors = header.pop("tensors")
-        shapes = {n: tuple(t["shape"]) for n, t in tensors.items()}
-        layouts = {n: UnitLayout.from_json(t["layout"]) for n, t in tensors.items() if "layout" in t}
+        tensors = header.pop("tensors", None)
+        if not isinstance(tensors, dict):
+            raise ArtifactError(f"{path}: the CoreSet header has no 'tensors' table; the file is corrupt: re-create it")
+        try:
+            shapes = {n: tuple(int(d) for d in t["shape"]) for n, t in tensors.items()}
+            layouts = {n: UnitLayout.from_json(t["layout"]) for n, t in tensors.items() if "layout" in t}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{path}: a tensor entry of the CoreSet header is malformed ({exc}); the file is "
+                                f"corrupt: re-create it") from exc
         for key in ("format", "format_version"):
             header.pop(key, None)
-        cs = cls(shapes, layouts, metadata=header, _lazy_file=path)
+        try:
+            cs = cls(shapes, layouts, metadata=header, _lazy_file=path)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: {exc}") from exc
         cs._file_stat = stat
         cs._stored_masks = {k[len("mask/") :] for k in keys if k.startswith("mask/")}
         cs._stored_scores = {k[len("score/") :] for k in keys if k.startswith("score/")}
         # Per-tensor counts from the header answer names()/num_selected() without unpacking masks
         # (billions of element bits for a large model).
         cs._stored_counts = {n: int(t["selected"]) for n, t in tensors.items() if "selected" in t}
+        cs._verify(tensors)
         return cs
+
+    def _verify(self, entries: Mapping[str, Any]) -> None:
+        """Check every stored mask against the header: its size against the layout, its count against
+        ``selected`` (which answers num_selected() without unpacking) and its content hash (which
+        also catches a row/column layout swapped on a square tensor). One read of the mask bytes."""
+        path = self._file
+        with safe_open(str(path), framework="pt") as fh:
+            for name in self._stored_masks:
+                if name not in self._shapes:
+                    raise ArtifactError(f"{path}: mask of tensor {name!r}, which the header does not list; re-create the file")
+                raw = fh.get_tensor(f"mask/{name}")
+                entry = entries[name]
+                digest = entry.get("sha256")
+                if digest is not None and digest != _mask_digest(entry, raw):
+                    raise ArtifactError(f"{path}: the mask of tensor {name!r} does not match its recorded hash; the "
+                                        f"file was modified or is corrupt: re-create it")
+                layout = self.layout(name)
+                n_units = layout.num_units(self._shapes[name])
+                want = (n_units + 7) // 8 if layout.kind == "element" else n_units
+                if raw.numel() != want:
+                    raise ArtifactError(f"{path}: mask of tensor {name!r} has {raw.numel()} entries but its layout "
+                                        f"{layout} over shape {list(self._shapes[name])} needs {want}; the file is "
+                                        f"corrupt (rows and columns swapped?): re-create it")
+                units = (_unpack(raw, n_units).sum() if layout.kind == "element" else int(torch.count_nonzero(raw)))
+                count = int(units) * layout.unit_size(self._shapes[name])
+                if name in self._stored_counts and self._stored_counts[name] != count:
+                    raise ArtifactError(f"{path}: header says tensor {name!r} has {self._stored_counts[name]} core "
+                                        f"elements but its mask holds {count}; the file is corrupt: re-create it")
+            for name, n in self._stored_counts.items():
+                if n and name not in self._stored_masks:
+                    raise ArtifactError(f"{path}: header says tensor {name!r} has {n} core elements but the file "
+                                        f"stores no mask for it; the file is corrupt: re-create it")
 
     def save(self, path: str | Path) -> Path:
         """Write atomically to ``path`` (``.coreset.safetensors`` is appended if missing).
@@ -280,6 +340,7 @@ class CoreSet:
                 entry["selected"] = self._count(name, um)
                 if bool(um.any()):
                     tensors[f"mask/{name}"] = _pack(um) if layout.kind == "element" else um.to(torch.uint8)
+                    entry["sha256"] = _mask_digest(entry, tensors[f"mask/{name}"])
                 s = self.score(name)
                 if s is not None:
                     tensors[f"score/{name}"] = s.to(torch.float32)
@@ -339,6 +400,9 @@ class CoreSet:
             "tensors": entries,
         }
         meta.setdefault("fingerprint", fingerprint_of(universe))
+        for name, _ in stored:
+            data = np.asarray(packed[name], dtype=np.uint8).reshape(-1)
+            entries[name]["sha256"] = _mask_digest(entries[name], data)
         header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(meta, default=str)}}
         offset = 0
         for name, nbytes in stored:
@@ -450,7 +514,7 @@ class CoreSet:
     def check_fits(self, model_or_shapes: Any) -> None:
         """Raise ModelMismatchError naming the first tensor whose name or shape does not match."""
         other = {n: s for n, (s, _) in named_shapes(model_or_shapes).items()}
-        source = self.metadata.get("task") or self._file or "CoreSet"
+        source = self._file or self.metadata.get("task") or "CoreSet"
         for name, shape in self._shapes.items():
             if name not in other:
                 raise ModelMismatchError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -204,6 +205,12 @@ def _metric_problems(metric: Any, data: dict[str, Any], fields: dict[str, Any]) 
         problems.append("fields.choices: multiple_choice needs the column that holds the choices")
     if mname == "code_exec" and not data.get("synthetic") and not fields.get("tests"):
         problems.append("fields.tests: code_exec needs the column that holds the test code")
+    regex = metric.get("regex") if isinstance(metric, dict) else None
+    if isinstance(regex, str):
+        try:  # checked when the spec loads, not first at evaluation after hours of training
+            re.compile(regex)
+        except re.error as exc:
+            problems.append(f"metric.regex: {regex!r} is not a valid regular expression ({exc})")
     allowed = _METRIC_OPTIONS.get(mname)
     if allowed is not None and isinstance(metric, dict):
         problems += [f"metric.{opt}: not an option of {mname} (its options: {', '.join(sorted(allowed)) or 'none'})"
@@ -308,6 +315,8 @@ class Task:
     def eval_examples(self, limit: int | None = None) -> list[Example]:
         self._load(train=False)
         assert self._eval is not None
+        if limit is not None and limit < 0:
+            raise ConfigError(f"eval limit {limit}: must be >= 0 (the number of examples to evaluate per task)")
         caps = [c for c in (limit, self.spec.max_eval_samples) if c is not None]
         return self._eval[: min(caps)] if caps else list(self._eval)
 
@@ -395,6 +404,9 @@ def _load_dataset_dict(spec: TaskSpec):
             return datasets.load_dataset(fmts.pop(), data_files=dict(d.files))
         assert d.path is not None
         if Path(d.path).is_dir():  # a folder of data files: datasets infers the format and splits
+            if not any(_file_format(f.name, None) for f in Path(d.path).rglob("*") if f.is_file()):
+                raise TaskError(f"task {spec.name!r}: data.path {d.path} is a directory with no .jsonl/.json/"
+                                f".parquet/.csv files; point data.path at the data file")
             return datasets.load_dataset(d.path, d.config, revision=d.revision)
         local = Path(d.path).exists() or _file_format(d.path, None) is not None or d.path.startswith((".", "/", "~"))
         if local:
@@ -404,6 +416,9 @@ def _load_dataset_dict(spec: TaskSpec):
             if fmt is None:
                 raise TaskError(f"task {spec.name!r}: cannot tell the format of {d.path}; set data.format "
                                 f"to json, parquet or csv")
+            if Path(d.path).stat().st_size == 0:
+                raise TaskError(f"task {spec.name!r}: data file {d.path} is empty; fill it or point data.path elsewhere")
+            _check_utf8(spec, d.path, fmt)
             extra = {"delimiter": "\t"} if d.path.endswith(".tsv") else {}
             return datasets.load_dataset(fmt, data_files={"train": d.path}, **extra)
         return datasets.load_dataset(d.path, d.config, revision=d.revision)
@@ -417,6 +432,34 @@ def _load_dataset_dict(spec: TaskSpec):
         ) from exc
     except ValueError as exc:  # datasets reports missing configs and bad files as ValueError
         raise TaskError(f"task {spec.name!r}: datasets could not read {d.path or d.files!r}: {exc}") from exc
+    except Exception as exc:
+        # datasets wraps a malformed line (bad JSON, bad encoding) in its own DatasetGenerationError.
+        from datasets.exceptions import DatasetGenerationError
+
+        if not isinstance(exc, DatasetGenerationError):
+            raise
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise TaskError(f"task {spec.name!r}: cannot read {d.path or d.files!r} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}); fix the file (one JSON object "
+                        f"per line, UTF-8)") from exc
+
+
+def _check_utf8(spec: TaskSpec, path: str, fmt: str) -> None:
+    """Text data must be UTF-8: pyarrow accepts other bytes and fails only when a row is read."""
+    if fmt not in ("json", "csv") or path.endswith((".gz", ".bz2", ".xz")):
+        return
+    import codecs
+
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line += block[: exc.start].count(b"\n")
+                raise TaskError(f"task {spec.name!r}: data file {path} line {line} is not UTF-8 text (byte "
+                                f"0x{block[exc.start]:02x}); save the file as UTF-8") from None
+            line += block.count(b"\n")
 
 
 def _load_rows(spec: TaskSpec, tokenizer: Any) -> tuple[list[Example], list[Example]]:
@@ -485,6 +528,11 @@ class _RowFormatter:
             prompt, response = self._chat(row[f.messages], index)
             meta["chat_template"] = self.chat_template
         else:
+            for col in ([] if spec.template else [f.prompt or "prompt"]) + \
+                    ([] if spec.response_template else [f.response or "response"]):
+                if row.get(col) is None:  # str(None) would train on the text "None"
+                    raise TaskError(f"task {spec.name!r} row {index}: column {col!r} is missing or null; fill it "
+                                    f"or drop the row from the data")
             prompt = spec.template.format(**row) if spec.template else str(row[f.prompt or "prompt"])
             response = (spec.response_template.format(**row) if spec.response_template
                         else str(row[f.response or "response"]))

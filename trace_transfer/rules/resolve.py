@@ -19,7 +19,7 @@ from typing import Any
 
 from trace_transfer.rules.expr import ConfigView, ExprError
 from trace_transfer.rules.schema import CompiledRule, RuleSet, rule_error
-from trace_transfer.errors import ArtifactNotFoundError, ConfigError
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 
 _MAX_LISTED = 8
 # Where tensor names come from: checkpoint (safetensors files), model (the class on the meta device), or
@@ -70,6 +70,11 @@ def load_config(path_or_id: str | Path, trust_remote_code: bool = False) -> Any:
     path = Path(path_or_id)
     if path.exists() and not (path / "config.json").is_file():
         raise ArtifactNotFoundError(f"{path} has no config.json; point at a Hugging Face model directory")
+    if path.is_dir():  # an unreadable config.json is named here, not deep inside transformers
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path / 'config.json'}: not valid JSON ({exc}); restore the model's config.json") from None
     try:
         return AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     except (OSError, EnvironmentError) as exc:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from trace_transfer.config import StrictModel, line_of, loc_text, parse_yaml, validation_problems
+from trace_transfer.config import StrictModel, line_of, loc_text, parse_yaml, read_text, validation_problems
 from trace_transfer.rules.expr import LOOP_NAMES, Expr, ExprError
 from trace_transfer.errors import RuleError
 
@@ -417,4 +417,4 @@ def load_rule_file(path: str | Path, origin: str = "user") -> RuleSet:
         from trace_transfer.errors import ArtifactNotFoundError
 
         raise ArtifactNotFoundError(f"rule file not found: {path}")
-    return parse_rule_text(path.read_text(encoding="utf-8"), path, origin)
+    return parse_rule_text(read_text(path, RuleError), path, origin)

@@ -5,7 +5,6 @@ built-ins) both build on this module, so neither imports the other's internals.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trace_transfer.checkpoint import open_checkpoint
+from trace_transfer.checkpoint import open_checkpoint, read_json_object
 from trace_transfer.coreset import UnitLayout
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from trace_transfer.registry import Registry
@@ -82,7 +81,7 @@ class ProbeInput:
 
 def load_probe(path: str | Path) -> ProbeInput:
     """Open a probe directory (``delta*.safetensors``, ``fisher*.safetensors``, ``fisher_tensor.json``,
-    ``probe.json``); Δ is required, the rest optional.
+    ``probe.json``); Δ and probe.json (written last: the probe finished) are required, the rest optional.
 
     Raises:
         ArtifactNotFoundError: the directory or its Δ file is missing.
@@ -95,12 +94,17 @@ def load_probe(path: str | Path) -> ProbeInput:
     except ArtifactNotFoundError:
         raise ArtifactNotFoundError(f"{d} holds no delta.safetensors; is it a `trace-transfer probe` output?") from None
     try:
-        fisher = TensorSource(open_checkpoint(d, prefix="fisher"))
+        fisher = TensorSource(open_checkpoint(d, prefix="fisher"), nonnegative=True)
     except ArtifactNotFoundError:
         fisher = None
-    info = json.loads((d / "probe.json").read_text()) if (d / "probe.json").exists() else {}
+    if not (d / "probe.json").exists():
+        # probe.json is written last: without it the probe was interrupted and Δ/Fisher may be partial.
+        raise ArtifactError(f"{d} has no probe.json, so its probe did not finish; re-run `trace-transfer probe` "
+                            f"into it (with --force)")
+    info = read_json_object(d / "probe.json", "re-run `trace-transfer probe` to rewrite it")
     stats_file = d / "fisher_tensor.json"
-    stats = json.loads(stats_file.read_text()).get("tensors", {}) if stats_file.exists() else {}
+    stats = (read_json_object(stats_file, "re-run `trace-transfer probe` to rewrite it").get("tensors", {})
+             if stats_file.exists() else {})
     task = str(info.get("task") or d.name)
     if fisher is not None:
         missing = [n for n in delta.names() if n not in fisher]

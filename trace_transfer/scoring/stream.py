@@ -89,8 +89,12 @@ class TensorSource:
         ...     total += x.square().sum()
     """
 
-    def __init__(self, reader: CheckpointReader):
+    def __init__(self, reader: CheckpointReader, nonnegative: bool = False):
         self.reader = reader
+        # Values are checked once per tensor, on first read: a NaN or Inf in Δ (or a negative Fisher)
+        # would otherwise become a score of 0 or a wrong rank and silently skew every task's core.
+        self.nonnegative = nonnegative
+        self._checked: set[str] = set()
         self._entries: dict[str, _Entry] = {}
         for f in reader.files:
             for name, e in _read_header(Path(f)).items():
@@ -120,6 +124,8 @@ class TensorSource:
         """Elements ``[start, stop)`` of the flattened tensor, as float32 (a view of the page cache
         when the file is fp32; a converted copy otherwise)."""
         e = self._entry(name)
+        if name not in self._checked:
+            self._check_values(name)
         if not 0 <= start <= stop <= e.numel:
             raise IndexError(f"window [{start}, {stop}) out of range for {name!r} with {e.numel} elements")
         if stop == start:
@@ -145,6 +151,8 @@ class TensorSource:
         the kernel map its neighbours (fault-around, 64 KB), which costs nearly a full pass.
         """
         e = self._entry(name)
+        if name not in self._checked:
+            self._check_values(name)
         np_dtype = _NP_DTYPES[e.dtype]
         item = np.dtype(np_dtype).itemsize
         starts = range(start, stop - block + 1, block * stride)
@@ -185,6 +193,27 @@ class TensorSource:
             self.close()
         except Exception:
             pass
+
+    def _check_values(self, name: str) -> None:
+        """Raise ArtifactError if the tensor holds NaN/Inf (or, for a Fisher, negative values)."""
+        self._checked.add(name)  # before reading: window() below must not recurse
+        e = self._entries[name]
+        if e.file.stat().st_size < e.start + e.nbytes:
+            raise ArtifactError(f"{e.file}: tensor {name!r} ends past the end of the file; the file is truncated: "
+                                f"re-run the command that wrote it")
+        for start, _, x in self.chunks(name):
+            bad = ~torch.isfinite(x)
+            what = "NaN or Inf"
+            if not bool(bad.any()) and self.nonnegative:
+                bad, what = x < 0, "negative"
+            if bool(bad.any()):
+                first = start + int(torch.nonzero(bad)[0])
+                self._checked.discard(name)
+                raise ArtifactError(
+                    f"{e.file}: tensor {name!r} holds {what} values (first at flat index {first}); "
+                    + ("a Fisher diagonal is a mean of squares and cannot be negative" if what == "negative"
+                       else "the probe diverged or the file is corrupt")
+                    + ": re-run `trace-transfer probe` (e.g. with a lower --lr)")
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:

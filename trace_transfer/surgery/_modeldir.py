@@ -15,7 +15,7 @@ from typing import Any
 
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import CheckpointReader, atomic_path, fingerprint_of, open_checkpoint, write_json_atomic
-from trace_transfer.errors import ArtifactNotFoundError, ConfigError, ModelMismatchError
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError, ModelMismatchError
 
 PROVENANCE_FILE = "surgery.json"
 WEIGHTS_PREFIX = "model"
@@ -33,6 +33,11 @@ def open_model(path: str | Path, role: str = "model") -> CheckpointReader:
     path = Path(path)
     if not path.exists():
         raise ArtifactNotFoundError(f"{role} {path} does not exist")
+    if path.is_dir() and (path / "config.json").exists():
+        # Outputs copy their config from here: a damaged one is named now, not copied along.
+        from trace_transfer.models import read_model_config
+
+        read_model_config(path)
     try:
         return open_checkpoint(path, prefix=WEIGHTS_PREFIX if path.is_dir() and _has_prefix(path) else None)
     except ArtifactNotFoundError as exc:
@@ -40,6 +45,21 @@ def open_model(path: str | Path, role: str = "model") -> CheckpointReader:
             f"{role} {path}: {exc}. The surgery verbs stream safetensors; re-save the model with "
             f"`model.save_pretrained(dir)` (safetensors is the default) and pass that dir"
         ) from None
+
+
+def check_configs(paths: Sequence[str | Path | None]) -> None:
+    """Refuse model dirs of which some have a config.json and some not: the output takes its config from
+    the first, so a missing one would give a model dir nothing can load (or the wrong config).
+
+    Raises:
+        ArtifactError: naming the directory without config.json.
+    """
+    dirs = [Path(p) for p in paths if p is not None and Path(p).is_dir()]
+    have = [d for d in dirs if (d / "config.json").is_file()]
+    lacking = [d for d in dirs if d not in have]
+    if have and lacking:
+        raise ArtifactError(f"{lacking[0]} has no config.json but {have[0]} has one; restore {lacking[0] / 'config.json'} "
+                            f"(the inputs must all be model directories written by save_pretrained)")
 
 
 def _has_prefix(path: Path) -> bool:

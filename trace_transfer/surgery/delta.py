@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,12 +48,14 @@ from trace_transfer.checkpoint import (
     file_sha256,
     fingerprint_of,
     open_checkpoint,
+    read_json_object,
     write_json_atomic,
 )
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError, FrozenParameterChanged, ModelMismatchError
 from trace_transfer.surgery._modeldir import (
     WEIGHTS_PREFIX,
+    check_configs,
     check_same_tensors,
     copy_model_files,
     coreset_record,
@@ -148,6 +149,7 @@ def extract(
     out = prepare_out_dir(out, [base, tuned])
     if any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ConfigError(f"--out {out} is not empty and holds no {MANIFEST}; give a new or an old delta directory")
+    check_configs([base, tuned])
     rb, rt = open_model(base, "base model"), open_model(tuned, "tuned model")
     names = check_same_tensors([(f"base ({base})", rb), (f"tuned ({tuned})", rt)])
     for name in names:
@@ -261,7 +263,11 @@ def read_manifest(delta: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactNotFoundError(f"{delta} is not a delta directory (no {MANIFEST}); make one with "
                                     f"`trace-transfer delta extract`")
-    return json.loads(path.read_text())
+    manifest = read_json_object(path, "the delta is damaged: extract it again")
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a trace-transfer delta manifest (format {manifest.get('format')!r}); "
+                            f"extract the delta again")
+    return manifest
 
 
 def _rebuild(source: str | Path, delta: str | Path, out_dir: str | Path, direction: str, max_shard_bytes: int,
@@ -305,6 +311,14 @@ def _rebuild(source: str | Path, delta: str | Path, out_dir: str | Path, directi
             writer.add(name, x)
             if progress is not None:
                 progress(i, len(names), name)
+        # The tensors the delta does not patch must match too, or the output is not the model the
+        # delta was cut from: compare the whole-model hash recorded at extraction (before publishing).
+        recorded = manifest.get("provenance", {}).get("fingerprints", {}).get(have, {}).get("content_sha256")
+        if recorded and source_hash.hexdigest() != recorded:
+            raise ModelMismatchError(
+                f"{role} {source} differs from the {have} model delta {delta} was extracted from (whole-model "
+                f"content hash mismatch, in tensors the delta does not patch); use the {have} model it was made "
+                f"from ({header['provenance']['inputs'].get(have)})")
     _restore_files(source, delta, out, manifest.get("files", {}), want)
     record["fingerprints"][have]["content_sha256"] = source_hash.hexdigest()
     write_provenance(out, {**record, "tensors_patched": len(touched), "elements_patched": elements, "verified": True})

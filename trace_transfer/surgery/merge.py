@@ -43,6 +43,7 @@ from trace_transfer.errors import ConfigError
 from trace_transfer.registry import Registry, must_be_callable
 from trace_transfer.surgery._modeldir import (
     WEIGHTS_PREFIX,
+    check_configs,
     check_same_tensors,
     copy_model_files,
     coreset_record,
@@ -307,6 +308,7 @@ class _MergeInputs:
 
     @classmethod
     def open(cls, models, base, loaded: list[CoreSet]) -> _MergeInputs:
+        check_configs([*models, base])
         readers = [(f"model {i} ({p})", open_model(p, f"model {i}")) for i, p in enumerate(models, start=1)]
         base_reader = open_model(base, "base model") if base is not None else None
         names = check_same_tensors(readers + ([(f"base ({base})", base_reader)] if base_reader else []))

@@ -69,7 +69,7 @@ from trace_transfer.transfer.rebudget import select
 from trace_transfer._version import versions
 from trace_transfer.checkpoint import fingerprint_of
 from trace_transfer.coreset import CoreSet, UnitLayout
-from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError, ModelMismatchError
 from trace_transfer.rules.loader import ModelSpec, Region, Resolution, RuleSet, Slot, _config_of, find_rules, model_spec, resolve
 
 __all__ = ["transfer", "TransferReport", "ROLE_FALLBACKS", "CARRY_MODES", "load_layer_map"]
@@ -171,9 +171,13 @@ def load_layer_map(layer_map: Any) -> tuple[dict[int, int], dict[int, int]]:
         if not path.is_file():
             raise ArtifactNotFoundError(f"layer map not found: {path}; create it with `trace-transfer map-layers`")
         try:
-            layer_map = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+            layer_map = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({exc}); recreate it with `trace-transfer map-layers`") from None
+        try:
+            return load_layer_map(layer_map)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     if hasattr(layer_map, "forward") and not isinstance(layer_map, dict):
         fwd, rev = getattr(layer_map, "forward", None), getattr(layer_map, "reverse", None)
     elif isinstance(layer_map, dict) and ("forward" in layer_map or "reverse" in layer_map):
@@ -197,6 +201,24 @@ def load_layer_map(layer_map: Any) -> tuple[dict[int, int], dict[int, int]]:
         return out
 
     return ints(fwd, "target"), ints(rev, "source")
+
+
+def _check_depths(layer_map: Any, n_src: int, n_tgt: int) -> None:
+    """A layer map records the depths of the models it was made for; indices that merely fall in range
+    of other models' depths would map the wrong layers without a word."""
+    d = layer_map
+    if isinstance(layer_map, (str, Path)):
+        try:
+            d = json.loads(Path(layer_map).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # load_layer_map has already reported an unreadable file
+    get = d.get if isinstance(d, dict) else lambda k: getattr(d, k, None)
+    made = (get("num_source_layers"), get("num_target_layers"))
+    if None not in made and (int(made[0]), int(made[1])) != (n_src, n_tgt):
+        where = f"{layer_map}" if isinstance(layer_map, (str, Path)) else "the layer map"
+        raise ModelMismatchError(
+            f"{where} was made for models of {made[0]} source and {made[1]} target layers, but these have "
+            f"{n_src} and {n_tgt}; recompute it for these two models with `trace-transfer cka` and `map-layers`")
 
 
 def _layer_pairs(forward: dict[int, int], reverse: dict[int, int], n_src: int, n_tgt: int, direction: str) -> list[tuple[int, int]]:
@@ -292,7 +314,13 @@ def transfer(
     tgt_res = resolve(_pick_rules(tgt_spec, target_rules, extra), tgt_spec).raise_for_problems()
 
     forward, reverse = load_layer_map(layer_map)
-    pairs = _layer_pairs(forward, reverse, src_res.num_layers, tgt_res.num_layers, direction)
+    _check_depths(layer_map, src_res.num_layers, tgt_res.num_layers)
+    try:
+        pairs = _layer_pairs(forward, reverse, src_res.num_layers, tgt_res.num_layers, direction)
+    except ConfigError as exc:
+        if not isinstance(layer_map, (str, Path)):
+            raise
+        raise ConfigError(f"{layer_map}: {exc}") from None
     report = TransferReport(src_res.rules.family, tgt_res.rules.family, direction, pairs)
     src_for_tgt: dict[int, list[int]] = defaultdict(list)
     for s, t in pairs:
@@ -322,8 +350,8 @@ def transfer(
     unit = _budget_unit(budget, src_cs)
     if ratio is None:
         ratio = _source_ratio(src_cs, unit)
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"ratio {ratio} is outside [0, 1]")
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"ratio {ratio}: must be in (0, 1] (e.g. 0.05 for 5%)")
     scope = src_cs.metadata.get("scope")
     mode = _carry_mode(carry, src_cs)
     if mode == "budget":
@@ -367,6 +395,8 @@ def transfer(
 
     metadata = _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse, carry=mode)
     tgt_cs = CoreSet.from_unit_masks(masks, {n: layouts[n] for n in masks}, tgt_spec.shapes, scores=scores, metadata=metadata)
+    if tgt_cs.num_selected() == 0:  # an empty core trains nothing: never what a transfer is for
+        raise ConfigError(f"ratio {ratio:g} selects no unit of the target; raise --ratio")
     report.budget["selected_params"] = tgt_cs.num_selected()
     report.budget["selected_tensors"] = len(tgt_cs.names())
     if report.source_layers_unused:
