@@ -26,6 +26,8 @@ Built-in methods:
                 training set).
 * ``general-core`` freeze a CoreSet scored on general data (``general_coreset``) in every stage and
                 fine-tune its complement ("Selective Parameter Optimization").
+* ``lisa``      LISA layerwise sampling: ``lisa_layers`` random transformer layers trainable at a time,
+                redrawn every ``lisa_interval`` steps; embeddings, head and final norm always train.
 * ``cpi-ft-sft`` CPI-FT step 5 (``trace_transfer.surgery.cpi_ft``): every stage freezes the CoreSet named by
                 its ``Stage.coreset`` and trains the rest; consecutive stages naming the same file form
                 one run over their tasks' data mixed (a CPI-FT group).
@@ -89,6 +91,10 @@ class MethodOptions:
     lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
     lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input"})
+    lisa_layers: int = field(default=1, metadata={"help": "lisa: transformer layers trained at a time (gamma; "
+                                                          "LMFlow's run_finetune_with_lisa.sh: 1)", "ge": 1})
+    lisa_interval: int = field(default=20, metadata={"help": "lisa: optimizer steps between layer resamplings (K; "
+                                                             "LMFlow's run_finetune_with_lisa.sh: 20)", "ge": 1})
     masking: str = field(default="auto", metadata={
         "help": "masked methods: sparse (train a delta over the core only: state ∝ core) | dense (gradient "
                 "masks on whole tensors) | auto (sparse where at most half of a tensor is core)",
@@ -102,6 +108,8 @@ class MethodOptions:
             problems.append(f"replay_share {self.replay_share}: expected a share in [0, 1]")
         if self.lora_r < 1:
             problems.append(f"lora_r {self.lora_r}: expected >= 1")
+        if self.lisa_layers < 1 or self.lisa_interval < 1:
+            problems.append(f"lisa_layers {self.lisa_layers}, lisa_interval {self.lisa_interval}: expected >= 1")
         if self.masking not in MASKINGS:
             problems.append(f"masking {self.masking!r}: expected one of {', '.join(MASKINGS)}")
         if problems:
@@ -387,5 +395,68 @@ class CpiFtSft:
         return _masked(model, frozen, "freeze-core", ctx.weight_decay, info, ctx.options.masking)
 
 
-for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore, CpiFtSft):
+class Lisa:
+    """LISA (Pan et al. 2024, arXiv 2403.17919): every ``lisa_interval`` optimizer steps, ``lisa_layers``
+    transformer layers drawn uniformly are trainable and the other layers frozen; everything outside the
+    layers (embeddings, LM head, final norm) always trains, as in LMFlow's LISA trainer.
+
+    Every parameter enters the stage's AdamW; a frozen layer has no gradient, so AdamW neither steps nor
+    decays it (its moments wait for its next turn). The draw is seeded from torch's seed and the stage.
+    """
+
+    name = "lisa"
+
+    def check(self, stages, options):
+        return []
+
+    plan = staticmethod(_sequential_plan)
+    examples = staticmethod(_own_examples)
+
+    def prepare(self, model, run, ctx):
+        import re
+
+        layers: dict[int, list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            m = re.search(r"\.(\d+)\.", name)
+            if m:
+                layers.setdefault(int(m.group(1)), []).append(p)
+        if not layers:
+            raise ConfigError("method lisa found no numbered transformer layers in the model's parameter names")
+        o = ctx.options
+        gamma, ids = min(o.lisa_layers, len(layers)), sorted(layers)
+        rng = random.Random(torch.initial_seed() * 1000 + run.index)
+        history: list[list[int]] = []
+        steps = {"n": 0}
+
+        def sample() -> None:
+            active = set(rng.sample(ids, gamma))
+            for i, params in layers.items():
+                for p in params:
+                    p.requires_grad_(i in active)
+            history.append(sorted(active))
+
+        def first_forward(module, args):
+            # The optimizer is built from the parameters that require grad when training starts, so the
+            # first draw waits for the first forward pass: every layer is in the optimizer, one is trained.
+            hook.remove()
+            sample()
+
+        def after_step() -> None:
+            steps["n"] += 1
+            if steps["n"] % o.lisa_interval == 0:
+                sample()
+
+        def finish(m):
+            hook.remove()
+            _train_everything(m)
+            return m
+
+        _train_everything(model)
+        hook = model.register_forward_pre_hook(first_forward)
+        info = {**_count_trainable(model), "lisa_layers": gamma, "lisa_interval": o.lisa_interval,
+                "layers": len(ids), "sampled": history}
+        return Prepared(model=model, after_step=after_step, finish=finish, info=info)
+
+
+for _m in (Trace, Full, Lora, Joint, Replay, GeneralCore, CpiFtSft, Lisa):
     register_method(_m)
