@@ -74,6 +74,12 @@ def test_spectrum_takes_the_top_share_of_every_module_type(spectrum_probe):
         _reference_snr(reader.get("model.layers.0.self_attn.q_proj.weight").numpy()), rel=1e-9)
 
 
-def test_spectrum_needs_tensor_granularity(spectrum_probe):
+def test_spectrum_below_tensor_granularity_fills_the_budget_matrix_by_matrix(spectrum_probe):
+    d, _ = spectrum_probe
+    whole = score([d], "spectrum", 0.5, granularity="tensor")["t"]
+    rows = score([d], "spectrum", 0.3, granularity="row")["t"]
+    partial = [n for n in rows.names() if rows.num_selected(n) < np.prod(rows.shape(n))]
+    assert len(partial) <= 1  # whole matrices, the last one partly
+    assert set(rows.names()) - set(partial) <= set(whole.names())
     with pytest.raises(ConfigError, match="--granularity tensor"):
-        score([spectrum_probe[0]], "spectrum", 0.5, granularity="row")
+        score([d], "spectrum", 0.5, granularity="element")

@@ -159,6 +159,14 @@ register_pipeline_method("replay", runner="replay", baseline=True,
 for _s, _what in (("lf", "TRACE-LF"), ("cs", "TRACE-CS"), ("random", "random equal-budget")):
     register_pipeline_method(f"trace-{_s}", runner="trace", cores="target", strategy=_s,
                              description=f"selective activation on the target's own {_what} cores")
+# Spectrum (SNR of the base weights, no task signal) at the same budget and granularity as trace-lf.
+register_pipeline_method("trace-spectrum", runner="trace", cores="target", strategy="spectrum",
+                         description="Spectrum baseline: matrices ranked by singular-value SNR of the target's "
+                                     "weights, per module type, trained as cores (the same every task)")
+# LISA redraws its trainable layers by toggling requires_grad mid-run, which ZeRO's flat partitions do not follow.
+register_pipeline_method("lisa", runner="lisa", deepspeed=False,
+                         description="LISA: a random transformer layer at a time (redrawn every 20 steps), "
+                                     "embeddings and head always trained")
 for _s, _what in (("lf", "TRACE-LF"), ("cs", "TRACE-CS")):
     register_pipeline_method(f"transfer-{_s}", runner="trace", cores="transfer", strategy=_s, refine=True,
                              description=f"the source's {_what} cores as per-slot budgets on the target, units "

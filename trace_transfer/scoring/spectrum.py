@@ -20,7 +20,9 @@ module's weight score. Ties (norm vectors all score 1) fall to the scorer's tens
 
 Spectrum needs no task data: the weights are those the probe started from (``model_path`` in its
 ``probe.json``), so every task gets the same CoreSet. Use ``--granularity tensor`` (Spectrum selects
-whole matrices). The raw per-tensor ``snr_ratio`` is recorded in the CoreSet metadata.
+whole matrices); at row/column/head granularity every unit gets its matrix's score, so a parameter
+budget (the pipeline's, shared with the other methods) is filled matrix by matrix in that order and the
+last matrix partly. The raw per-tensor ``snr_ratio`` is recorded in the CoreSet metadata.
 
 Example:
     >>> score(["probes/math"], strategy="spectrum", ratio=0.25, granularity="tensor", out_dir="cores")
@@ -82,9 +84,9 @@ class Spectrum:
     min_tasks = 1
 
     def check(self, run: ScoringRun) -> None:
-        if run.granularity != "tensor":
-            raise ConfigError(f"strategy spectrum ranks whole matrices; use --granularity tensor "
-                              f"(got {run.granularity!r})")
+        if run.granularity == "element":
+            raise ConfigError("strategy spectrum ranks whole matrices; use --granularity tensor (Spectrum's own), "
+                              "or row/column/head to fill a parameter budget matrix by matrix")
         _weights_dir(run)
 
     def unit_scores(self, run: ScoringRun) -> list[dict[str, torch.Tensor]]:
@@ -108,7 +110,10 @@ class Spectrum:
         for name in run.names:
             if name not in standing:
                 standing[name] = standing.get(name[: -len(".bias")] + ".weight", 0.0)
-        scores = {n: torch.tensor([standing[n]], dtype=torch.float64) for n in run.names}
+        # Below tensor granularity every unit carries its matrix's score: a parameter budget is filled whole
+        # matrices first, in Spectrum's order, the last one partly (its first units).
+        scores = {n: torch.full((run.layouts[n].num_units(run.shapes[n]),), standing[n], dtype=torch.float64)
+                  for n in run.names}
         note = {"spectrum_snr_ratio": {n: snr[n] for n in run.names},
                 "spectrum": "score = (count - rank) / count of snr_ratio within the module type"}
         run.notes.extend(dict(note) for _ in run.probes)
