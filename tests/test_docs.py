@@ -28,3 +28,15 @@ def test_ci_runs_exactly_readme_command_2():
     readme = (ROOT / "README.md").read_text()
     assert ci in readme, "README command (2) and .ci/run differ"
     assert "trace-transfer demo" in readme.split("# (1)")[1].splitlines()[1]  # command (1) runs the demo
+
+
+def test_both_readme_commands_and_ci_install_from_the_constraints_file():
+    readme = (ROOT / "README.md").read_text()
+    commands = [readme.split(f"# ({i})")[1].splitlines()[1] for i in (1, 2)]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    for line in [*commands, ci]:
+        assert "pip install" in line and all("-c constraints.txt" in part for part in line.split("&&") if "pip install" in part), line
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {"torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy"} <= set(pins)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme  # the CPU-only option, offered
