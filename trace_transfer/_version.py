@@ -13,7 +13,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata  # here, not at the top: it costs ~0.1 s that `--help` need not pay
 
     out = {"trace_transfer": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "safetensors", "deepspeed", "peft", "accelerate", "datasets", "numpy"):
+    for pkg in ("torch", "transformers", "tokenizers", "safetensors", "deepspeed", "peft", "accelerate", "datasets", "numpy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -1,7 +1,9 @@
-"""Progress display for long CLI work: one rich progress bar per stage, on stderr.
+"""Progress display for long CLI work, on stderr: one rich bar per stage with rate and ETA in a
+terminal, plain lines (``stage 120/1200 (10%) · 3.2 steps/s · ETA 4m41s``) otherwise.
 
 Library functions report ``(stage, done, total)``; this turns that into bars without the library
-knowing about terminals. Quiet when stderr is not a terminal (CI logs stay readable).
+knowing about terminals. Without a terminal (CI logs, ``2> log``) the bars' control characters would
+garble the log, so it gets one line per 10 % of each stage instead.
 """
 
 from __future__ import annotations
@@ -10,18 +12,34 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+
+class _RateColumn(ProgressColumn):
+    """Units per second (rich's own speed column counts bytes)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
 
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """Yield a ``(stage, done, total)`` callback that drives one bar per stage name."""
+    import click
+
+    from trace_transfer.report.console import ProgressLines
+
     console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
+    if not enabled:
         yield lambda *_: None
         return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    if not console.is_terminal:
+        yield ProgressLines(lambda line: click.echo(line, err=True), unit="it")
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
     ids: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:

@@ -90,14 +90,14 @@ def show(file, heatmap, value):
     Example:
       trace-transfer coreset show cores/math.coreset.safetensors --heatmap math-importance.png
     """
-    from rich.console import Console
+    from trace_transfer.report.console import wide_console
 
     from trace_transfer.report.importance import layer_module_grid
 
     cs = _load(file)
     m = cs.metadata
     grid = layer_module_grid(cs)
-    console = Console()
+    console = wide_console()
     _print_summary(console, file, cs)
     _print_grid(console, grid)
     if heatmap:
@@ -166,13 +166,13 @@ def stats(files, per):
       trace-transfer coreset stats cores/math.coreset.safetensors cores/code.coreset.safetensors --per module
       trace-transfer coreset stats cores/*.coreset.safetensors
     """
-    from rich.console import Console
+    from trace_transfer.report.console import wide_console
 
     sets = [_load(f) for f in files]
     if len(sets) == 1:
-        _print_selection(Console(), files[0], sets[0], per)
+        _print_selection(wide_console(), files[0], sets[0], per)
     else:
-        _print_overlap(Console(), files, sets, per)
+        _print_overlap(wide_console(), files, sets, per)
 
 
 def _print_selection(console, file, cs, per) -> None:

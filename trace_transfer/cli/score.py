@@ -45,11 +45,11 @@ def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, a
     """
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
     from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
+    from trace_transfer.report.console import wide_console
     from trace_transfer.scoring import coreset_filename, score
 
     # OUT may hold other CoreSets (score refuses only to overwrite its own files without --force); a
@@ -70,5 +70,5 @@ def command(strategy, probe_dirs, ratio, out_dir, granularity, budget, preset, a
                       f"{100 * sel / max(1, m['scope_params']):.2f}", f"{100 * cs.ratio():.2f}",
                       f"{len(cs.names())}/{m['scope_tensors']}",
                       str(Path(out_dir) / coreset_filename(task)))
-    Console().print(table)
+    wide_console().print(table)
 

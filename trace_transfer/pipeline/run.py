@@ -242,13 +242,10 @@ def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) 
 
 
 def _every_tenth(say: Callable[[str], None]) -> Callable[[str, int, int], None]:
-    """A ``(stage, done, total)`` progress callback that reports every 10% of a long loop."""
+    """A ``(stage, done, total)`` progress callback: a line with rate and ETA every 10% of a long loop."""
+    from trace_transfer.report.console import ProgressLines
 
-    def report(stage: str, done: int, total: int) -> None:
-        if total and (done == total or done % max(1, total // 10) == 0):
-            say(f"       {stage} {done}/{total}")
-
-    return report
+    return ProgressLines(say, indent="       ")
 
 
 def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):

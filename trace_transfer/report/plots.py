@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 
-def _save(fig, out_path):
-    """Lay out, write the PNG atomically (a crash never leaves half a file), close; return the Path."""
+def _save(fig, out_path, layout=True):
+    """Lay out, write the PNG atomically (a crash never leaves half a file), close; return the Path.
+
+    ``bbox_inches="tight"`` grows the canvas to whatever the labels need, so no title, tick label or
+    legend below the axes is ever cut off."""
     from pathlib import Path
 
     import matplotlib.pyplot as plt
 
     from trace_transfer.checkpoint import atomic_path
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return out_path
 
@@ -22,6 +26,32 @@ def _save(fig, out_path):
 # --------------------------------------------------------------------------------------------------
 # Accuracy matrix (continual learning)
 # --------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: runs on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _draw_accuracy(ax, R, task_names, row_labels=None, vmin=0.0, vmax=1.0, title=None):
+    """One accuracy matrix on ``ax``, every cell annotated; returns the image (for a colour bar)."""
+    rows = [list(map(float, r)) for r in R]
+    labels = list(row_labels) if row_labels is not None else ["before"] + [f"after stage {i}" for i in range(1, len(rows))]
+    im = ax.imshow(rows, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(task_names)), labels=list(task_names))
+    ax.set_yticks(range(len(rows)), labels=labels)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            # dark text on the bright end of viridis, light text elsewhere
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if v > (vmin + vmax) * 0.6 else "white")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return im
 
 
 def plot_accuracy_matrix(R, task_names, row_labels=None, out_path="accuracy_matrix.png", title=None, vmin=0.0, vmax=1.0):
@@ -34,31 +64,75 @@ def plot_accuracy_matrix(R, task_names, row_labels=None, out_path="accuracy_matr
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: runs on servers and in CI
-    import matplotlib.pyplot as plt
-
-    rows = [list(map(float, r)) for r in R]
-    labels = list(row_labels) if row_labels is not None else ["before"] + [f"after stage {i}" for i in range(1, len(rows))]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(task_names), 1.0 + 0.55 * len(rows)))
-    im = ax.imshow(rows, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(task_names)), labels=list(task_names))
-    ax.set_yticks(range(len(rows)), labels=labels)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(task_names), 1.0 + 0.55 * len(R)))
+    im = _draw_accuracy(ax, R, task_names, row_labels, vmin, vmax, title)
     ax.set_xlabel("evaluated task")
-    for i, r in enumerate(rows):
-        for j, v in enumerate(r):
-            # dark text on the bright end of viridis, light text elsewhere
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="black" if v > (vmin + vmax) * 0.6 else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        ax.set_title(title)
     return _save(fig, out_path)
+
+
+def plot_accuracy_matrices(matrices, out_path="accuracy_matrices.png", ncols=3, vmin=0.0, vmax=1.0):
+    """Small multiples: one accuracy matrix per method on a shared colour scale, to compare at a glance.
+
+    Args:
+        matrices: ``{method: (R, task_names, row_labels or None)}`` in display order.
+        out_path: PNG path (written atomically). ncols: panels per row.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> plot_accuracy_matrices({"full": (R_full, tasks, None), "trace-lf": (R_lf, tasks, None)}, "acc.png")
+    """
+    plt = _pyplot()
+    items = list(matrices.items())
+    ncols = max(1, min(ncols, len(items)))
+    nrows = -(-len(items) // ncols)
+    n_tasks = max(len(t) for _, (_, t, _) in items)
+    n_rows = max(len(R) for _, (R, _, _) in items)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharey=True,
+                             figsize=(1.2 + ncols * (0.75 * n_tasks + 0.5), 0.8 + nrows * (0.42 * n_rows + 0.9)))
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(items):
+            ax.axis("off")
+            continue
+        name, (R, tasks, labels) = items[k]
+        im = _draw_accuracy(ax, R, tasks, labels, vmin, vmax, title=name)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02, label="score")
+    return _save(fig, out_path, layout=False)
 
 
 # --------------------------------------------------------------------------------------------------
 # Importance heatmap (TRACE Fig. 6: layers × modules, projections left, norms right)
 # --------------------------------------------------------------------------------------------------
+
+
+def _draw_importance(ax, values, layers, modules, selected=None, title=None):
+    """One layer × module importance grid on ``ax``; returns the image (for a colour bar)."""
+    import matplotlib
+    import numpy as np
+
+    from trace_transfer.report.importance import short_names
+
+    grid = np.array(values, dtype=float).reshape(len(layers), len(modules))
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="#f0f0f0")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(modules)), labels=short_names(list(modules)), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), labels=[str(la) for la in layers])
+    ax.set_ylabel("layer")
+    if selected is not None:
+        sel = np.array(selected, dtype=float).reshape(grid.shape)
+        ys, xs = np.nonzero(np.nan_to_num(sel) > 0)
+        ax.scatter(xs, ys, s=8, c="cyan", marker="o", linewidths=0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return im
 
 
 def plot_importance_heatmap(values, layers, modules, out_path="importance.png", title=None, value_label="mean score",
@@ -75,30 +149,106 @@ def plot_importance_heatmap(values, layers, modules, out_path="importance.png", 
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: runs on servers and in CI
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    grid = np.array(values, dtype=float).reshape(len(layers), len(modules))
-    short = [m.removesuffix(".weight").split(".")[-1] if m.endswith(".weight") else ".".join(m.split(".")[-2:])
-             for m in modules]
-    short = [s if short.count(s) == 1 else m.removesuffix(".weight") for s, m in zip(short, modules)]
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(modules), 2.2 + 0.28 * len(layers)))
-    cmap = matplotlib.colormaps["magma"].with_extremes(bad="#f0f0f0")
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(modules)), labels=short, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), labels=[str(la) for la in layers])
-    ax.set_ylabel("layer")
+    im = _draw_importance(ax, values, layers, modules, selected, title)
     if selected is not None:
-        sel = np.array(selected, dtype=float).reshape(grid.shape)
-        ys, xs = np.nonzero(np.nan_to_num(sel) > 0)
-        ax.scatter(xs, ys, s=8, c="cyan", marker="o", linewidths=0)
         ax.set_xlabel("module (dots: tensors with selected units)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
-    if title:
-        ax.set_title(title)
+    return _save(fig, out_path)
+
+
+def plot_importance_panels(panels, out_path="importance.png", value_label="mean score"):
+    """One importance heatmap per task, side by side (each with its own colour scale: score ranges
+    differ between tasks, and what matters within a panel is where the importance sits).
+
+    Args:
+        panels: ``[(title, values, layers, modules, selected or None), ...]``.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    n_mod = max(len(p[3]) for p in panels)
+    n_lay = max(len(p[2]) for p in panels)
+    ncols = 1 if n_mod > 8 else min(3, len(panels))  # wide grids one under the other, to stay legible
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(ncols * (1.8 + 0.5 * n_mod), nrows * (1.9 + 0.3 * n_lay)))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    for ax, (title, values, layers, modules, selected) in zip(axes.flat, panels):
+        im = _draw_importance(ax, values, layers, modules, selected, title)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
+    return _save(fig, out_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CKA between two models' layers, with the layer pairs a transfer used
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_cka_layer_pairs(matrix, out_path="cka_layermap.png", used_pairs=None, forward=None, unused=None,
+                         source_name="source", target_name="target", title=None):
+    """CKA heatmap (source layers × target layers) on the data's own colour range, every cell numbered,
+    with the layer pairs a transfer used drawn on top.
+
+    Args:
+        matrix: ``L_s x L_t`` CKA values.
+        used_pairs: ``[(source layer, target layer), ...]`` the transfer used (red squares joined in
+            target order); forward: the forward map ``{source: target}``, drawn dashed when it differs.
+        unused: ``{source layer: core parameters dropped}`` — source layers whose core reached no
+            target layer; their rows are hatched and labelled.
+        source_name, target_name: short model names for the axes (not paths).
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    M = np.asarray(matrix, dtype=float)
+    lo, hi = float(np.nanmin(M)), float(np.nanmax(M))
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.01, hi + 0.01
+    n_s, n_t = M.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 + 0.9 * n_t), max(4.0, 1.8 + 0.7 * n_s)))
+    im = ax.imshow(M, aspect="auto", origin="lower", cmap="viridis", vmin=lo, vmax=hi)
+    fig.colorbar(im, ax=ax, label=f"CKA (colour range {lo:.2f}-{hi:.2f})")
+    if n_s * n_t <= 400:  # beyond that the numbers no longer fit their cells
+        for i in range(n_s):
+            for j in range(n_t):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if M[i, j] > lo + 0.6 * (hi - lo) else "white")
+    from matplotlib.patches import Patch, Rectangle
+
+    handles = []
+    used = sorted((int(s), int(t)) for s, t in (used_pairs or []))
+    for s, t in used:  # outline the cell, so its number stays readable
+        ax.add_patch(Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5, zorder=3))
+    if used:
+        handles.append(Patch(fill=False, edgecolor="red", lw=2.5, label="layer pairs the transfer used"))
+    if forward:
+        fwd = sorted((int(k), int(v)) for k, v in forward.items())
+        if sorted(fwd) != used:
+            for s, t in fwd:
+                ax.add_patch(Rectangle((t - 0.38, s - 0.38), 0.76, 0.76, fill=False, edgecolor="0.8", lw=1.2, ls="--",
+                                       zorder=3))
+            handles.append(Patch(fill=False, edgecolor="0.6", ls="--", label="forward map (not used)"))
+    for s, lost in sorted((unused or {}).items()):
+        ax.add_patch(Rectangle((-0.5, s - 0.5), n_t, 1, fill=False, hatch="//", edgecolor="orange", lw=0, zorder=2))
+        ax.text(-0.45, s + 0.45, f"source layer {s}: no target layer, {lost:,} core params dropped", fontsize=8,
+                color="orange", va="top", zorder=4)
+    if unused:
+        handles.append(Patch(fill=False, hatch="//", edgecolor="orange", label="source layer whose core was dropped"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"target layer ({target_name})")
+    ax.set_ylabel(f"source layer ({source_name})")
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    ax.set_title(title or "CKA between source and target layers", fontsize=10)
     return _save(fig, out_path)
 
 

@@ -61,6 +61,7 @@ def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]],
         )
     return {"tasks": tasks, "methods": methods, "best_baseline": best,
             "seeds": list(getattr(cfg, "seeds", []) or []),
+            "environment": environment(),
             "conventions": {
                 "final": "R[T][j]: score on task j after the last stage",
                 "aa": "mean of the last row of R",
@@ -69,6 +70,37 @@ def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]],
                 "plasticity": "R[j][j]: score on task j right after its own stage",
                 "spread": "mean ± sample std over seeds",
             }}
+
+
+def environment() -> dict[str, Any]:
+    """What decides the numbers besides the config: library versions and torch's thread counts (a
+    different intra-op thread count changes the order of float sums, hence the last digits)."""
+    import sys
+
+    from trace_transfer._version import versions
+
+    env: dict[str, Any] = versions()
+    torch = sys.modules.get("torch")  # only report what this process used; never import torch for it
+    if torch is not None:
+        env["torch_threads"] = torch.get_num_threads()
+        env["torch_interop_threads"] = torch.get_num_interop_threads()
+    return env
+
+
+def environment_line(summary: dict[str, Any]) -> str:
+    """``torch 2.13.0 · transformers 5.24.0 · ... · 2 threads``: one line for the table's foot."""
+    env = summary.get("environment") or {}
+    parts = [f"{k} {env[k]}" for k in ("trace_transfer", "torch", "transformers", "tokenizers", "numpy", "python")
+             if k in env]
+    if "torch_threads" in env:
+        parts.append(f"{env['torch_threads']} torch thread(s)")
+    return " · ".join(parts)
+
+
+def spread_note(summary: dict[str, Any]) -> str:
+    """How to read the ± in the table: only claim a spread over seeds when there are several."""
+    n = max((e["n_seeds"] for e in summary["methods"].values()), default=0)
+    return "mean ± std over seeds" if n > 1 else "one seed, so no spread"
 
 
 def _fmt(ms: tuple[float | None, float | None], pct: bool = True, signed: bool = False) -> str:
@@ -106,14 +138,19 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_table(summary: dict[str, Any], title: str = "results (scores in %, mean ± std over seeds)") -> None:
-    from rich.console import Console
+def print_table(summary: dict[str, Any], title: str | None = None) -> None:
+    """The results table on stdout; the method column never wraps (``joint (best baseline)`` is one
+    cell), and the versions that produced the numbers follow it on one line."""
     from rich.table import Table
+    from rich.text import Text
+
+    from trace_transfer.report.console import print_rich
 
     header, rows = summary_rows(summary)
-    table = Table(title=title)
+    table = Table(title=title or f"results (scores in %, {spread_note(summary)})")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    env = environment_line(summary)
+    print_rich(table, *([Text(env, style="dim")] if env else []))
