@@ -24,6 +24,8 @@ def answer_of(prompt: str) -> str:
     """An independent solver for every synthetic format."""
     if m := re.fullmatch(r"copy ([a-z]+):", prompt):
         return m[1]
+    if m := re.fullmatch(r"sort ([a-z]+):|sorted\('([a-z]+)'\)", prompt):
+        return "".join(sorted(m[1] or m[2]))
     if m := re.fullmatch(r"sort ([a-z]+):", prompt):
         return "".join(sorted(m[1]))
     if m := re.fullmatch(r"([a-z]{3})=|([a-z]{3})->|\[([a-z]{3})\]", prompt):

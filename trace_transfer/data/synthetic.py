@@ -1,6 +1,7 @@
 """Built-in deterministic synthetic tasks: a base-skill mixture and a stream of domain tasks over it.
 
-Why these tasks look the way they do (DESIGN §4, measured on char-level Llamas of 0.8–2M parameters):
+Why these tasks look the way they do (measured on char-level Llamas of 0.8–2M parameters; the README's
+"What the method does here" has the numbers):
 tasks a tiny model learns *from scratch* (2-digit addition, reversal, new facts) are wiped out by the
 next fine-tuning stage whatever the method, so they cannot show a difference between continual-
 learning methods. What does is a base model that has *mastered* a few skills, followed by a stream of
@@ -28,8 +29,11 @@ Domain tasks (one new format each, ``meta["skill"]`` names the skill it rides on
   trained on half the keys, evaluated on the held-out half (known to the base only as ``xyz=``).
 * ``legal``   — ``case xyz:`` → ``klm``: another format over the same facts (same split), so a
   legal stage competes with a medical one for the same memory.
-* ``code``    — ``a=3;b=7;a?`` → ``3`` over ``trace``: lookup among 2–3 assignments; evaluation
-  prompts never occur in training.
+* ``code``    — ``sorted('dbca')`` → ``abcd`` over ``sort``: a Python call over a mastered algorithm;
+  evaluation prompts never occur in training. (An earlier lookup format over ``trace`` — ``a=3;b=7;a?``
+  — taught nothing: tracing is the one base skill tiny models do not master (~0.4, chance for 2–3
+  bindings), so the base scored ~35 % and every method ended at 32–38 %. Over ``sort`` the base
+  scores 0 and 80 steps at lr 3e-4 reach ~75 % on the demo's source, measured.)
 
 ``synthetic:general`` evaluates all five skills in equal shares (its score is the macro average), and
 ``synthetic:general?skills=add`` (or ``skills=add,fact``) restricts a task to some skills, so a
@@ -125,17 +129,12 @@ def _render_trace(item: tuple) -> tuple[str, str]:
 
 # The base learns each fact under several query forms, so that what it stores is the fact, not one
 # string: a model trained on one form only memorises a *new* form's training keys from scratch and
-# scores ~0.2 on held-out keys (measured, d=128), which is exactly the regime DESIGN §4 warns about.
+# scores ~0.2 on held-out keys (measured, d=128): a task learned from scratch, which the next stage wipes out.
 _FACT_FORMS = ("{}=", "{}->", "[{}]")
 
 
 def _fact_space() -> tuple:
     return tuple((k, v, form) for k, v in fact_table() for form in _FACT_FORMS)
-
-
-def _render_lookup(item: tuple) -> tuple[str, str]:
-    binds, q = item
-    return ";".join(f"{n}={v}" for n, v in binds) + f";{binds[q][0]}?", str(binds[q][1])
 
 
 def _all_pairs() -> tuple:
@@ -196,8 +195,9 @@ _TASKS: dict[str, _TaskDef] = {
     "legal": _TaskDef("legal", "'case xyz:' -> 'klm': another format over the same facts",
                       (_Format("fact", lambda kv: (f"case {kv[0]}:", kv[1]), train_space=_facts_train,
                                eval_space=_facts_eval),), n_train=1600, n_eval=200),
-    "code": _TaskDef("code", "'a=3;b=7;a?' -> '3': variable lookup over mastered tracing",
-                     (_Format("trace", _render_lookup, draw=_draw_trace),), n_train=1600, n_eval=200),
+    "code": _TaskDef("code", "\"sorted('dbca')\" -> 'abcd': a Python call over the mastered sort",
+                     (_Format("sort", lambda w: (f"sorted('{w}')", "".join(sorted(w))), draw=_word),),
+                     n_train=1600, n_eval=200),
 }
 _PARAMS = {"n_train": int, "n_eval": int, "seed": int, "skills": str}
 
