@@ -16,6 +16,9 @@ Configurations (all through ``trace_transfer.train.runner.run_sequence``, one ca
 * ``trace`` with LF, CS and random CoreSets of the *same budget* (row granularity, 5% of the
   parameters of each layer group, ``budget=params``), probed with a 1-epoch warm start; LF also with
   strict isolation and at a higher lr;
+* the peers: ``trace`` on Spectrum cores (``score --strategy spectrum``: matrices by singular-value SNR
+  of the base weights, same budget, filled matrix by matrix) and ``lisa`` (one random layer at a time,
+  redrawn every 20 steps, embeddings and head always trained), each at 3e-4 and 1e-3 like ``trace``;
 * ``general-core`` (LF core of ``synthetic:general`` frozen, complement trained) and ``cpi-ft``
   (``trace_transfer.surgery.cpi_ft``, paper settings: element core regions of 1%, τ = 0.1).
 
@@ -55,6 +58,11 @@ def configs(lrs_full: list[float]) -> list[dict]:
         {"name": "trace-lf-strict-3e-4", "method": "trace", "lr": 3e-4, "cores": "lf", "isolation": "strict"},
         {"name": "trace-lf-0.001", "method": "trace", "lr": 1e-3, "cores": "lf"},
         {"name": "trace-random-0.001", "method": "trace", "lr": 1e-3, "cores": "random"},
+        # the peers at the same budget and lr sweep: Spectrum's SNR-ranked matrices as cores, and LISA
+        {"name": "trace-spectrum-3e-4", "method": "trace", "lr": 3e-4, "cores": "spectrum"},
+        {"name": "trace-spectrum-0.001", "method": "trace", "lr": 1e-3, "cores": "spectrum"},
+        {"name": "lisa-3e-4", "method": "lisa", "lr": 3e-4},
+        {"name": "lisa-0.001", "method": "lisa", "lr": 1e-3},
         # general-core protection: freeze the LF core scored on the base-skill mixture, train the rest
         {"name": "general-core-3e-4", "method": "general-core", "lr": 3e-4},
         # CPI-FT: per-task FT -> element core regions (1%) -> cluster -> transplant + SLERP -> frozen-core SFT
@@ -86,7 +94,7 @@ def ensure_base(work: Path, base: str | None, seed: int, layers: int = 4, hidden
 
 
 def ensure_cores(work: Path, base: Path, args) -> dict[str, list[str]]:
-    """Probe each stream task once, then score LF / CS / random CoreSets of one budget."""
+    """Probe each stream task once, then score LF / CS / random / Spectrum CoreSets of one budget."""
     from trace_transfer.probe import ProbeConfig, probe
     from trace_transfer.scoring import coreset_filename, score
 
@@ -99,7 +107,7 @@ def ensure_cores(work: Path, base: Path, args) -> dict[str, list[str]]:
                                                            seq_len=32, device="cpu", seed=args.seed))
         probe_dirs.append(d)
     cores = {}
-    for strategy in ("lf", "cs", "random"):
+    for strategy in ("lf", "cs", "random", "spectrum"):
         out = work / "cores" / (f"{strategy}-{args.granularity}-{args.ratio:g}"
                                 + ("" if args.budget == "params" else f"-{args.budget}"))
         names = [json.loads((d / "probe.json").read_text()).get("task") for d in probe_dirs]

@@ -453,8 +453,12 @@ class Lisa:
 
         _train_everything(model)
         hook = model.register_forward_pre_hook(first_forward)
-        info = {**_count_trainable(model), "lisa_layers": gamma, "lisa_interval": o.lisa_interval,
-                "layers": len(ids), "sampled": history}
+        total = sum(p.numel() for p in model.parameters())
+        in_layers = sum(p.numel() for ps in layers.values() for p in ps)
+        # what one step can change: everything outside the layers plus gamma layers of mean size
+        share = (total - in_layers + gamma * in_layers / len(ids)) / total
+        info = {**_count_trainable(model), "trainable_share": share, "lisa_layers": gamma,
+                "lisa_interval": o.lisa_interval, "layers": len(ids), "sampled": history}
         return Prepared(model=model, after_step=after_step, finish=finish, info=info)
 
 
