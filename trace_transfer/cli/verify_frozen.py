@@ -42,7 +42,7 @@ def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows) 
 
     \b
     Example:
-      trace-transfer verify-frozen --base tiny --tuned runs/trace/stage-1 \\
+      trace-transfer verify-frozen --base tiny --tuned runs/trace/stage_1 \\
           --coreset cores/math.coreset.safetensors
     """
     from trace_transfer.train.verify import verify_frozen

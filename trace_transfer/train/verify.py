@@ -6,7 +6,7 @@ compared *bitwise* — as integers of the dtype's width — so -0.0 vs 0.0, a Na
 bf16 change all count, and nothing is hidden by a float tolerance.
 
 Example:
-    >>> report = verify_frozen("base", "run/stage-1", ["cores/math.coreset.safetensors"])
+    >>> report = verify_frozen("base", "run/stage_1", ["cores/math.coreset.safetensors"])
     >>> print(report.format())
     >>> report.raise_if_changed()          # FrozenParameterChanged naming the first offender
 """
