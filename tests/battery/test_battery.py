@@ -116,7 +116,8 @@ MODEL_CMDS = {
     "merge": lambda m: merge(m, "ft/stage_1"),
     "verify-frozen": lambda m: verify(base=m),
 }
-MODEL_DIR = [Case(f"{c}-{f}", cmd("nope" if f == "missing" else "llama"), culprit, setup,
+# "./nope" and not "nope": a bare name is a hub id, and looking it up offline costs ~50 s of retries.
+MODEL_DIR = [Case(f"{c}-{f}", cmd("./nope" if f == "missing" else "llama"), culprit, setup,
                   code=2 if f == "missing" and c in ("merge", "delta-extract", "verify-frozen") else None)  # click's
              for c, cmd in MODEL_CMDS.items() for f, (setup, culprit) in MODEL_FAULTS.items()     # exists=True
              if not (c == "verify-frozen" and f == "bad-config-json")]
@@ -124,7 +125,7 @@ MODEL_DIR += [
     # verify-frozen compares weights only: a broken config.json is not its concern
     Case("verify-frozen-bad-config-json-ok", verify(), None, write("llama/config.json", "{not json")),
     Case("transfer-bad-target-config", transfer(), "config.json", write("qwen3/config.json", "{not json")),
-    Case("transfer-missing-source", transfer(source="nope"), "nope"),
+    Case("transfer-missing-source", transfer(source="./nope"), "nope"),
     Case("merge-input-without-config", merge("llama", "ft/stage_1"), "config.json", remove("llama/config.json")),
     Case("delta-apply-truncated-base", apply(), "model.safetensors", truncate(MODEL_ST)),
     Case("delta-revert-truncated-tuned", revert(), "model.safetensors", truncate("ft/stage_1/model.safetensors")),
@@ -310,7 +311,7 @@ LAYER_MAP = [
     Case("transfer-ratio-zero", transfer() + ["--ratio", "0"], "ratio"),
     Case("transfer-ratio-negative", transfer() + ["--ratio", "-1"], "ratio"),
     Case("transfer-existing-out", transfer(out=CS2) + ["--carry", "exact"], "code.coreset.safetensors"),
-    Case("cka-missing-target", cka(target="nope"), "nope"),
+    Case("cka-missing-target", cka(target="./nope"), "nope"),
     Case("cka-bad-probes-file", cka() + ["--probes", "rows.jsonl"], "rows.jsonl", write("rows.jsonl", "")),
     Case("cka-missing-probes-file", cka() + ["--probes", "gone.jsonl"], "gone.jsonl"),
 ]
