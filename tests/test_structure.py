@@ -24,7 +24,7 @@ LAYERS = [
     ("evaluation",),
     ("models", "rules", "coreset"),
     ("data",),
-    ("checkpoint", "config", "registry"),
+    ("checkpoint", "config", "registry", "devices"),
     ("errors", "_version"),
 ]
 

@@ -551,9 +551,13 @@ def _load(ref: Any, tokenizer: Any, dtype: str | None, device: str | None) -> tu
             raise ConfigError("a model object was passed without its tokenizer; pass source_tokenizer=/"
                               "target_tokenizer= too")
         return ref, tokenizer, None
+    from trace_transfer.devices import DTYPES, resolve_device, resolve_dtype
     from trace_transfer.models import load_model, load_tokenizer
 
-    model = load_model(ref, dtype=dtype, device=device or "cpu")
+    where = resolve_device(device or "cpu")
+    if dtype in DTYPES:  # the CLI's spelling (auto/bf16/fp16/fp32); torch names pass through
+        dtype = resolve_dtype(dtype, where)
+    model = load_model(ref, dtype=dtype, device=where)
     tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
     return model, tok, str(ref)
 
@@ -575,8 +579,8 @@ def compute_cka(
     keep_kernels: bool = True,
     source_tokenizer: Any = None,
     target_tokenizer: Any = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    dtype: str | None = "auto",
+    device: str | None = "auto",
     progress: bool = True,
 ) -> CKAResult:
     """CKA between every decoder layer of ``source_model`` and ``target_model`` on probe texts.
@@ -597,7 +601,9 @@ def compute_cka(
         pooling, exclude_special, padding_side, max_length, batch_size: see
             :func:`iter_pooled_activations`.
         rbf_sigma: RBF bandwidth as a multiple of the median distance.
-        dtype, device: for models loaded here (e.g. ``"float32"``, ``"cuda"``).
+        dtype, device: for models loaded here: ``auto``/``bf16``/``fp16``/``fp32`` (or a torch name such as
+            ``"float32"``; None keeps the checkpoint's) and ``auto``/``cpu``/``cuda[:i]`` (None: cpu), via
+            :mod:`trace_transfer.devices`. Kernels accumulate in float64 whatever the dtype.
 
     Returns:
         The :class:`CKAResult` (rows = source layers, columns = target layers).

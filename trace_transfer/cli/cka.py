@@ -8,6 +8,8 @@ import click
 
 from trace_transfer.cka import POOLINGS, VARIANTS
 from trace_transfer.cli._output import force_option
+from trace_transfer.config import click_options
+from trace_transfer.devices import DeviceConfig
 
 
 @click.command("cka")
@@ -30,9 +32,7 @@ from trace_transfer.cli._output import force_option
 @click.option("--max-length", type=int, default=512, show_default=True, help="Truncate probes to N tokens.")
 @click.option("--rbf-sigma", type=float, default=0.5, show_default=True,
               help="RBF bandwidth as a multiple of the median distance (rbf variants).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Load both models in this dtype (default: as saved).")
-@click.option("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu).")
+@click_options(DeviceConfig, ["device", "dtype"])
 @click.option("--no-kernels", is_flag=True, help="Do not keep the per-layer n x n kernels (saves disk; "
               "map-layers --bootstrap then becomes unavailable).")
 @force_option

@@ -9,6 +9,7 @@ import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.config import click_options
+from trace_transfer.devices import DeviceConfig
 from trace_transfer.scoring import GRANULARITIES
 from trace_transfer.surgery import CLUSTER_METHODS, FREEZE_MODES, MERGE_COLLISION_RULES, SFT_MODES
 from trace_transfer.surgery.modes import DEFAULT_TAU
@@ -48,10 +49,12 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")
+@click_options(DeviceConfig, ["device"])
 @allow_code_exec_option
 def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
             keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
-            weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot) -> None:
+            weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot,
+            device) -> None:
     """CPI-FT: per-task fine-tuning -> core regions -> clustering -> transplant + SLERP -> pipeline SFT.
 
     Evaluated like `trace-transfer finetune` (OUT/results.json with R, AA, BWT, FWT; row 0 = MODEL).
@@ -72,7 +75,8 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
     cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
                       collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
     cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
-           eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True))
+           eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True),
+           device=device)
     if plot:  # training returns results; the report draws them
         from trace_transfer.report.plots import plot_cpi_ft
 

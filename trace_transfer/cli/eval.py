@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.config import click_options
+from trace_transfer.devices import DeviceConfig
 
 
 @click.command("eval")
@@ -15,8 +17,9 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward/generate call.")
 @click.option("--per-example", is_flag=True, help="Keep every prediction in the JSON output.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
+@click_options(DeviceConfig, ["device", "dtype"])
 @allow_code_exec_option
-def command(model, tasks, limit, batch_size, per_example, out):
+def command(model, tasks, limit, batch_size, per_example, out, device, dtype):
     """Evaluate MODEL on each --task with the metric its spec names.
 
     \b
@@ -27,7 +30,7 @@ def command(model, tasks, limit, batch_size, per_example, out):
     from trace_transfer.evaluation.metrics import evaluate_model
 
     result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
-                            per_example=per_example)
+                            per_example=per_example, device=device, dtype=dtype)
     click.echo("| task | metric | score | n |")
     click.echo("|---|---|---:|---:|")
     for name, r in result["scores"].items():

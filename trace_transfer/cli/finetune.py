@@ -8,6 +8,7 @@ import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.config import click_options
+from trace_transfer.devices import DeviceConfig
 from trace_transfer.train.config import TrainConfig
 
 
@@ -41,10 +42,11 @@ from trace_transfer.train.config import TrainConfig
               help="DeepSpeed JSON config (launch with torchrun / deepspeed).")
 @click.option("--plot", is_flag=True, help="Also write accuracy_matrix.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Stage k uses seed + k.")
+@click_options(DeviceConfig, ["device"])
 @allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, masking, lora_r,
-            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed):
+            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device):
     """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
 
     \b
@@ -72,7 +74,7 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
                           deepspeed_config=deepspeed_config, options=options,
                           eval_batch_size=eval_batch_size, monitor=list(monitor),
-                          progress=lambda m: click.echo(m, err=True))
+                          progress=lambda m: click.echo(m, err=True), device=device)
     if result.rank == 0:  # under torchrun every rank returns here; one table is enough
         if plot:  # training returns results; the report draws them
             from trace_transfer.report.plots import plot_run

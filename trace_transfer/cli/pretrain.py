@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.config import click_options
+from trace_transfer.devices import DeviceConfig
 
 
 @click.command("pretrain")
@@ -19,8 +21,9 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
 @click.option("--eval-limit", type=int, default=250, show_default=True, help="Eval examples per score; 0 skips.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out directory.")
+@click_options(DeviceConfig, ["device"])
 @allow_code_exec_option
-def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_limit, threads, overwrite):
+def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_limit, threads, overwrite, device):
     """Full fine-tuning of MODEL on the base-skill mixture (copy, sort, facts, 1-digit addition, code
     tracing), then per-skill accuracy. The result is the base for the synthetic stream
     (math -> medical -> code), whose tasks are new formats over these skills.
@@ -40,7 +43,8 @@ def command(model, out_dir, task, steps, batch_size, lr, seq_len, seed, eval_lim
         torch.set_num_threads(threads)
     with progress_bars() as bar:
         res = pretrain(model, out_dir, task=task, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
-                       seed=seed, eval_limit=eval_limit, overwrite=overwrite, progress=bar)
+                       seed=seed, eval_limit=eval_limit, overwrite=overwrite, progress=bar,
+                       device=device)
     loss = f"loss {res.losses[0]:.3f} -> {res.final_loss:.3f}" if res.losses else "no steps"
     click.echo(f"wrote {res.out_dir}: {res.steps} steps in {res.seconds:.0f}s, {loss}")
     if res.scores:

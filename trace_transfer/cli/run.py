@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.config import help_of
+from trace_transfer.devices import DTYPES, DeviceConfig
 
 
 @click.command("run")
@@ -17,8 +19,13 @@ from trace_transfer.cli._code_exec import allow_code_exec_option
               help="Redo STEP even if done, and the steps that consume it (a name or path prefix: probe, "
                    "cores/target-lf, finetune/full). Repeatable.")
 @click.option("--check", is_flag=True, help="Only validate the config (all problems at once) and exit.")
+@click.option("--device", type=str, default=None,
+              help=f"Override launch.device: {help_of(DeviceConfig, 'device')} [default: the config's].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Override launch.dtype (inference steps' weights) [default: the config's].")
 @allow_code_exec_option
-def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check: bool) -> None:
+def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check: bool, device: str | None,
+            dtype: str | None) -> None:
     """Run the pipeline described by PIPELINE (YAML): models → probes → CoreSets → CKA layer map →
     transfer → every method's sequential fine-tuning on the target → report.
 
@@ -32,6 +39,14 @@ def command(pipeline: Path, run_dir: Path | None, force: tuple[str, ...], check:
     from trace_transfer.report.summary import print_table
 
     cfg = load_pipeline(pipeline)
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if overrides:  # validated like the YAML key (the same pattern and choices)
+        from trace_transfer.config import validate_tree
+        from trace_transfer.pipeline.config import LaunchSpec
+
+        launch = validate_tree(LaunchSpec, {**cfg.launch.model_dump(), **overrides}, "--device/--dtype",
+                               what="launch override")
+        cfg = cfg.model_copy(update={"launch": launch})
     if check:
         click.echo(f"{pipeline}: valid ({len(cfg.tasks)} tasks, methods: {', '.join(cfg.methods)})")
         return

@@ -501,8 +501,13 @@ def evaluate_model(
     batch_size: int = 32,
     out: str | None = None,
     per_example: bool = False,
+    device: str = "auto",
+    dtype: str | None = "auto",
 ) -> dict[str, Any]:
     """Load a model (HF id or directory) and score it on several tasks; optionally write JSON.
+
+    ``device`` (``auto``/``cpu``/``cuda[:i]``) and ``dtype`` (``auto``/``bf16``/``fp16``/``fp32``; None
+    keeps the checkpoint's) go through :mod:`trace_transfer.devices`; scores are computed in fp32.
 
     Returns:
         ``{"model", "scores": {task: EvalResult.to_dict()}, "limit", "versions", "created"}`` —
@@ -517,9 +522,13 @@ def evaluate_model(
 
     from trace_transfer.evaluation.code_exec import check_tasks_consent
 
+    from trace_transfer.devices import resolve_device, resolve_dtype
+
+    where = resolve_device(device)  # a missing GPU is refused before anything loads
+    weights = resolve_dtype(dtype, where) if dtype is not None else None
     tasks = [(ref, load_task(ref)) for ref in task_refs]
     check_tasks_consent([t for _, t in tasks])  # before the model loads: a refusal should cost nothing
-    model = load_model(model_ref)
+    model = load_model(model_ref, dtype=weights, device=where)
     tokenizer = load_tokenizer(model_ref)
     scores = {}
     for ref, task in tasks:
@@ -527,6 +536,7 @@ def evaluate_model(
                                      per_example=per_example).to_dict(with_examples=per_example)
         scores[task.name]["task_ref"] = ref
     result = {"model": str(model_ref), "scores": scores, "limit": limit, "batch_size": batch_size,
+              "device": where, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "versions": versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     if out:
         write_json_atomic(out, result)

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from trace_transfer.cka import POOLINGS, available_layer_mappers, resolve_variant
-from trace_transfer.config import StrictModel, located, read_yaml, spec_model, validate_tree
+from trace_transfer.config import StrictModel, help_of, located, read_yaml, spec_model, validate_tree
+from trace_transfer.devices import DTYPES, DeviceConfig
 from trace_transfer.errors import ConfigError
 from trace_transfer.refine.config import RefineConfig
 from trace_transfer.pipeline.methods import method_problems, resolve
@@ -146,13 +147,39 @@ TrainingSpec = spec_model("TrainingSpec", [
     doc="Fine-tuning of every method x seed on the target (``TrainConfig`` and ``MethodOptions``).")
 
 
+_DEVICE_DEFAULTS = DeviceConfig()
+
+
 class LaunchSpec(StrictModel):
-    """How the target's fine-tuning steps run. With ``deepspeed`` set, each method x seed step is
-    launched as ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``; the
-    rest of the pipeline runs in the calling process."""
+    """Where and how the steps run. ``device``/``dtype`` apply to every step that runs a model (the
+    ``--device``/``--dtype`` of the commands, declared once in :class:`~trace_transfer.devices.DeviceConfig`).
+    With ``deepspeed`` set, each method x seed step is launched as
+    ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``; the rest of the
+    pipeline runs in the calling process. Across nodes (``nnodes`` > 1 with ``rdzv_endpoint``, or a
+    DeepSpeed ``hostfile``) the launches are the cluster's to start: ``trace-transfer run CONFIG --dry-run``
+    prints them (see ``examples/slurm``)."""
 
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config for target training")
     nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) per fine-tuning launch")
+    device: str = Field(_DEVICE_DEFAULTS.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description=help_of(DeviceConfig, "device"))
+    dtype: Literal[DTYPES] = Field(_DEVICE_DEFAULTS.dtype, description=help_of(DeviceConfig, "dtype"))  # type: ignore[valid-type]
+    nnodes: int = Field(1, ge=1, description="nodes per fine-tuning launch (torchrun --nnodes)")
+    node_rank: int | None = Field(None, ge=0, description="this node's rank (torchrun --node_rank); unset: the "
+                                                           "dry-run prints $NODE_RANK for the cluster script to fill")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (torchrun --rdzv_endpoint); "
+                                                        "needed with nnodes > 1")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile ('host slots=N' per line): launch with the "
+                                                   "deepspeed launcher across its hosts instead of torchrun")
+
+    def multi_node(self) -> bool:
+        """True when a launch spans several nodes: the cluster starts it, not the pipeline."""
+        return self.nnodes > 1 or self.hostfile is not None
+
+    def step_params(self) -> dict[str, Any]:
+        """The keys that decide a fine-tuning step's result (its hash): where it ran does not, so the
+        step hashes of existing runs stay those they always had."""
+        return self.model_dump(include={"deepspeed", "nproc_per_node"})
 
 
 class EvalSpec(StrictModel):
@@ -239,10 +266,26 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
                         "train one copy per process)")
     if cfg.launch.deepspeed and not _resolve(cfg.launch.deepspeed, base_dir).exists():
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
+    problems += _multi_node_problems(cfg.launch, base_dir)
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(
         cfg.layer_map.probes, base_dir
     ).exists() and not cfg.layer_map.probes.startswith("hf:"):
         problems.append(f"layer_map.probes: probe file {cfg.layer_map.probes!r} does not exist")
+    return problems
+
+
+def _multi_node_problems(launch: LaunchSpec, base_dir: Path) -> list[str]:
+    """A multi-node launch needs DeepSpeed, one rendezvous, and a hostfile that exists."""
+    problems = []
+    if launch.multi_node() and not launch.deepspeed:
+        problems.append("launch.nnodes: a multi-node launch needs launch.deepspeed (each node trains a shard)")
+    if launch.nnodes > 1 and launch.hostfile is None and not launch.rdzv_endpoint:
+        problems.append("launch.rdzv_endpoint: nnodes > 1 needs the rendezvous host:port (e.g. node0:29500), "
+                        "or a launch.hostfile for the deepspeed launcher")
+    if launch.node_rank is not None and launch.node_rank >= launch.nnodes:
+        problems.append(f"launch.node_rank: {launch.node_rank} is not below nnodes ({launch.nnodes})")
+    if launch.hostfile and not _resolve(launch.hostfile, base_dir).exists():
+        problems.append(f"launch.hostfile: {launch.hostfile!r} does not exist")
     return problems
 
 

@@ -85,6 +85,9 @@ def run_pipeline(
     from trace_transfer.data import load_task
     from trace_transfer.evaluation.code_exec import check_tasks_consent
 
+    from trace_transfer.devices import resolve_device
+
+    resolve_device(cfg.launch.device)  # a missing GPU is refused before the run directory is claimed
     base_dir = Path(base_dir or Path.cwd())
     cfg = _resolve_tasks(cfg, base_dir)
     check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
@@ -100,8 +103,8 @@ def run_pipeline(
     needs_general = any(m.general_core for m in methods.values())
 
     # 1. models ------------------------------------------------------------------------------------
-    source = _model_step(runner, "source", cfg.source, base_dir)
-    target = _model_step(runner, "target", cfg.target, base_dir)
+    source = _model_step(runner, "source", cfg.source, base_dir, device=cfg.launch.device)
+    target = _model_step(runner, "target", cfg.target, base_dir, device=cfg.launch.device)
 
     # 2. probes --------------------------------------------------------------------------------------
     probe_params = cfg.probe.model_dump()
@@ -142,7 +145,7 @@ def run_pipeline(
     if strategies_for["source"]:
         lm = cfg.layer_map
         runner.step("cka", {**lm.model_dump(), "source": source[0], "target": target[0]},
-                    _cka_fn(source[0], target[0], lm, base_dir), depends=_deps(source[1]) + _deps(target[1]))
+                    _cka_fn(source[0], target[0], lm, base_dir, cfg.launch), depends=_deps(source[1]) + _deps(target[1]))
         runner.step("layermap", {"method": lm.method, "bootstrap": lm.bootstrap, "seed": cfg.seeds[0],
                                  "fallback": lm.fallback},
                     _layermap_fn(runner.records["cka"].dir, lm), depends=["cka"])
@@ -175,7 +178,7 @@ def run_pipeline(
                 name = f"finetune/{label}/seed{seed}"
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
                           "training": cfg.training.model_dump(), "eval": cfg.eval.model_dump(),
-                          "launch": cfg.launch.model_dump()}
+                          "launch": cfg.launch.step_params()}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
                                                              base_dir), depends=deps, resumable=True)
                 out.results.setdefault(label, []).append(_read_results(rec.dir))
@@ -206,7 +209,8 @@ def _deps(step: str | None) -> list[str]:
     return [step] if step else []
 
 
-def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) -> tuple[str, str | None]:
+def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path,
+                device: str = "auto") -> tuple[str, str | None]:
     """Return (model reference, producing step name or None for a given hub id / dir)."""
     if spec.model is not None:
         local = Path(spec.model).expanduser()
@@ -232,7 +236,8 @@ def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path) 
             from trace_transfer.train.pretrain import pretrain
 
             res = pretrain(model_dir, d / "model", task=pre.task, steps=pre.steps, batch_size=pre.batch_size,
-                           lr=pre.lr, seq_len=pre.seq_len, seed=build.seed, progress=_every_tenth(runner.say))
+                           lr=pre.lr, seq_len=pre.seq_len, seed=build.seed, progress=_every_tenth(runner.say),
+                           device=device)
             return {"model": "model", "final_loss": res.final_loss, "scores": res.scores, "seconds": res.seconds}
 
         step = f"models/{side}-pretrained"
@@ -253,7 +258,7 @@ def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
         from trace_transfer.probe import ProbeConfig, probe
 
         p = cfg.probe
-        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed))
+        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed, device=cfg.launch.device))
         return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
 
     return fn
@@ -273,7 +278,7 @@ def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig, granul
     return fn
 
 
-def _cka_fn(source: str, target: str, lm, base_dir: Path):
+def _cka_fn(source: str, target: str, lm, base_dir: Path, launch):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.cka import compute_cka
 
@@ -281,7 +286,7 @@ def _cka_fn(source: str, target: str, lm, base_dir: Path):
         if (base_dir / probes).exists():
             probes = str(base_dir / probes)
         res = compute_cka(source, target, probes, d, variant=lm.variant, pooling=lm.pooling,
-                          max_probes=lm.max_probes, progress=False)
+                          max_probes=lm.max_probes, progress=False, device=launch.device, dtype=launch.dtype)
         return {"shape": list(res.matrix.shape)}
 
     return fn
@@ -311,7 +316,7 @@ def _refine_config(cfg: PipelineConfig, **extra: Any):
 
     p = cfg.probe
     return RefineConfig(**cfg.refine.model_dump(), lr=p.lr, batch_size=p.batch_size, seq_len=p.seq_len,
-                        max_examples=p.max_examples, seed=cfg.seeds[0], **extra)
+                        max_examples=p.max_examples, seed=cfg.seeds[0], device=cfg.launch.device, **extra)
 
 
 def _native_probe(cfg: PipelineConfig):
@@ -448,7 +453,7 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
                          eval_batch_size=cfg.eval.batch_size, resume=True,
-                         progress=lambda msg: runner.say(f"       {msg}"))
+                         progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device)
         elif ds:
             # DeepSpeed needs one process per GPU: launch the fine-tuning step under torchrun, while the
             # pipeline itself (probes, scoring, CKA, transfer, report) stays one process.
@@ -458,7 +463,7 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         else:
             res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
                                deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True,
-                               progress=lambda msg: runner.say(f"       {msg}"))
+                               progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device)
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 

@@ -99,11 +99,11 @@ def probe(
     cfg = config or ProbeConfig()
     shard_bytes = cfg.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     t_start = time.time()
+    device = _device(cfg.device)  # before OUT is created: a missing GPU leaves nothing behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").unlink(missing_ok=True)  # an interrupted re-run must not look complete
     tick = progress or (lambda *_: None)
-    device = _device(cfg.device)
     torch.manual_seed(cfg.train.seed)
 
     if isinstance(model, torch.nn.Module):
@@ -234,9 +234,9 @@ def _artifact_name(out: Path, prefix: str) -> str:
 
 
 def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    from trace_transfer.devices import resolve_device
+
+    return torch.device(resolve_device(spec))  # a missing GPU is one ConfigError line
 
 
 def _bf16_active(precision: str, device: torch.device) -> bool:

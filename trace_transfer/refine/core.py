@@ -95,11 +95,12 @@ def refine(
     import copy
 
     from trace_transfer.data import load_task, make_dataloader
+    from trace_transfer.devices import resolve_device
     from trace_transfer.models import load_model, load_tokenizer
 
     cfg = config or RefineConfig()
     t0 = time.perf_counter()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = torch.device(resolve_device(cfg.device))  # a missing GPU is one ConfigError line
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)

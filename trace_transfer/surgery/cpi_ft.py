@@ -193,6 +193,7 @@ def cpi_ft(
     eval_batch_size: int = 32,
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> CpiFtResult:
     """Run CPI-FT end to end (see the module docstring) and evaluate it like the sequential runner.
 
@@ -205,6 +206,7 @@ def cpi_ft(
         eval_limit, eval_batch_size: evaluation settings (as the runner's).
         resume: continue an interrupted run in ``out_dir`` (steps already complete are kept).
         progress: called with one-line status messages.
+        device: where steps 1 and 5 train and evaluate (``auto``/``cpu``/``cuda[:i]``, as ``run_sequence``).
 
     Returns:
         :class:`CpiFtResult` (``R`` with the base model as row 0, metrics, ``cpi_ft`` details).
@@ -235,7 +237,7 @@ def cpi_ft(
         say(f"[1/5] fine-tuning {name} on its own")
         run_dir = out / "ft" / _safe(name)
         run_sequence(base, [Stage(ref)], "full", run_dir, ft_cfg, eval_limit=eval_limit,
-                     resume=_started(run_dir), eval_batch_size=eval_batch_size)
+                     resume=_started(run_dir), eval_batch_size=eval_batch_size, device=device)
     tuned = {n: out / "ft" / _safe(n) / "stage_1" for n in names}
     core_files = {n: out / "cores" / coreset_filename(n) for n in names}
     cores = _cores_of_run(base, tuned, core_files, cfg, say)
@@ -258,7 +260,7 @@ def cpi_ft(
     stages, frozen_info = _sft_stages(order, clusters.groups, cores, ref_of, cfg, out / "frozen")
     say(f"[5/5] pipeline SFT ({cfg.sft}, freeze {cfg.freeze}): " + " -> ".join(order))
     sft = run_sequence(out / "merged", stages, SFT_METHOD, out / "sft", sft_cfg, eval_limit=eval_limit,
-                       resume=_started(out / "sft"), eval_batch_size=eval_batch_size)
+                       resume=_started(out / "sft"), eval_batch_size=eval_batch_size, device=device)
 
     # Results in the runner's shape, row 0 = the base model.
     paths = {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},

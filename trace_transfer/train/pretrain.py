@@ -63,6 +63,7 @@ def pretrain(
     eval_limit: int | None = 250,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    device: str = "auto",
 ) -> PretrainResult:
     """Full fine-tuning of ``model_dir`` on ``task``; writes the trained HF directory to ``out_dir``.
 
@@ -76,6 +77,8 @@ def pretrain(
         eval_limit: evaluation examples per score at the end (None: the whole eval split; 0: skip).
             For ``synthetic:general`` one score per skill is reported, as ``general-<skill>``.
         progress: ``(stage, done, total)`` callback.
+        device: ``auto`` (CUDA when available) | ``cpu`` | ``cuda[:i]``; weights stay fp32, the forward
+            pass runs under bf16 autocast where the device supports it.
 
     Returns:
         :class:`PretrainResult` (also recorded in ``out_dir/trace_transfer.json``).
@@ -89,15 +92,17 @@ def pretrain(
         >>> pretrain("tiny", "base", steps=2400)
     """
     from trace_transfer.data import collate, load_task, pad_id_of, tokenize_examples
+    from trace_transfer.devices import resolve_device
     from trace_transfer.train.loop import TrainConfig, train
     from trace_transfer.evaluation.code_exec import check_tasks_consent
 
     out_dir = Path(out_dir)
     the_task = load_task(task)
     check_tasks_consent([the_task])  # scored after training: refuse now, before touching --out
+    where = resolve_device(device)  # before --out is touched: a missing GPU costs nothing
     _check_writable(out_dir, overwrite)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch.float32)
+    model = load_model(model_dir, dtype=torch.float32, device=where)
     cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, seq_len=seq_len, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, seed=seed, precision="auto")
     features = tokenize_examples(tokenizer, the_task.train_examples(), seq_len)
@@ -131,6 +136,7 @@ def pretrain(
                  "every_50": result.losses[::50]},
         "scores": scores,
         "seconds": round(result.seconds, 2),
+        "device": where,
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }

@@ -360,6 +360,8 @@ class _Run:
     monitor_rows: list[list[float]] = field(default_factory=list)
     directions: dict[str, bool] = field(default_factory=dict)  # task -> higher_is_better, from its evaluations
     stage_records: list[dict[str, Any]] = field(default_factory=list)
+    # Where models load: the resolved --device without DeepSpeed (DeepSpeed places them itself).
+    device: str = "cpu"
 
     @property
     def task_names(self) -> list[str]:
@@ -399,7 +401,7 @@ class _Run:
 
         _seed_everything(self.cfg.seed)
         self.say("evaluating the base model on every task")
-        self.evaluate_into(load_model(self.model_ref), 0)
+        self.evaluate_into(load_model(self.model_ref, device=self.device), 0)
 
     def run_stage(self, plan: RunPlan, n_plans: int, per_task_examples: list[list[Any]]) -> None:
         """Train one stage from the previous stage's checkpoint on disk, then save and evaluate it (rank 0)."""
@@ -410,7 +412,7 @@ class _Run:
         seed = cfg.seed + k
         _seed_everything(seed)
         # Always start from the checkpoint on disk: a resumed run then takes the very same path.
-        model = load_model(self.model_ref if k == 1 else str(_stage_dir(self.out, k - 1)))
+        model = load_model(self.model_ref if k == 1 else str(_stage_dir(self.out, k - 1)), device=self.device)
         cores, general = _load_coresets(self.stages, self.options, model, needed=(self.method == "trace"))
         ctx = PrepareContext(stages=self.stages, coresets=cores, general_coreset=general, options=self.options,
                              weight_decay=cfg.weight_decay)
@@ -442,6 +444,7 @@ class _Run:
             "train": result.to_dict(),
             "method_info": prepared.info,
             "config": stage_cfg.to_dict(),
+            "device": self.device if self.deepspeed_config is None else "deepspeed",
         }
         self.stage_records.append(record)
 
@@ -463,12 +466,15 @@ class _Run:
 
 def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path, cfg: TrainConfig,
                options: MethodOptions, resume: bool, deepspeed_config, progress, monitor: Sequence[str],
-               eval_limit: int | None, eval_batch_size: int) -> tuple[_Run, list[int]]:
+               eval_limit: int | None, eval_batch_size: int, device: str = "cpu") -> tuple[_Run, list[int]]:
     """Join the process group (DeepSpeed), claim ``out`` and load the tasks: the run's context and its done stages."""
     from trace_transfer.data import load_task
     from trace_transfer.evaluation.code_exec import check_tasks_consent
     from trace_transfer.models import check_model_dir, load_tokenizer
 
+    from trace_transfer.devices import resolve_device
+
+    where = resolve_device(device) if deepspeed_config is None else "cpu"  # refused before OUT is claimed
     ranks = _Ranks(deepspeed_config is not None)
     say = (progress or (lambda msg: logger.info(msg))) if ranks.main else _quiet
     identity = _identity(model_ref, stages, method, options, cfg, eval_limit,
@@ -486,7 +492,7 @@ def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path
     done, started = _open_out_dir(out, identity, resume, ranks, len(meth.plan(stages)))
     run = _Run(model_ref, stages, method, meth, out, cfg, options, identity, started, deepspeed_config, ranks,
                say, eval_limit, eval_batch_size)
-    run.tasks, run.monitored, run.tokenizer = tasks, monitored, tokenizer
+    run.tasks, run.monitored, run.tokenizer, run.device = tasks, monitored, tokenizer, where
     return run, done
 
 
@@ -504,6 +510,7 @@ def run_sequence(
     eval_batch_size: int = 32,
     progress: Callable[[str], None] | None = None,
     monitor: Sequence[str] = (),
+    device: str = "auto",
 ) -> RunResult:
     """Train ``stages`` in order with ``method``; checkpoint and evaluate every task after each stage.
 
@@ -521,6 +528,9 @@ def run_sequence(
         progress: called with one-line status messages.
         monitor: tasks that are evaluated at every row but never trained (e.g. ``synthetic:general``,
             to watch general ability erode); reported as ``results["monitor"]``, not part of R.
+        device: ``auto`` (CUDA when available) | ``cpu`` | ``cuda[:i]``: where every stage trains and
+            evaluates without DeepSpeed (fp32 weights, bf16 autocast per ``cfg.precision``); ignored
+            under DeepSpeed, which places each rank's shard on its own GPU.
 
     Returns:
         :class:`RunResult` with ``R`` and the continual metrics (also in ``out_dir/results.json``).
@@ -543,7 +553,7 @@ def run_sequence(
     _validate(meth, method, stages, options, deepspeed_config)
 
     run, done = _start_run(str(model_ref), stages, method, meth, Path(out_dir), cfg, options, resume,
-                           deepspeed_config, progress, monitor, eval_limit, eval_batch_size)
+                           deepspeed_config, progress, monitor, eval_limit, eval_batch_size, device)
     ranks, out = run.ranks, run.out
     plans = meth.plan(stages)
 
