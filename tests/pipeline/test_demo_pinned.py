@@ -9,7 +9,10 @@ a dependency or thread setting leaked into the numbers.
 Tolerances: one eval item (1/16) per accuracy cell, and 1e-3 relative on losses: the pin is meant to
 hold across CPUs of the same instruction set, where the last bits of a sum may differ.
 
-Measured: 677 s wall on a 2-core machine under a load of ~16 (other jobs); about 2 min when quiet.
+Measured: 443 s for this test (677 s for a plain `demo --quick`) on a 2-core machine under a load of
+~16 from other jobs; the rerun matched the pinned run bit for bit (losses, matrices). Not yet timed on
+a quiet machine. `tests/pipeline/test_run.py` runs `demo --quick` too (end to end, caching); the two
+could share one run to halve the CI cost.
 To re-pin after an intended change: run `trace-transfer demo --quick --out X` and copy the numbers from
 X/finetune/*/seed0/results.json (R, per_stage[*].last_loss) and X/models/*-pretrained/step.json.
 """
