@@ -225,7 +225,9 @@ def load_pipeline(source: str | Path | dict[str, Any], base_dir: Path | None = N
     except ConfigError as exc:
         # The other checks need a valid config; the methods list rarely depends on the rest, so one run
         # still names a misspelled method next to a misspelled key.
-        more = [located(p, raw, path) for p in _raw_method_problems(raw)] if isinstance(raw, dict) else []
+        more = ([located(p, raw, path) for p in [*_raw_method_problems(raw), *_raw_file_problems(raw, base_dir)]]
+                if isinstance(raw, dict) else [])
+        more = [p for p in more if p not in exc.problems]
         if not more:
             raise
         problems = [*exc.problems, *more]
@@ -243,6 +245,22 @@ def _raw_method_problems(raw: dict[str, Any]) -> list[str]:
         return []
     return method_problems(methods, num_tasks=len(tasks) if isinstance(tasks, list) else 10**9,
                            deepspeed=bool(launch.get("deepspeed")) if isinstance(launch, dict) else False)
+
+
+def _raw_file_problems(raw: dict[str, Any], base_dir: Path) -> list[str]:
+    """The file checks of :func:`semantic_problems` that need no valid config: missing task files and
+    model directories are reported next to schema errors, not only after those are fixed."""
+    problems = []
+    tasks = raw.get("tasks")
+    for t in tasks if isinstance(tasks, list) else []:
+        if isinstance(t, str) and not t.startswith("synthetic:") and not (base_dir / t).exists() and not Path(t).exists():
+            problems.append(f"tasks: task file {t!r} does not exist (relative to {base_dir})")
+    for side in ("source", "target"):
+        spec = raw.get(side)
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if isinstance(model, str) and _looks_local(model) and not _resolve(model, base_dir).exists():
+            problems.append(f"{side}.model: directory {model!r} does not exist")
+    return problems
 
 
 def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
