@@ -2,6 +2,8 @@
 
 What a new user does after README command (1): paste the Quickstart block in the repo root. The block
 is read from the README itself (so the test follows any edit to it); only the sizes are shrunk.
+Measured: 578 s on a 2-core machine under a load of ~16 (nine CLI processes, each loading torch);
+at full size from a pretrained base the same lines print math 2 % -> 74 % after its stage.
 """
 
 from __future__ import annotations
