@@ -396,10 +396,12 @@ def plot_cost_accuracy(points, out_path="cost_accuracy.png", title=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, (name, (cost, mean, std)) in enumerate(sorted(points.items(), key=lambda kv: (kv[1][0], kv[1][1]))):
-        ax.errorbar([100 * cost], [mean], yerr=[std or 0.0], fmt="o", capsize=3)
-        # Staggered labels: methods of equal cost (e.g. every refine signal at 16 passes) sit on one x.
-        ax.annotate(name, (100 * cost, mean), textcoords="offset points", xytext=(5, 4 - 11 * (i % 3)), fontsize=8)
+    markers = "osD^vP*Xh<>"
+    for i, (name, (cost, mean, std)) in enumerate(sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1]))):
+        # A legend, not labels at the points: methods of equal cost (every refine signal at K passes)
+        # sit on one x, where labels would overlap or land next to the wrong point.
+        ax.errorbar([100 * cost], [mean], yerr=[std or 0.0], fmt=markers[i % len(markers)], capsize=3, label=name)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("target passes per task (% of a native probe)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title(title or "cost-accuracy: how the target core is chosen")
