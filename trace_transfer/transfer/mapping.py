@@ -306,13 +306,46 @@ def transfer(
         >>> tgt.save("math.qwen3.coreset.safetensors")
     """
     src_cs = coreset if isinstance(coreset, CoreSet) else CoreSet.load(coreset)
+    src_cfg, tgt_spec, src_res, tgt_res = _resolve_both(src_cs, source, target, rules, source_rules, target_rules,
+                                                       target_layout)
+    forward, reverse, pairs = _layer_pairs_checked(layer_map, src_res, tgt_res, direction)
+    report = TransferReport(src_res.rules.family, tgt_res.rules.family, direction, pairs)
+    report.source_layers_unused = sorted(set(range(src_res.num_layers)) - {s for s, _ in pairs})
+
+    # 1. Target slot -> source slots; 2. each target tensor inherits the granularity of its first source.
+    links, used_sources = _link_slots(src_res, tgt_res, pairs, report)
+    layouts = _target_layouts(links, src_cs, src_res.head_dim, tgt_res.head_dim)
+
+    unit = _budget_unit(budget, src_cs)
+    if ratio is None:
+        ratio = _source_ratio(src_cs, unit)
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"ratio {ratio}: must be in (0, 1] (e.g. 0.05 for 5%)")
+    mode = _carry_mode(carry, src_cs)
+    metadata = _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio,
+                         "params" if mode == "budget" else unit, forward, reverse, carry=mode)
+    if mode == "budget":
+        return _carry_budgets(links, layouts, src_cs, src_res, tgt_res, tgt_spec, ratio, report, used_sources,
+                              metadata), report
+    same_vocab = _cfg(src_cfg, "vocab_size") == _cfg(tgt_spec.config, "vocab_size")
+    return _carry_profiles(links, layouts, src_cs, src_res, tgt_res, tgt_spec, unit, ratio, report, used_sources,
+                           same_vocab, metadata), report
+
+
+def _resolve_both(src_cs: CoreSet, source: Any, target: Any, rules: Any, source_rules: Any, target_rules: Any,
+                  target_layout: str) -> tuple[Any, ModelSpec, Resolution, Resolution]:
+    """Both models resolved by their rule files; the source's names come from the CoreSet."""
     extra = [rules] if isinstance(rules, (str, Path, RuleSet)) else list(rules or [])
-    src_cfg = _config_of(source)  # names come from the CoreSet; only the config is needed
+    src_cfg = _config_of(source)  # only the config is needed
     src_spec = ModelSpec(src_cfg, {n: src_cs.shape(n) for n in src_cs.all_names()}, "coreset")
     tgt_spec = target if isinstance(target, ModelSpec) else model_spec(target, layout=target_layout)
     src_res = resolve(_pick_rules(src_spec, source_rules, extra), src_spec).raise_for_problems()
     tgt_res = resolve(_pick_rules(tgt_spec, target_rules, extra), tgt_spec).raise_for_problems()
+    return src_cfg, tgt_spec, src_res, tgt_res
 
+
+def _layer_pairs_checked(layer_map: Any, src_res: Resolution, tgt_res: Resolution, direction: str):
+    """The layer map loaded and checked against both depths; errors name the layer-map file."""
     forward, reverse = load_layer_map(layer_map)
     _check_depths(layer_map, src_res.num_layers, tgt_res.num_layers)
     try:
@@ -321,16 +354,14 @@ def transfer(
         if not isinstance(layer_map, (str, Path)):
             raise
         raise ConfigError(f"{layer_map}: {exc}") from None
-    report = TransferReport(src_res.rules.family, tgt_res.rules.family, direction, pairs)
+    return forward, reverse, pairs
+
+
+def _link_slots(src_res: Resolution, tgt_res: Resolution, pairs, report: TransferReport):
+    """(target slot, target region, source slot, source region) for every mapped pair of slots."""
     src_for_tgt: dict[int, list[int]] = defaultdict(list)
     for s, t in pairs:
         src_for_tgt[t].append(s)
-    report.source_layers_unused = sorted(set(range(src_res.num_layers)) - {s for s, _ in pairs})
-
-    same_vocab = _cfg(src_cfg, "vocab_size") == _cfg(tgt_spec.config, "vocab_size")
-    hd_s, hd_t = src_res.head_dim, tgt_res.head_dim
-
-    # 1. Target slot → source slots.
     used_sources: set[Slot] = set()
     links: list[tuple[Slot, Region, Slot, Region]] = []
     for t_slot, t_region in tgt_res.slots.items():
@@ -340,36 +371,43 @@ def transfer(
         for s_slot in found:
             used_sources.add(s_slot)
             links.append((t_slot, t_region, s_slot, src_res.slots[s_slot]))
+    return links, used_sources
 
-    # 2. Target layouts: each target tensor inherits the granularity of its first source.
+
+def _target_layouts(links, src_cs: CoreSet, hd_s, hd_t) -> dict[str, UnitLayout]:
     layouts: dict[str, UnitLayout] = {}
-    for t_slot, t_region, s_slot, s_region in links:
+    for _t_slot, t_region, _s_slot, s_region in links:
         if t_region.tensor not in layouts:
             layouts[t_region.tensor] = inherit_layout(src_cs.layout(s_region.tensor), s_region, t_region, hd_s, hd_t)
+    return layouts
 
-    unit = _budget_unit(budget, src_cs)
-    if ratio is None:
-        ratio = _source_ratio(src_cs, unit)
-    if not 0.0 < ratio <= 1.0:
-        raise ConfigError(f"ratio {ratio}: must be in (0, 1] (e.g. 0.05 for 5%)")
-    scope = src_cs.metadata.get("scope")
-    mode = _carry_mode(carry, src_cs)
-    if mode == "budget":
-        budgets = build_budgets(links, layouts, src_cs, tgt_res, tgt_spec, ratio, scope, report)
-        for t_slot, t_region, s_slot, s_region in links:
-            report.pairs.append({"target_role": t_slot.role, "target": str(t_slot), "target_tensor": str(t_region),
-                                 "source_role": s_slot.role, "source": str(s_slot), "source_tensor": str(s_region),
-                                 "resampled": False, "layout": layout_name(layouts[t_region.tensor])})
-        _report_unmapped(report, src_res, src_cs, used_sources)
-        budgets.metadata.update(_metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, "params",
-                                          forward, reverse, carry=mode))
-        budgets.metadata["budget_params"] = report.budget["budget"]
-        budgets.metadata["budgeted_params"] = report.budget["selected"]
-        return budgets, report
 
-    # 3. Carry the profiles across. A scored CoreSet only scores the tensors in its scope; the others
-    # carry nothing (a mask-only CoreSet carries its mask as a 0/1 score everywhere).
+def _pair_record(t_slot, t_region, s_slot, s_region, resampled: bool, layout: UnitLayout) -> dict[str, Any]:
+    return {"target_role": t_slot.role, "target": str(t_slot), "target_tensor": str(t_region),
+            "source_role": s_slot.role, "source": str(s_slot), "source_tensor": str(s_region),
+            "resampled": resampled, "layout": layout_name(layout)}
+
+
+def _carry_budgets(links, layouts, src_cs, src_res, tgt_res, tgt_spec, ratio, report, used_sources,
+                   metadata) -> SlotBudgets:
+    """Per-slot budgets: the share of the core each mapped source slot holds, scaled to the target."""
+    budgets = build_budgets(links, layouts, src_cs, tgt_res, tgt_spec, ratio, src_cs.metadata.get("scope"), report)
+    for t_slot, t_region, s_slot, s_region in links:
+        report.pairs.append(_pair_record(t_slot, t_region, s_slot, s_region, False, layouts[t_region.tensor]))
+    _report_unmapped(report, src_res, src_cs, used_sources)
+    budgets.metadata.update(metadata)
+    budgets.metadata["budget_params"] = report.budget["budget"]
+    budgets.metadata["budgeted_params"] = report.budget["selected"]
+    return budgets
+
+
+def _carry_profiles(links, layouts, src_cs, src_res, tgt_res, tgt_spec, unit, ratio, report, used_sources,
+                    same_vocab, metadata) -> CoreSet:
+    """Exact (whole tensors) or profile carry: per-unit scores mapped across, then re-budgeted."""
+    # A scored CoreSet only scores the tensors in its scope; the others carry nothing (a mask-only
+    # CoreSet carries its mask as a 0/1 score everywhere).
     scored = any(src_cs.score(n) is not None for n in src_cs.all_names())
+    hd_s, hd_t = src_res.head_dim, tgt_res.head_dim
     accs: dict[str, Accumulator] = {}
     src_cache: dict[str, torch.Tensor] = {}
     for t_slot, t_region, s_slot, s_region in links:
@@ -380,29 +418,23 @@ def transfer(
             src_cache[name] = broadcast(src_cs.layout(name), unit_values(src_cs, name), src_cs.shape(name))
         p = to_canonical(src_cache[name], s_region)
         p, resampled = resample(p, t_region.canonical_shape(), t_slot.role, hd_s, hd_t, same_vocab)
-        acc = accs.setdefault(t_region.tensor, Accumulator(t_region.tensor, tgt_spec.shapes[t_region.tensor], layouts[t_region.tensor]))
+        acc = accs.setdefault(t_region.tensor, Accumulator(t_region.tensor, tgt_spec.shapes[t_region.tensor],
+                                                           layouts[t_region.tensor]))
         acc.add(from_canonical(p, t_region), t_region)
-        report.pairs.append({
-            "target_role": t_slot.role, "target": str(t_slot), "target_tensor": str(t_region),
-            "source_role": s_slot.role, "source": str(s_slot), "source_tensor": str(s_region), "resampled": resampled,
-            "layout": layout_name(layouts[t_region.tensor]),
-        })
-
+        report.pairs.append(_pair_record(t_slot, t_region, s_slot, s_region, resampled, layouts[t_region.tensor]))
     _report_unmapped(report, src_res, src_cs, used_sources)
 
-    # 4. Re-budget by transferred score, companions inside the budget.
-    masks, scores = select(accs, layouts, tgt_res, tgt_spec, unit, ratio, scope, report)
-
-    metadata = _metadata(src_cs, src_res, tgt_res, tgt_spec, pairs, direction, ratio, unit, forward, reverse, carry=mode)
-    tgt_cs = CoreSet.from_unit_masks(masks, {n: layouts[n] for n in masks}, tgt_spec.shapes, scores=scores, metadata=metadata)
+    # Re-budget by transferred score, companions inside the budget.
+    masks, scores = select(accs, layouts, tgt_res, tgt_spec, unit, ratio, src_cs.metadata.get("scope"), report)
+    tgt_cs = CoreSet.from_unit_masks(masks, {n: layouts[n] for n in masks}, tgt_spec.shapes, scores=scores,
+                                     metadata=metadata)
     if tgt_cs.num_selected() == 0:  # an empty core trains nothing: never what a transfer is for
         raise ConfigError(f"ratio {ratio:g} selects no unit of the target; raise --ratio")
     report.budget["selected_params"] = tgt_cs.num_selected()
     report.budget["selected_tensors"] = len(tgt_cs.names())
     if report.source_layers_unused:
         report.warnings.append(f"source layers {report.source_layers_unused} map to no target layer; their core is dropped")
-    return tgt_cs, report
-
+    return tgt_cs
 
 CARRY_MODES = ("auto", "exact", "budget", "profile")
 
