@@ -72,6 +72,8 @@ def run_pipeline(
     force: tuple[str, ...] = (),
     base_dir: Path | None = None,
     say: Callable[[str], None] | None = None,
+    only: tuple[str, ...] = (),
+    runner: Any = None,
 ) -> PipelineResult:
     """Run every step of ``cfg`` under ``run_dir`` and return the collected results.
 
@@ -81,17 +83,23 @@ def run_pipeline(
         force: step names (or prefixes such as ``probe``) to redo even if done.
         base_dir: resolves relative paths in the config (default: current directory).
         say: progress callback (one line per event).
+        only: run only these steps (names or prefixes); the others must be done or stay pending.
+        runner: a step runner to use instead of a new ``StepRunner`` (``launch.DryRunner``: the dry run,
+            which checks nothing that needs this machine, runs nothing and writes nothing).
     """
     from trace_transfer.data import load_task
     from trace_transfer.evaluation.code_exec import check_tasks_consent
 
     from trace_transfer.devices import resolve_device
 
-    resolve_device(cfg.launch.device)  # a missing GPU is refused before the run directory is claimed
+    dry = runner is not None and getattr(runner, "dry", False)
+    if not dry:  # a dry run prints commands for the cluster: its GPUs and consent are the cluster's
+        resolve_device(cfg.launch.device)  # a missing GPU is refused before the run directory is claimed
     base_dir = Path(base_dir or Path.cwd())
     cfg = _resolve_tasks(cfg, base_dir)
-    check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
-    runner = StepRunner(Path(run_dir), force=force, on_event=say, families=STEP_FAMILIES)
+    if not dry:
+        check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
+    runner = runner or StepRunner(Path(run_dir), force=force, on_event=say, families=STEP_FAMILIES, only=only)
     out = PipelineResult(Path(run_dir))
     methods = {name: PIPELINE_METHODS.get(name) for name in cfg.methods}
     strategies_for = {  # which CoreSets to score on each side; transferred ones start on the source
@@ -184,6 +192,12 @@ def run_pipeline(
                 out.results.setdefault(label, []).append(_read_results(rec.dir))
 
     # 6. report -------------------------------------------------------------------------------------
+    report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
+    if dry:
+        runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds}, None, depends=report_deps)
+        return out
+    if not runner.selected("report"):  # --only without the report: the summary needs every result
+        return out
     from trace_transfer.report.summary import summarise
 
     out.summary = summarise(cfg, out.results, baselines=PIPELINE_METHODS.where(lambda e: e.obj.baseline))
@@ -193,7 +207,6 @@ def run_pipeline(
 
         lm_file = runner.records["layermap"].dir / "layer_map.json"
         out.summary["layer_map"] = {k: v for k, v in json.loads(lm_file.read_text()).items() if k in ("method", "verdict")}
-    report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
     rec = runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds},
                       _report_fn(cfg, runner, out), depends=report_deps)
     out.artifacts["report"] = rec.dir
@@ -426,28 +439,40 @@ def _add_target_costs(summary: dict[str, Any], methods: dict, core_dirs: dict[st
                                              "relative to a native probe (warm-start steps x grad_accum + Fisher batches)")
 
 
+def _finetune_inputs(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, runner: StepRunner,
+                     core_step: str | None):
+    """(stages, method options, training config) of one method x seed fine-tuning step."""
+    from trace_transfer.coreset import SUFFIX
+    from trace_transfer.train.config import TrainConfig
+    from trace_transfer.train.methods import MethodOptions, Stage
+
+    t = cfg.training
+    stages = []
+    for task in cfg.tasks:
+        coreset = None
+        if core_step:
+            coreset = str(runner.records[core_step].dir / (_task_key(task) + SUFFIX))
+        stages.append(Stage(task, coreset))
+    opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
+    if spec.general_core:
+        gdir = runner.records[GENERAL_CORES].dir
+        # `score` names the CoreSet after the task; the glob finds it as written (a dry run has none yet).
+        found = next(gdir.glob("*" + SUFFIX), None) if gdir.is_dir() else None
+        opts = replace(opts, general_coreset=str(found or gdir / (_task_key(cfg.general_task) + SUFFIX)))
+    train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+                            grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+                            precision=t.precision, seq_len=t.seq_len, seed=seed)
+    return stages, opts, train_cfg
+
+
 def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
                  core_step: str | None, base_dir: Path):
-    def fn(d: Path) -> dict[str, Any]:
-        from trace_transfer.coreset import SUFFIX
-        from trace_transfer.train.loop import TrainConfig
-        from trace_transfer.train.runner import MethodOptions, Stage, run_sequence
+    ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
 
-        t = cfg.training
-        stages = []
-        for task in cfg.tasks:
-            coreset = None
-            if core_step:
-                coreset = str(runner.records[core_step].dir / (_task_key(task) + SUFFIX))
-            stages.append(Stage(task, coreset))
-        opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
-        if spec.general_core:
-            gdir = runner.records[GENERAL_CORES].dir
-            opts = replace(opts, general_coreset=str(next(gdir.glob("*" + SUFFIX))))
-        train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-                                grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
-                                precision=t.precision, seq_len=t.seq_len, seed=seed)
-        ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
+    def fn(d: Path) -> dict[str, Any]:
+        from trace_transfer.train.runner import run_sequence
+
+        stages, opts, train_cfg = _finetune_inputs(spec, lr, seed, cfg, runner, core_step)
         if spec.trainer == "cpi-ft":
             from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
@@ -457,7 +482,7 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         elif ds:
             # DeepSpeed needs one process per GPU: launch the fine-tuning step under torchrun, while the
             # pipeline itself (probes, scoring, CKA, transfer, report) stays one process.
-            results = _launch_distributed(d, target, stages, spec.runner, opts, train_cfg, ds, cfg, runner.say)
+            results = _launch_distributed(d, fn.launch_args(d), cfg, runner.say)
             _prune_checkpoints(d)
             return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
         else:
@@ -467,16 +492,26 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 
+    if ds and spec.trainer != "cpi-ft":
+        def launch_args(d: Path) -> list[str]:
+            """What every rank runs (the dry run prints it behind its launcher)."""
+            from trace_transfer.pipeline.launch import finetune_args
+
+            stages, opts, train_cfg = _finetune_inputs(spec, lr, seed, cfg, runner, core_step)
+            return finetune_args(d, target, stages, spec.runner, opts, train_cfg, ds, cfg)
+
+        fn.launch_args = launch_args  # type: ignore[attr-defined]
     return fn
 
 
-def _launch_distributed(d: Path, target: str, stages: list, method: str, opts: Any, train_cfg: Any, ds: str,
-                        cfg: PipelineConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    """Run ``trace-transfer finetune --deepspeed`` on ``launch.nproc_per_node`` local processes.
+def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run ``trace-transfer finetune --deepspeed`` (``args``) on ``launch.nproc_per_node`` local processes.
 
-    The command line is written to ``launch.sh`` and the ranks' output to ``launch.log`` in the step
-    directory, so a failed launch can be rerun by hand; ``--resume`` makes a rerun of the step continue
-    after its last complete stage.
+    The command line is written to ``.launch.sh`` and the ranks' output to ``.launch.log`` in the step
+    directory (hidden: ``finetune`` refuses an --out holding files it did not write), so a failed launch
+    can be rerun by hand; ``--resume`` makes a rerun of the step continue
+    after its last complete stage. A launch across nodes is the cluster's (``run --dry-run`` prints
+    it): this only records its finished results.
     """
     import json
     import shlex
@@ -484,34 +519,29 @@ def _launch_distributed(d: Path, target: str, stages: list, method: str, opts: A
     import subprocess
     import sys
 
+    from trace_transfer.errors import TraceTransferError
+    from trace_transfer.pipeline.launch import launch_argv
+
+    done = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+    if done.get("complete"):  # launched already (by the cluster, or before an interruption)
+        return done
+    if cfg.launch.multi_node():
+        raise TraceTransferError(f"{d.name}: this fine-tuning runs across {cfg.launch.nnodes} node(s); start its "
+                                 f"launch on the cluster with the commands `trace-transfer run CONFIG --dry-run` "
+                                 f"prints (see examples/slurm), then rerun to record it")
     with socket.socket() as sock:  # a free port for the rendezvous of this launch
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.launch.nproc_per_node}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "trace_transfer", "finetune",
-            "--model", target, "--method", method, "--out", str(d), "--resume", "--deepspeed", ds,
-            "--lr", repr(train_cfg.lr), "--epochs", repr(train_cfg.epochs), "--max-steps", str(train_cfg.max_steps),
-            "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
-            "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
-            "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
-            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size),
-            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
-    if cfg.eval.limit is not None:
-        argv += ["--eval-limit", str(cfg.eval.limit)]
-    if opts.general_coreset:
-        argv += ["--general-coreset", opts.general_coreset]
-    for st in stages:
-        argv += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
-    (d / "launch.sh").write_text(shlex.join(argv) + "\n")
-    say(f"       torchrun x{cfg.launch.nproc_per_node}: {d / 'launch.sh'} (log: {d / 'launch.log'})")
-    with (d / "launch.log").open("a") as log:
+    argv = launch_argv(cfg.launch, args, run_id=d.name, python=sys.executable, port=port)
+    script, log_file = d / ".launch.sh", d / ".launch.log"
+    script.write_text(shlex.join(argv) + "\n")
+    say(f"       torchrun x{cfg.launch.nproc_per_node}: {script} (log: {log_file})")
+    with log_file.open("a") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        from trace_transfer.errors import TraceTransferError
-
-        tail = (d / "launch.log").read_text()[-3000:]
+        tail = log_file.read_text()[-3000:]
         raise TraceTransferError(f"distributed fine-tuning failed (exit {proc.returncode}); command in "
-                                 f"{d / 'launch.sh'}, log {d / 'launch.log'}; its end:\n{tail}")
+                                 f"{script}, log {log_file}; its end:\n{tail}")
     return json.loads((d / "results.json").read_text())
 
 

@@ -42,6 +42,12 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def step_hash(name: str, params: dict[str, Any], dep_hashes: dict[str, str]) -> str:
+    """A step's input hash: its parameters, the hashes of the steps it consumes, the tool version.
+    Computed from the config alone, so a dry run knows every step's hash without running any."""
+    return stable_hash({"name": name, "params": params, "deps": dep_hashes, "tool": __version__})
+
+
 @dataclass
 class StepRecord:
     name: str
@@ -61,6 +67,9 @@ class StepRunner:
             step consuming a step redone in this invocation is redone too.
         on_event: callback ``(message)`` for progress output.
         families: the known top levels of step names; a ``force`` entry outside them is an error.
+        only: step names (or prefixes) to run; every other step must be done already or is left
+            pending (``[wait]``), and a selected step consuming a pending one is refused. This is how a
+            cluster script runs the steps one at a time (``trace-transfer run --dry-run`` prints them).
 
     Raises:
         ConfigError: ``run_dir`` holds files of something else (not empty, no run marker), or a
@@ -68,11 +77,11 @@ class StepRunner:
     """
 
     def __init__(self, run_dir: Path, force: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None,
-                 families: tuple[str, ...] | None = None):
+                 families: tuple[str, ...] | None = None, only: tuple[str, ...] = ()):
         from trace_transfer.checkpoint import check_output
         from trace_transfer.errors import ConfigError
 
-        unknown = [f for f in force if families is not None and f.strip("/").split("/")[0] not in families]
+        unknown = [f for f in (*force, *only) if families is not None and f.strip("/").split("/")[0] not in families]
         if unknown:
             raise ConfigError(f"--force {unknown[0]!r}: no such step; steps are named {', '.join(families)} "
                               f"or a longer prefix such as cores/target-lf or finetune/full")
@@ -87,12 +96,18 @@ class StepRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RUN_MARKER).touch()
         self.force = tuple(force)
+        self.only = tuple(only)
+        self._pending: set[str] = set()  # not done, not selected by `only`
         self.records: dict[str, StepRecord] = {}
         self._ran: set[str] = set()  # steps executed in this invocation: their dependents must follow
         self.say = on_event or (lambda msg: logger.info(msg))
 
     def _forced(self, name: str) -> bool:
-        return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
+        return _matches(name, self.force)
+
+    def selected(self, name: str) -> bool:
+        """Whether this invocation may run step ``name`` (every step unless ``only`` narrows it)."""
+        return not self.only or _matches(name, self.only)
 
     def step(
         self,
@@ -110,7 +125,7 @@ class StepRunner:
         themselves (the sequential runner continues after its last complete stage).
         """
         dep_hashes = {d: self.records[d].hash for d in depends}
-        h = stable_hash({"name": name, "params": params, "deps": dep_hashes, "tool": __version__})
+        h = step_hash(name, params, dep_hashes)
         step_dir = self.run_dir / name
         marker = step_dir / STEP_FILE
         upstream_redone = any(d in self._ran for d in depends)
@@ -124,6 +139,17 @@ class StepRunner:
                 self.records[name] = rec
                 self.say(f"[skip] {name} (done, inputs unchanged)")
                 return rec
+        if not self.selected(name):
+            self._pending.add(name)
+            self.say(f"[wait] {name} (not done; not selected by --only)")
+            self.records[name] = StepRecord(name, step_dir, h, True, 0.0, {})
+            return self.records[name]
+        waiting = [d for d in depends if d in self._pending]
+        if waiting:
+            from trace_transfer.errors import ConfigError
+
+            raise ConfigError(f"step {name} consumes {waiting[0]}, which is not done; run it first "
+                              f"(--only {waiting[0]})")
         attempt = step_dir / ".attempt"
         same_inputs = attempt.exists() and attempt.read_text() == h
         if step_dir.exists() and not (resumable and same_inputs and not upstream_redone):  # stale output of an earlier attempt
@@ -147,3 +173,7 @@ class StepRunner:
         self._ran.add(name)
         self.say(f"[done] {name} in {seconds:.1f}s")
         return rec
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == f or name.startswith(f.rstrip("/") + "/") for f in prefixes)

@@ -1,0 +1,159 @@
+"""`run --dry-run` (every command, nothing created), `run --only STEP`, and multi-node launch lines."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from trace_transfer.cli import main
+from trace_transfer.errors import TraceTransferError
+from trace_transfer.pipeline.config import load_pipeline
+from trace_transfer.pipeline.run import _launch_distributed
+
+SMALL = {
+    "name": "small",
+    "source": {"build": {"arch": "llama", "layers": 2, "hidden": 32, "tokenizer": "char"}},
+    "target": {"build": {"arch": "llama", "layers": 2, "hidden": 32, "tokenizer": "char"}},
+    "tasks": ["synthetic:math"],
+    "probe": {"max_steps": 1, "batch_size": 4, "seq_len": 32, "fisher_batches": 1, "max_examples": 16},
+    "training": {"lr": 1e-3, "max_steps": 1, "batch_size": 4, "seq_len": 32},
+    "eval": {"limit": 2, "batch_size": 2},
+    "methods": ["full", "trace-lf"],
+}
+STEPS = ["models/source", "models/target", "probe/target/math", "cores/target-lf", "finetune/full/seed0",
+         "finetune/trace-lf/seed0", "report"]
+
+
+def _config(tmp_path, **over) -> str:
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, **over}))
+    return str(path)
+
+
+def _dry(args: list[str]) -> list[str]:
+    res = CliRunner().invoke(main, ["run", *args, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    return res.output.splitlines()
+
+
+def test_dry_run_lists_every_step_in_order_and_creates_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    lines = _dry([_config(tmp_path), "--out", str(run_dir), "--device", "cpu"])
+    commands = [ln for ln in lines if not ln.startswith("#")]
+    assert [shlex.split(c)[-1] for c in commands] == STEPS
+    assert all(shlex.split(c)[:2] == ["trace-transfer", "run"] and "--device cpu" in c for c in commands)
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_the_printed_commands_run_the_pipeline_a_later_run_skips_everything(tmp_path):
+    cfg, run_dir = _config(tmp_path), tmp_path / "run"
+    for line in (ln for ln in _dry([cfg, "--out", str(run_dir)]) if not ln.startswith("#")):
+        res = CliRunner().invoke(main, shlex.split(line)[1:])
+        assert res.exit_code == 0, (line, res.output)
+    assert (run_dir / "report" / "step.json").exists()
+    res = CliRunner().invoke(main, ["run", cfg, "--out", str(run_dir)])
+    assert res.exit_code == 0 and "[run ]" not in res.output and res.output.count("[skip]") == len(STEPS)
+
+
+def test_only_refuses_a_step_whose_inputs_are_not_done(tmp_path):
+    cfg, run_dir = _config(tmp_path), tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", cfg, "--out", str(run_dir), "--only", "probe/target/math"])
+    assert res.exit_code == 1 and "consumes models/target, which is not done" in res.output
+    res = CliRunner().invoke(main, ["run", cfg, "--out", str(run_dir), "--only", "models/target"])
+    assert res.exit_code == 0, res.output
+    assert (run_dir / "models/target/step.json").exists() and not (run_dir / "models/source").exists()
+
+
+def test_multi_node_torchrun_lines_carry_nnodes_rank_and_rendezvous(tmp_path):
+    cfg = _config(tmp_path, methods=["full"], launch={"deepspeed": "ds.json", "nproc_per_node": 8, "nnodes": 2,
+                                                       "rdzv_endpoint": "node0:29500"})
+    lines = _dry([cfg, "--out", "runs/x"])
+    launch = [i for i, ln in enumerate(lines) if ln.startswith("torchrun")]
+    assert len(launch) == 1 and lines[launch[0] - 1] == "# every node"
+    argv = lines[launch[0]]
+    for part in ("--nnodes=2", "--nproc_per_node=8", "--node_rank=${NODE_RANK:?}", "--rdzv_endpoint=node0:29500",
+                 "-m trace_transfer finetune", "--out runs/x/finetune/full/seed0", "--deepspeed"):
+        assert part in argv, part
+    # The step directory is marked with the hash a real run computes, then the --only line records it.
+    assert lines[launch[0] - 3].startswith("printf %s ") and lines[launch[0] - 3].endswith("seed0/.attempt")
+    assert lines[launch[0] + 2].endswith("--only finetune/full/seed0")
+
+
+def test_hostfile_launches_once_with_the_deepspeed_launcher(tmp_path):
+    (tmp_path / "hosts").write_text("node0 slots=8\nnode1 slots=8\n")
+    cfg = _config(tmp_path, methods=["full"], launch={"deepspeed": "ds.json", "nproc_per_node": 8, "hostfile": "hosts",
+                                                       "node_rank": 0})
+    lines = _dry([cfg, "--out", "runs/x"])
+    launch = next(ln for ln in lines if ln.startswith("deepspeed "))
+    assert f"--hostfile={tmp_path / 'hosts'}" in launch and "--num_gpus=8" in launch
+    assert "--module trace_transfer finetune" in launch and "# every node" not in lines
+
+
+@pytest.mark.parametrize("launch,problem", [
+    ({"deepspeed": "ds.json", "nnodes": 2}, "needs the rendezvous"),
+    ({"nnodes": 2, "rdzv_endpoint": "h:1"}, "needs launch.deepspeed"),
+    ({"deepspeed": "ds.json", "nnodes": 2, "rdzv_endpoint": "h:1", "node_rank": 2}, "not below nnodes"),
+    ({"deepspeed": "ds.json", "hostfile": "missing"}, "'missing' does not exist"),
+    ({"device": "gpu"}, "launch.device"),
+])
+def test_launch_problems_are_config_errors(tmp_path, launch, problem):
+    res = CliRunner().invoke(main, ["run", _config(tmp_path, methods=["full"], launch=launch), "--check"])
+    assert res.exit_code == 1 and problem in res.output, res.output
+
+
+def test_a_multi_node_step_is_recorded_never_launched_in_process(tmp_path):
+    cfg = load_pipeline(_config(tmp_path, methods=["full"], launch={"deepspeed": "ds.json", "nnodes": 2,
+                                                                     "rdzv_endpoint": "h:1"}))
+    d = tmp_path / "step"
+    d.mkdir()
+    with pytest.raises(TraceTransferError, match="across 2 node"):
+        _launch_distributed(d, ["-m", "trace_transfer", "finetune"], cfg, print)
+    (d / "results.json").write_text(json.dumps({"complete": True, "metrics": {"aa": 0.5}}))
+    assert _launch_distributed(d, ["-m", "trace_transfer", "finetune"], cfg, print)["metrics"]["aa"] == 0.5
+
+
+@pytest.mark.slow
+def test_slurm_example_runs_each_command_once_and_launches_on_every_node(tmp_path):
+    """examples/slurm/pipeline.sbatch against stub srun/scontrol/torchrun: the one-process steps run once
+    (here), the torchrun launch once per node with that node's NODE_RANK."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "examples" / "slurm" / "pipeline.sbatch"
+    cfg = _config(tmp_path, methods=["full"], launch={"deepspeed": "ds.json", "nproc_per_node": 2, "nnodes": 2,
+                                                       "rdzv_endpoint": "${HEAD_NODE}:29500"})
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": "printf 'nodeA\\nnodeB\\n'",
+        # srun [options] bash -c CMD: run CMD as each of the job's 2 nodes
+        "srun": 'while [ "$1" != bash ]; do shift; done; for i in 0 1; do SLURM_NODEID=$i "$@"; done',
+        "torchrun": f'echo "torchrun NODE_RANK=$NODE_RANK $*" >> {log}',
+        "tt": f'case " $* " in *" --dry-run "*) exec {sys.executable} -m trace_transfer "$@";; '
+              f'*) echo "tt $*" >> {log};; esac',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[A-B]",
+           "SLURM_NNODES": "2", "TRACE_TRANSFER": "tt"}
+    run_dir = tmp_path / "run"
+    res = subprocess.run(["bash", str(script), cfg, str(run_dir)], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    launches = [c for c in calls if c.startswith("torchrun")]
+    assert [c.split()[1] for c in launches] == ["NODE_RANK=0", "NODE_RANK=1"]
+    assert all("--node_rank=0" in c or "--node_rank=1" in c for c in launches)
+    assert all("--rdzv_endpoint=nodeA:29500" in c for c in launches)
+    only = [c.split("--only ")[1] for c in calls if c.startswith("tt run")]
+    assert only == ["models/source", "models/target", "finetune/full/seed0", "report"], only
+    assert (run_dir / "finetune/full/seed0/.attempt").exists()

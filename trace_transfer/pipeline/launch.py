@@ -1,0 +1,180 @@
+"""The launch lines of a pipeline: how its multi-process steps start, and ``run --dry-run``.
+
+A fine-tuning step under DeepSpeed runs as ``trace-transfer finetune --deepspeed`` under a launcher:
+
+* one node: ``torchrun`` on ``launch.nproc_per_node`` local processes (the pipeline starts it itself);
+* several nodes: ``torchrun --nnodes N --node_rank R --rdzv_endpoint HOST:PORT`` on *every* node, or
+  the DeepSpeed launcher once with a ``hostfile`` (it reaches the other hosts itself). The pipeline
+  cannot start processes on other nodes, so these launches are the cluster's: the step refuses to
+  run in-process until the launch has written its results, and then only records them.
+
+:func:`dry_run` lists every step of a config, in order, as the shell commands that run it:
+``trace-transfer run CONFIG --out RUN --only STEP`` for the steps that run in one process (the very
+code path and step hashes of a plain ``run``, so a later ``run`` skips them), and for a multi-process
+step the launch line between a line that marks the step directory as this step's attempt (so the
+pipeline keeps what the launch writes) and the ``--only`` line that records it. Nothing is created.
+The run directory is assumed to be on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trace_transfer.pipeline.steps import StepRecord, step_hash
+
+__all__ = ["Command", "DryRunner", "finetune_args", "launch_argv", "dry_run", "format_commands"]
+
+# Left unquoted in a printed command, so the cluster script's shell fills in this node's rank.
+NODE_RANK_VAR = "${NODE_RANK:?}"  # the shell refuses an unset NODE_RANK (SLURM: NODE_RANK=$SLURM_NODEID)
+
+
+@dataclass
+class Command:
+    """One shell command of a dry run. ``every_node``: run it on each node of the launch (torchrun
+    across nodes); otherwise once, on one node."""
+
+    step: str
+    argv: list[str]
+    note: str = ""
+    every_node: bool = False
+    raw: str | None = None  # a line written as shell (a redirection), instead of argv
+
+    def line(self) -> str:
+        if self.raw is not None:
+            return self.raw
+        return " ".join(_word(t) for t in self.argv)
+
+
+def _word(token: str) -> str:
+    """A token as one shell word; one holding ``${...}`` (this node's rank, or a config value such as
+    ``rdzv_endpoint: "${HEAD_NODE}:29500"``) is double-quoted so the cluster script's shell fills it in."""
+    if "${" in token and not any(c in token for c in '"`\\'):
+        return f'"{token}"'
+    return shlex.quote(token)
+
+
+def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, train_cfg: Any, ds: str,
+                  cfg: Any) -> list[str]:
+    """``-m trace_transfer finetune ...``: what every rank of a fine-tuning launch runs (``--resume``:
+    a relaunch continues after the last complete stage)."""
+    args = ["-m", "trace_transfer", "finetune",
+            "--model", target, "--method", method, "--out", str(d), "--resume", "--deepspeed", ds,
+            "--lr", repr(train_cfg.lr), "--epochs", repr(train_cfg.epochs), "--max-steps", str(train_cfg.max_steps),
+            "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
+            "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
+            "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
+            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size),
+            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
+    if cfg.eval.limit is not None:
+        args += ["--eval-limit", str(cfg.eval.limit)]
+    if opts.general_coreset:
+        args += ["--general-coreset", opts.general_coreset]
+    for st in stages:
+        args += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
+    return args
+
+
+def launch_argv(launch: Any, args: list[str], *, run_id: str, base_dir: Path | None = None,
+                python: str | None = None, port: int | None = None) -> list[str]:
+    """The launcher in front of ``args`` (from :func:`finetune_args`) under ``launch`` (a ``LaunchSpec``).
+
+    With ``python`` and ``port`` (the pipeline starting a one-node launch itself): that interpreter's
+    ``torch.distributed.run`` on 127.0.0.1. Otherwise the line a cluster script runs: ``torchrun``
+    (``--standalone`` on one node; ``--nnodes/--node_rank/--rdzv_endpoint`` across nodes, the rank
+    left to the shell when ``launch.node_rank`` is unset) or ``deepspeed --hostfile``.
+    """
+    n = launch.nproc_per_node
+    if python is not None:
+        return [python, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", *args]
+    if launch.hostfile:
+        hostfile = Path(launch.hostfile)
+        if base_dir is not None and not hostfile.is_absolute():
+            hostfile = base_dir / hostfile
+        head = ["deepspeed", f"--hostfile={hostfile}", f"--num_gpus={n}"]
+        if launch.nnodes > 1:
+            head.append(f"--num_nodes={launch.nnodes}")
+        if launch.rdzv_endpoint:
+            host, _, p = launch.rdzv_endpoint.rpartition(":")
+            head += [f"--master_addr={host}", f"--master_port={p}"]
+        # The DeepSpeed launcher takes a module with --module and the script name on its own.
+        return [*head, "--module", *args[1:]]
+    if launch.nnodes == 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={n}", *args]
+    rank = NODE_RANK_VAR if launch.node_rank is None else str(launch.node_rank)
+    return ["torchrun", f"--nnodes={launch.nnodes}", f"--nproc_per_node={n}", f"--node_rank={rank}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={launch.rdzv_endpoint}", f"--rdzv_id={run_id}", *args]
+
+
+@dataclass
+class DryRunner:
+    """A :class:`~trace_transfer.pipeline.steps.StepRunner` stand-in that runs nothing and touches no
+    file: it records each step (with the hash a real run computes) and the step body it would call."""
+
+    run_dir: Path
+    records: dict[str, StepRecord] = field(default_factory=dict)
+    planned: list[tuple[StepRecord, Any]] = field(default_factory=list)
+    dry: bool = True
+
+    def say(self, msg: str) -> None:  # step bodies never run here; nothing to report
+        pass
+
+    def selected(self, name: str) -> bool:
+        return True
+
+    def step(self, name: str, params: dict[str, Any], fn: Any, depends: list[str] = (),
+             resumable: bool = False) -> StepRecord:
+        rec = StepRecord(name, self.run_dir / name, step_hash(name, params, {d: self.records[d].hash for d in depends}),
+                         True, 0.0, {})
+        self.records[name] = rec
+        self.planned.append((rec, fn))
+        return rec
+
+
+def dry_run(runner: DryRunner, cfg: Any, config_path: str | os.PathLike, *, base_dir: Path,
+            extra_run_args: list[str] = ()) -> list[Command]:
+    """Every command that runs the pipeline ``cfg`` into ``runner.run_dir``, in order (see the module
+    docstring); ``runner`` has been through ``run_pipeline(cfg, ..., runner=runner)``.
+
+    ``extra_run_args`` (e.g. ``--device cuda``) are added to every ``trace-transfer run`` line.
+    """
+    run_dir = runner.run_dir
+    run = ["trace-transfer", "run", str(config_path), "--out", str(run_dir), *extra_run_args]
+    if os.environ.get("TRACE_TRANSFER_ALLOW_CODE_EXEC") == "1":
+        run.append("--allow-code-exec")
+    out: list[Command] = []
+    for rec, fn in runner.planned:
+        args = getattr(fn, "launch_args", None)
+        if args is None:
+            out.append(Command(rec.name, [*run, "--only", rec.name], "one process"))
+            continue
+        launch = cfg.launch
+        argv = launch_argv(launch, args(rec.dir), run_id=rec.hash, base_dir=base_dir)
+        every = launch.nnodes > 1 and not launch.hostfile
+        where = (f"{launch.nnodes} nodes x {launch.nproc_per_node} processes" if launch.multi_node()
+                 else f"{launch.nproc_per_node} processes")
+        out.append(Command(rec.name, ["mkdir", "-p", str(rec.dir)], f"DeepSpeed on {where}: mark the step's attempt"))
+        out.append(Command(rec.name, [], raw=f"printf %s {rec.hash} > {shlex.quote(str(rec.dir / '.attempt'))}"))
+        out.append(Command(rec.name, argv, "the launch", every_node=every))
+        out.append(Command(rec.name, [*run, "--only", rec.name], "record the finished launch"))
+    return out
+
+
+def format_commands(commands: list[Command]) -> str:
+    """The dry run as a shell script body: a ``# step NAME: note`` comment before each step's first
+    command, and ``# every node`` right before a command each node must run."""
+    lines, last = [], None
+    for c in commands:
+        if c.step != last:
+            lines.append(f"# step {c.step}" + (f": {c.note}" if c.note else ""))
+            last = c.step
+        elif c.note:
+            lines.append(f"# {c.note}")
+        if c.every_node:
+            lines.append("# every node")
+        lines.append(c.line())
+    return "\n".join(lines) + "\n"
