@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._output import force_option
 from trace_transfer.surgery.modes import CLUSTER_METHODS, DEFAULT_TAU
 
 
@@ -20,7 +21,8 @@ from trace_transfer.surgery.modes import CLUSTER_METHODS, DEFAULT_TAU
               help="Also draw the overlap heatmap (PNG), tasks ordered by group.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write groups + Jaccard matrix as JSON.")
-def command(coresets, tau, method, seed, heatmap, out) -> None:
+@force_option
+def command(coresets, tau, method, seed, heatmap, out, force) -> None:
     """Cluster tasks by the Jaccard overlap of their CoreSets and print the groups.
 
     Task names come from each CoreSet's `task` metadata (or its file name).
@@ -29,9 +31,13 @@ def command(coresets, tau, method, seed, heatmap, out) -> None:
     Example:
       trace-transfer cluster cores/*.coreset.safetensors --tau 0.1 --heatmap overlap.png --out clusters.json
     """
+    from trace_transfer.checkpoint import check_output
     from trace_transfer.coreset import SUFFIX, CoreSet
     from trace_transfer.surgery.clustering import cluster_tasks, named_coresets
 
+    for path, what in ((out, "--out"), (heatmap, "--heatmap")):
+        if path:
+            check_output(path, force, what)
     named = named_coresets([CoreSet.load(p) for p in coresets],
                            fallback=[p.name.removesuffix(SUFFIX).removesuffix(".safetensors") for p in coresets])
     res = cluster_tasks(named, tau=tau, method=method, seed=seed)

@@ -8,6 +8,7 @@ from functools import reduce
 import click
 
 from trace_transfer.cli._errors import Group
+from trace_transfer.cli._output import force_option
 
 _FILE = click.Path(exists=True, dir_okay=False)
 
@@ -111,8 +112,21 @@ def show(file, heatmap, value):
 
 
 def _write(cs, out, what: str) -> None:
-    path = cs.save(out)
+    path = cs.save(out)  # --out was checked by _checked_out before the inputs were read
     click.echo(f"{what}: {cs.num_selected():,} of {cs.num_total():,} parameters ({100 * cs.ratio():.2f}%) -> {path}")
+
+
+def _checked_out(out, force: bool) -> None:
+    """Refuse an existing output before any input is read (CoreSet.save appends the suffix if missing)."""
+    from pathlib import Path
+
+    from trace_transfer.checkpoint import check_output
+    from trace_transfer.coreset import SUFFIX
+
+    path = Path(out)
+    if not path.name.endswith(SUFFIX):
+        path = path.with_name(path.name.removesuffix(".safetensors") + SUFFIX)
+    check_output(path, force, "--out")
 
 
 def _combine(files, op, out, what):
@@ -122,16 +136,20 @@ def _combine(files, op, out, what):
 @command.command("union")
 @click.argument("files", nargs=-1, required=True, type=_FILE)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CoreSet file to write.")
-def union(files, out):
+@force_option
+def union(files, out, force):
     """Elements core in ANY of FILES.  Example: coreset union a.coreset.safetensors b.coreset.safetensors --out ab"""
+    _checked_out(out, force)
     _combine(files, lambda a, b: a | b, out, "union")
 
 
 @command.command("intersect")
 @click.argument("files", nargs=-1, required=True, type=_FILE)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CoreSet file to write.")
-def intersect(files, out):
+@force_option
+def intersect(files, out, force):
     """Elements core in ALL of FILES.  Example: coreset intersect a.coreset.safetensors b.coreset.safetensors --out shared"""
+    _checked_out(out, force)
     _combine(files, lambda a, b: a & b, out, "intersection")
 
 
@@ -139,16 +157,20 @@ def intersect(files, out):
 @click.argument("a", type=_FILE)
 @click.argument("b", type=_FILE)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CoreSet file to write.")
-def diff(a, b, out):
+@force_option
+def diff(a, b, out, force):
     """Elements core in A but not in B.  Example: coreset diff math.coreset.safetensors code.coreset.safetensors --out only-math"""
+    _checked_out(out, force)
     _combine([a, b], lambda x, y: x - y, out, "difference")
 
 
 @command.command("complement")
 @click.argument("file", type=_FILE)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CoreSet file to write.")
-def complement(file, out):
+@force_option
+def complement(file, out, force):
     """Every element NOT core in FILE.  Example: coreset complement general.coreset.safetensors --out trainable"""
+    _checked_out(out, force)
     _write(~_load(file), out, "complement")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from trace_transfer.cli._code_exec import allow_code_exec_option
+from trace_transfer.cli._output import force_option
 from trace_transfer.config import click_options
 from trace_transfer.devices import DeviceConfig
 
@@ -19,7 +20,8 @@ from trace_transfer.devices import DeviceConfig
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
 @click_options(DeviceConfig, ["device", "dtype"])
 @allow_code_exec_option
-def command(model, tasks, limit, batch_size, per_example, out, device, dtype):
+@force_option
+def command(model, tasks, limit, batch_size, per_example, out, device, dtype, force):
     """Evaluate MODEL on each --task with the metric its spec names.
 
     \b
@@ -27,8 +29,11 @@ def command(model, tasks, limit, batch_size, per_example, out, device, dtype):
       trace-transfer eval --model runs/trace/stage_3 --task synthetic:math --task synthetic:code \\
         --limit 200 --out eval.json
     """
+    from trace_transfer.checkpoint import check_output
     from trace_transfer.evaluation.metrics import evaluate_model
 
+    if out:
+        check_output(out, force, "--out")  # before the model is loaded, not after the evaluation
     result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
                             per_example=per_example, device=device, dtype=dtype)
     click.echo("| task | metric | score | n |")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from trace_transfer.cli._output import force_option
+
 
 def _parse_aliases(values: tuple[str, ...]) -> dict[str, str]:
     out = {}
@@ -32,7 +34,8 @@ def _parse_aliases(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full report (every offending tensor) as JSON.")
 @click.option("--max-rows", default=20, show_default=True, help="Offending tensors listed in the table.")
-def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows) -> None:
+@force_option
+def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows, force) -> None:
     """Check that every element outside the CoreSets is bit-identical between BASE and TUNED.
 
     Tensors are streamed one at a time and compared bitwise in their stored dtype. Prints the number of
@@ -45,8 +48,11 @@ def command(base, tuned, coresets, allow_missing, aliases, json_path, max_rows) 
       trace-transfer verify-frozen --base tiny --tuned runs/trace/stage_1 \\
           --coreset cores/math.coreset.safetensors
     """
+    from trace_transfer.checkpoint import check_output
     from trace_transfer.train.verify import verify_frozen
 
+    if json_path:
+        check_output(json_path, force, "--json")
     report = verify_frozen(base, tuned, list(coresets), allow_missing=allow_missing,
                            aliases=_parse_aliases(aliases))
     if json_path:
