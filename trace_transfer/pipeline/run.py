@@ -100,85 +100,116 @@ def run_pipeline(
     if not dry:
         check_tasks_consent([load_task(t) for t in cfg.tasks])  # before step 1, not at the first evaluation
     runner = runner or StepRunner(Path(run_dir), force=force, on_event=say, families=STEP_FAMILIES, only=only)
-    out = PipelineResult(Path(run_dir))
-    methods = {name: PIPELINE_METHODS.get(name) for name in cfg.methods}
-    strategies_for = {  # which CoreSets to score on each side; transferred ones start on the source
-        "source": sorted({m.core_key.removeprefix("transfer-") for m in methods.values() if m.cores == "transfer"}),
-        "target": sorted({m.strategy for m in methods.values() if m.cores == "target"}),
-    }
-    transfers = {m.core_key: m for m in methods.values() if m.cores == "transfer"}
-    cheap = {m.core_key: m for m in methods.values() if m.cores == "cheap"}
-    needs_general = any(m.general_core for m in methods.values())
+    plan = _Plan(cfg, runner, base_dir, PipelineResult(Path(run_dir)), {name: PIPELINE_METHODS.get(name) for name in cfg.methods})
+    plan.source = _model_step(runner, "source", cfg.source, base_dir, device=cfg.launch.device)   # 1. models
+    plan.target = _model_step(runner, "target", cfg.target, base_dir, device=cfg.launch.device)
+    probe_steps = _probe_steps(plan)                                                              # 2. probes
+    _score_steps(plan, probe_steps)                                                               # 3. scoring
+    _transfer_steps(plan)                                                                         # 4. CKA, layer map, transfer
+    _finetune_steps(plan)                                                                         # 5. fine-tuning
+    return _report_step(plan, dry)                                                                # 6. report
 
-    # 1. models ------------------------------------------------------------------------------------
-    source = _model_step(runner, "source", cfg.source, base_dir, device=cfg.launch.device)
-    target = _model_step(runner, "target", cfg.target, base_dir, device=cfg.launch.device)
 
-    # 2. probes --------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What the pipeline's phases share: the config, the step runner and what earlier phases made."""
+
+    cfg: PipelineConfig
+    runner: Any
+    base_dir: Path
+    out: PipelineResult
+    methods: dict[str, Any]
+    source: Any = None  # (model ref, model step or None) per side
+    target: Any = None
+    core_dirs: dict[str, str] = field(default_factory=dict)  # core key -> step name
+
+    def strategies_for(self, side: str) -> list[str]:
+        """Which CoreSets to score on each side; transferred ones start on the source."""
+        if side == "source":
+            return sorted({m.core_key.removeprefix("transfer-") for m in self.methods.values() if m.cores == "transfer"})
+        return sorted({m.strategy for m in self.methods.values() if m.cores == "target"})
+
+    @property
+    def needs_general(self) -> bool:
+        return any(m.general_core for m in self.methods.values())
+
+
+def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
+    cfg, runner = plan.cfg, plan.runner
     probe_params = cfg.probe.model_dump()
     sides = []
-    if strategies_for["source"]:
-        sides.append(("source", source))
-    if strategies_for["target"] or needs_general:
-        sides.append(("target", target))
+    if plan.strategies_for("source"):
+        sides.append(("source", plan.source))
+    if plan.strategies_for("target") or plan.needs_general:
+        sides.append(("target", plan.target))
     probe_steps: dict[str, list[str]] = {}
     for side, (model_ref, model_step) in sides:
-        tasks = list(cfg.tasks) if strategies_for[side] else []
-        if side == "target" and needs_general:
+        tasks = list(cfg.tasks) if plan.strategies_for(side) else []
+        if side == "target" and plan.needs_general:
             tasks.append(cfg.general_task)
         for task in tasks:
             name = f"probe/{side}/{_task_key(task)}"
             runner.step(name, {"task": task, "model": model_ref, **probe_params},
                         _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0]), depends=_deps(model_step))
             probe_steps.setdefault(side, []).append(name)
+    return probe_steps
 
-    # 3. scoring --------------------------------------------------------------------------------------
-    core_dirs: dict[str, str] = {}
-    for side, strategies in strategies_for.items():
+
+def _score_steps(plan: _Plan, probe_steps: dict[str, list[str]]) -> None:
+    cfg, runner = plan.cfg, plan.runner
+    for side in ("source", "target"):
         task_probes = [p for p in probe_steps.get(side, []) if not p.endswith("/" + _task_key(cfg.general_task))]
-        for key in strategies:  # a strategy, or strategy-granularity for a source scored differently
+        for key in plan.strategies_for(side):  # a strategy, or strategy-granularity for a source scored differently
             strategy, _, granularity = key.partition("-")
             name = f"cores/{side}-{key}"
             runner.step(name, {"strategy": strategy, **cfg.scoring.model_dump(exclude_none=True), "seed": cfg.seeds[0],
                                **({"granularity": granularity} if granularity else {})},
                         _score_fn([runner.records[p].dir for p in task_probes], strategy, cfg, granularity or None),
                         depends=task_probes)
-            core_dirs[f"{side}-{key}"] = name
-    if needs_general:
+            plan.core_dirs[f"{side}-{key}"] = name
+    if plan.needs_general:
         gp = f"probe/target/{_task_key(cfg.general_task)}"
         runner.step(GENERAL_CORES, {"strategy": GENERAL_CORE_STRATEGY, **cfg.scoring.model_dump(exclude_none=True)},
                     _score_fn([runner.records[gp].dir], GENERAL_CORE_STRATEGY, cfg), depends=[gp])
 
-    # 4. CKA + layer map + transfer -------------------------------------------------------------------
-    if strategies_for["source"]:
+
+def _transfer_steps(plan: _Plan) -> None:
+    cfg, runner, source, target = plan.cfg, plan.runner, plan.source, plan.target
+    transfers = {m.core_key: m for m in plan.methods.values() if m.cores == "transfer"}
+    cheap = {m.core_key: m for m in plan.methods.values() if m.cores == "cheap"}
+    if plan.strategies_for("source"):
         lm = cfg.layer_map
         runner.step("cka", {**lm.model_dump(), "source": source[0], "target": target[0]},
-                    _cka_fn(source[0], target[0], lm, base_dir, cfg.launch), depends=_deps(source[1]) + _deps(target[1]))
+                    _cka_fn(source[0], target[0], lm, plan.base_dir, cfg.launch),
+                    depends=_deps(source[1]) + _deps(target[1]))
         runner.step("layermap", {"method": lm.method, "bootstrap": lm.bootstrap, "seed": cfg.seeds[0],
                                  "fallback": lm.fallback},
                     _layermap_fn(runner.records["cka"].dir, lm), depends=["cka"])
-        out.artifacts["cka"] = runner.records["cka"].dir
-        out.artifacts["layermap"] = runner.records["layermap"].dir / "layer_map.json"
-        for key in strategies_for["source"]:
+        plan.out.artifacts["cka"] = runner.records["cka"].dir
+        plan.out.artifacts["layermap"] = runner.records["layermap"].dir / "layer_map.json"
+        for key in plan.strategies_for("source"):
             name, spec = f"cores/transfer-{key}", transfers[f"transfer-{key}"]
-            src_cores = core_dirs[f"source-{key}"]
+            src_cores = plan.core_dirs[f"source-{key}"]
             runner.step(name, {"ratio": cfg.scoring.ratio, "source_rules": cfg.source.rules,
                                "target_rules": cfg.target.rules,
                                **({"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump()} if spec.refine else {})},
                         _transfer_fn(runner.records[src_cores].dir, cfg, source[0], target[0],
-                                     runner.records["layermap"].dir / "layer_map.json", base_dir, spec.refine),
+                                     runner.records["layermap"].dir / "layer_map.json", plan.base_dir, spec.refine),
                         depends=[src_cores, "layermap"] + _deps(target[1]))
-            core_dirs[f"transfer-{key}"] = name
+            plan.core_dirs[f"transfer-{key}"] = name
     for key in cheap:  # source-free: the same cheap pass, top ratio over the whole target
         runner.step(f"cores/{key}", {"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump(),
                                      **cfg.scoring.model_dump(exclude_none=True)},
                     _cheap_fn(cfg, target[0]), depends=_deps(target[1]))
-        core_dirs[key] = f"cores/{key}"
+        plan.core_dirs[key] = f"cores/{key}"
 
-    # 5. fine-tuning: every method x seed on the target ----------------------------------------------
-    for method, spec in methods.items():
+
+def _finetune_steps(plan: _Plan) -> None:
+    """Every method x learning rate x seed on the target."""
+    cfg, runner, target = plan.cfg, plan.runner, plan.target
+    for method, spec in plan.methods.items():
         lrs = [cfg.training.lr] + (list(cfg.training.lr_sweep) if spec.lr_sweep else [])
-        core_step = core_dirs[spec.core_key] if spec.core_key else None
+        core_step = plan.core_dirs[spec.core_key] if spec.core_key else None
         deps = _deps(target[1]) + _deps(core_step) + ([GENERAL_CORES] if spec.general_core else [])
         for lr in lrs:
             label = method if lr == cfg.training.lr else f"{method}@{lr:g}"
@@ -188,10 +219,12 @@ def run_pipeline(
                           "training": cfg.training.model_dump(), "eval": cfg.eval.model_dump(),
                           "launch": cfg.launch.step_params()}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
-                                                             base_dir), depends=deps, resumable=True)
-                out.results.setdefault(label, []).append(_read_results(rec.dir))
+                                                             plan.base_dir), depends=deps, resumable=True)
+                plan.out.results.setdefault(label, []).append(_read_results(rec.dir))
 
-    # 6. report -------------------------------------------------------------------------------------
+
+def _report_step(plan: _Plan, dry: bool) -> PipelineResult:
+    cfg, runner, out = plan.cfg, plan.runner, plan.out
     report_deps = [n for n in runner.records if n.startswith(("finetune/", "cores/", "layermap"))]
     if dry:
         runner.step("report", {"methods": cfg.methods, "seeds": cfg.seeds}, None, depends=report_deps)
@@ -201,7 +234,7 @@ def run_pipeline(
     from trace_transfer.report.summary import summarise
 
     out.summary = summarise(cfg, out.results, baselines=PIPELINE_METHODS.where(lambda e: e.obj.baseline))
-    _add_target_costs(out.summary, methods, core_dirs, runner, cfg)
+    _add_target_costs(out.summary, plan.methods, plan.core_dirs, runner, cfg)
     if "layermap" in runner.records:
         import json
 
