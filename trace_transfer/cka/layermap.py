@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from trace_transfer._version import versions
-from trace_transfer.checkpoint import write_json_atomic
+from trace_transfer.checkpoint import read_json_object, write_json_atomic
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from trace_transfer.registry import Registry, must_be_callable
 
@@ -237,10 +236,7 @@ class LayerMap:
         if not path.exists():
             raise ArtifactNotFoundError(f"layer map {str(path)!r} not found; create it with "
                                         "`trace-transfer map-layers --cka DIR --out layer_map.json`")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+        d = read_json_object(path, "re-create it with `trace-transfer map-layers`")
         return cls.from_dict(d, origin=str(path))
 
 

@@ -30,7 +30,6 @@ whenever unit sizes allow. Companions are paid first.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from trace_transfer.checkpoint import fingerprint_of, write_json_atomic
+from trace_transfer.checkpoint import fingerprint_of, read_json_object, write_json_atomic
 from trace_transfer.coreset import UnitLayout
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ModelMismatchError
 
@@ -135,10 +134,7 @@ class SlotBudgets:
         if not path.is_file():
             raise ArtifactNotFoundError(f"budgets file not found: {path}; create it with `trace-transfer transfer` "
                                         "(row/column/head/element CoreSets give budgets)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+        d = read_json_object(path, "re-create it with `trace-transfer transfer`")
         if d.get("format") != FORMAT:
             raise ArtifactError(f"{path} is not a budgets file (format={d.get('format')!r}); "
                                 "create one with `trace-transfer transfer`")
