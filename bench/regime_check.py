@@ -1,4 +1,4 @@
-"""Check the tiny-scale regime of the built-in synthetic stream (DESIGN §4). Not a test; prints numbers.
+"""Check the tiny-scale regime of the built-in synthetic stream (what it needs: below). Not a test; prints numbers.
 
 1. Build a char-level Llama and pretrain it on ``synthetic:general`` (or reuse ``--base``).
 2. Sequential full fine-tuning over the stream (default math -> medical -> code), ``--stage-steps``

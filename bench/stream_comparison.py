@@ -3,13 +3,13 @@
 Stream: math → medical → code (the paper's order), each a new *format* over a skill the base model
 already masters (``trace_transfer.data.synthetic``). Base: a char-level Llama (4 layers, d=192,
 ~1.6M parameters) pretrained on ``synthetic:general`` with :func:`trace_transfer.train.pretrain.pretrain`.
-Every configuration trains 150 steps per stage at batch 32 (the measured working regime, DESIGN §4),
+Every configuration trains 150 steps per stage at batch 32 (the working regime bench/regime_check.py measures),
 evaluates every task of the stream after every stage (``eval_limit`` examples each) and also
 *monitors* the base skills (``synthetic:general``; never trained) to show general forgetting.
 
 Configurations (all through ``trace_transfer.train.runner.run_sequence``, one call each):
 
-* ``full`` at several learning rates (the control the DESIGN asks for: masks vs. simply a lower lr);
+* ``full`` at several learning rates (the control for "masks vs. simply a lower lr");
 * ``lora`` (r=8, α=16, all linear layers, merged after each stage) at 3e-4 and 1e-3 — the paper's
   2e-5 barely moves a 1.6M-parameter model in 150 steps;
 * ``joint`` (all three tasks mixed, 450 steps) and ``replay`` (10% of each earlier task mixed in);

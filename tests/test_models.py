@@ -20,7 +20,8 @@ from trace_transfer.models import (
     load_tokenizer,
 )
 
-# The families the product must cover (DESIGN §4, rules/): each must build offline and train a step.
+# The families the product must cover (each has a rule file in trace_transfer/rules/families/): each must
+# build offline and train a step.
 REQUIRED = {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "qwen2_moe",
             "qwen3_moe", "mixtral"}
 

@@ -48,7 +48,7 @@ def test_tensors_without_core_get_no_grad_and_no_optimizer_state():
 
 
 def test_naive_weight_decay_leaks_and_handle_groups_do_not():
-    """The test DESIGN §4 asks for: decay on a partly-core tensor moves its frozen elements."""
+    """Why masked training needs its own parameter groups: decay on a partly-core tensor moves its frozen elements."""
     cs = coreset_at(tiny_llama(), "row")
     reports = {}
     for how in ("naive", "handle"):

@@ -3,7 +3,7 @@
 Pipeline: probe texts -> pooled hidden state per text and layer (one vector per text, so two models
 with different tokenizers stay aligned) -> one n x n kernel per layer -> the whole L_s x L_t matrix.
 
-Why it is built this way (see DESIGN.md §4):
+Why it is built this way:
 - Biased CKA drifts toward 1 when n < d, so the U-centered (debiased) estimator is the default.
 - Everything is float64 with feature columns centered first; no epsilon is ever added to a
   denominator, a degenerate (zero-norm) layer gives a NaN row/column and a warning instead.

@@ -146,7 +146,7 @@ def method_problems(names: Iterable[str], *, num_tasks: int, deepspeed: bool) ->
 
 
 # -------------------------------------------------------------------------------------------------
-# Built-ins (DESIGN §1). Baselines train everything or LoRA; trace-* train each task's own core on
+# Built-ins. Baselines train everything or LoRA; trace-* train each task's own core on
 # the target; transfer-* train the small source's cores mapped onto the target.
 # -------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """``trace-transfer run``: the small-to-large pipeline as content-addressed steps.
 
-The run directory mirrors the data flow of DESIGN §2::
+The run directory mirrors the pipeline's data flow (models -> probes -> cores -> CKA, layer map and
+transfer -> fine-tuning -> report)::
 
     models/{source,target}[-pretrained]   built / pretrained models (or the given hub id / dir)
     probe/{source,target}/<task>          warm-start Δ + Fisher per task
