@@ -6,6 +6,7 @@
 """
 
 from trace_transfer.evaluation.continual import CONVENTIONS, continual_metrics, format_matrix_markdown
+from trace_transfer.evaluation.distributed import evaluate_tasks
 from trace_transfer.evaluation.metrics import (
     EvalResult,
     available_metrics,
@@ -15,6 +16,6 @@ from trace_transfer.evaluation.metrics import (
 )
 
 __all__ = [
-    "evaluate", "evaluate_model", "EvalResult", "register_metric", "available_metrics",
+    "evaluate", "evaluate_model", "evaluate_tasks", "EvalResult", "register_metric", "available_metrics",
     "continual_metrics", "format_matrix_markdown", "CONVENTIONS",
 ]

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from trace_transfer.errors import ConfigError, TaskError
+from trace_transfer.models import input_device
+from trace_transfer.evaluation.sharding import contiguous_split, current_shard, map_batches
 from trace_transfer.registry import METRICS
 
 __all__ = [
@@ -148,85 +150,123 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 32,
     stop: Sequence[str] = (),
+    backend: str = "hf",
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded), cut at EOS and at ``stop`` strings.
 
     Prompts are sorted by length inside the call so batches carry little padding; results come back
-    in input order.
+    in input order. HF ``generate`` runs with its KV cache (``use_cache=True`` is passed explicitly: a
+    checkpoint saved with ``use_cache: false``, as gradient-checkpointed training leaves it, would
+    otherwise re-encode the whole sequence at every new token). Inside
+    :func:`trace_transfer.evaluation.sharding.sharded` each rank generates its share of the batches and
+    every rank gets all continuations back.
+
+    ``backend="vllm"`` generates with vLLM instead (optional extra, see
+    :mod:`trace_transfer.evaluation.vllm_backend`): vLLM reads the weights from disk, so ``model`` is
+    then the checkpoint directory or a model freshly loaded from one.
     """
-    device = next(model.parameters()).device
+    from trace_transfer.evaluation.vllm_backend import check_backend
+
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    if check_backend(backend) == "vllm":
+        from trace_transfer.evaluation.vllm_backend import generate_vllm
+
+        # vLLM batches continuously by itself: each rank hands it its whole share at once.
+        texts = map_batches(len(prompts), contiguous_split(len(prompts), _world()),
+                            lambda idx: generate_vllm(model, tokenizer, [encoded[i] for i in idx],
+                                                      max_new_tokens=max_new_tokens))
+        return [_cut(t, stop) for t in texts]
+    device = input_device(model)  # the embedding's device: right for device_map-dispatched models too
     pad = _pad_id(tokenizer)
     eos = tokenizer.eos_token_id
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[str] = [""] * len(prompts)
+
+    def run(idx: list[int]) -> list[str]:
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        texts = []
+        for row in range(len(idx)):
+            new = gen[row, width:].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            texts.append(_cut(tokenizer.decode(new, skip_special_tokens=True), stop))
+        return texts
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            for row, i in enumerate(idx):
-                new = gen[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos)]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                for s in stop:
-                    if s and s in text:
-                        text = text[: text.index(s)]
-                out[i] = text
+        return map_batches(len(prompts), _chunks(order, batch_size), run)
     finally:
         model.train(was_training)
-    return out
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def _chunks(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches one process runs, in order: every rank plans the same ones and runs its share."""
+    order = list(order)
+    return [order[s : s + batch_size] for s in range(0, len(order), max(1, batch_size))]
+
+
+def _world() -> int:
+    shard = current_shard()
+    return shard.world if shard is not None else 1
 
 
 @torch.no_grad()
 def _continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[tuple[float, int]]:
     """``(sum of log p(continuation tokens | prompt), number of continuation tokens)`` per pair."""
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device: right for device_map-dispatched models too
     pad = _pad_id(tokenizer)
     encoded = [_pair_ids(tokenizer, p, c) for p, c in pairs]
     order = sorted(range(len(pairs)), key=lambda i: len(encoded[i][0]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+
+    def run(idx: list[int]) -> list[tuple[float, int]]:
+        width = max(len(encoded[i][0]) for i in idx)
+        # Right padding: causal attention means pads after a sequence never influence it.
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i][0]
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        outs = []
+        for row, i in enumerate(idx):
+            seq, start_c = encoded[i]
+            targets = torch.tensor(seq[start_c:], dtype=torch.long, device=device)
+            # logits at position t predict token t+1
+            lp = logp[row, start_c - 1 : len(seq) - 1].gather(-1, targets[:, None]).sum()
+            outs.append((float(lp), len(targets)))
+        return outs
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i][0]) for i in idx)
-            # Right padding: causal attention means pads after a sequence never influence it.
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i][0]
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            for row, i in enumerate(idx):
-                seq, start_c = encoded[i]
-                targets = torch.tensor(seq[start_c:], dtype=torch.long, device=device)
-                # logits at position t predict token t+1
-                lp = logp[row, start_c - 1 : len(seq) - 1].gather(-1, targets[:, None]).sum()
-                out[i] = (float(lp), len(targets))
+        return map_batches(len(pairs), _chunks(order, batch_size), run)
     finally:
         model.train(was_training)
-    return out
 
 
 def choice_loglikelihoods(
@@ -271,14 +311,14 @@ def _reference(ex) -> str:
 @register_metric("exact_match")
 def exact_match(
     model, tokenizer, examples, *, batch_size: int = 32, regex: str | None = None, max_new_tokens: int | None = None,
-    stop: Sequence[str] = (), ignore_case: bool = False, **_: Any,
+    stop: Sequence[str] = (), ignore_case: bool = False, backend: str = "hf", **_: Any,
 ) -> EvalResult:
     if max_new_tokens is None:
         # Long enough for the longest reference plus slack; char-level references are short.
         longest = max((len(_encode(tokenizer, _reference(e), False)) for e in examples), default=1)
         max_new_tokens = min(256, longest + 8)
     preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, stop=stop)
+                     batch_size=batch_size, stop=stop, backend=backend)
     rows, correct = [], 0
     for ex, pred in zip(examples, preds):
         got = extract_answer(pred, regex)
@@ -339,7 +379,7 @@ def _gold_index(ex, choices: list[str]) -> int:
 def code_exec(
     model, tokenizer, examples, *, batch_size: int = 32, max_new_tokens: int = 256, timeout: float = 5.0,
     workers: int = 2, stop: Sequence[str] | None = None, allow_code_exec: bool | None = None,
-    sandbox: str | None = None, **_: Any,
+    sandbox: str | None = None, backend: str = "hf", **_: Any,
 ) -> EvalResult:
     from trace_transfer.evaluation.code_exec import (
         HUMANEVAL_STOP,
@@ -357,13 +397,17 @@ def code_exec(
     missing = [i for i, e in enumerate(examples) if not getattr(e, "tests", None)]
     if missing:
         raise TaskError(f"code_exec needs `tests` on every example; example {missing[0]} has none")
-    raw = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    raw = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, backend=backend)
     completions = [truncate_completion(c, stops) for c in raw]
     programs = [
         build_program(e.prompt, c, e.tests, (getattr(e, "meta", None) or {}).get("entry_point"))
         for e, c in zip(examples, completions)
     ]
-    results = run_programs(programs, timeout=timeout, workers=workers, allow_code_exec=True, sandbox=sandbox)
+    # Running a program does not depend on its batch: split them evenly over the ranks.
+    results = map_batches(len(programs), contiguous_split(len(programs), _world()),
+                          lambda idx: run_programs([programs[i] for i in idx], timeout=timeout, workers=workers,
+                                                   allow_code_exec=True, sandbox=sandbox))
     rows = [{"prompt": e.prompt, "completion": c, "status": r.status, "correct": r.passed}
             for e, c, r in zip(examples, completions, results)]
     n = len(examples)
@@ -393,24 +437,24 @@ def _label_logprobs(model, tokenizer, features, batch_size: int) -> list[tuple[f
     """Sum of log p over labelled positions (labels != -100) and their count, per feature."""
     from trace_transfer.data import IGNORE_INDEX, collate
 
-    device = next(model.parameters()).device
-    out = []
+    device = input_device(model)  # the embedding's device: right for device_map-dispatched models too
+
+    def run(idx: list[int]) -> list[tuple[float, int]]:
+        batch = collate([features[i] for i in idx], _pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        labels = batch["labels"][:, 1:].to(device)
+        keep = labels != IGNORE_INDEX
+        tok_lp = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * keep
+        return [(float(tok_lp[row].sum()), int(keep[row].sum())) for row in range(labels.shape[0])]
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(features), batch_size):
-            batch = collate(features[start : start + batch_size], _pad_id(tokenizer))
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            labels = batch["labels"][:, 1:].to(device)
-            keep = labels != IGNORE_INDEX
-            tok_lp = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * keep
-            for row in range(labels.shape[0]):
-                out.append((float(tok_lp[row].sum()), int(keep[row].sum())))
+        return map_batches(len(features), _chunks(range(len(features)), batch_size), run)
     finally:
         model.train(was_training)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,7 +562,7 @@ def evaluate_model(
     from trace_transfer._version import versions
     from trace_transfer.checkpoint import write_json_atomic
     from trace_transfer.data import load_task
-    from trace_transfer.models import load_model, load_tokenizer
+    from trace_transfer.models import inference_device_map, load_model, load_tokenizer
 
     from trace_transfer.evaluation.code_exec import check_tasks_consent
 
@@ -528,7 +572,8 @@ def evaluate_model(
     weights = resolve_dtype(dtype, where) if dtype is not None else None
     tasks = [(ref, load_task(ref)) for ref in task_refs]
     check_tasks_consent([t for _, t in tasks])  # before the model loads: a refusal should cost nothing
-    model = load_model(model_ref, dtype=weights, device=where)
+    model = load_model(model_ref, dtype=weights, device=where,
+                       device_map=inference_device_map(model_ref, device, weights))  # spread if > 1 GPU
     tokenizer = load_tokenizer(model_ref)
     scores = {}
     for ref, task in tasks:

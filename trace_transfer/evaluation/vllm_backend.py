@@ -1,0 +1,89 @@
+"""Optional vLLM backend for the generation metrics (``exact_match``, ``code_exec``).
+
+Asked for with ``backend="vllm"`` (``evaluate(..., backend="vllm")``, ``evaluate_model(...,
+backend="vllm")``); the default ``hf`` backend is HF ``generate`` (batched, left-padded, KV cache).
+vLLM is never imported unless asked for, and asking for it where it is not installed is one
+:class:`~trace_transfer.errors.ConfigError` line with the install command, raised before any model
+loads. It is not a dependency of any extra: its CUDA/torch pins are the user's choice.
+
+What differs from ``hf``:
+
+* vLLM reads the weights from disk, so the model handed to it is a checkpoint directory, or a model
+  freshly loaded from one (its ``name_or_path``); an in-memory model changed since it was loaded would
+  be evaluated as it was on disk. The runner and ``evaluate_model`` only use it on freshly loaded
+  checkpoints.
+* Prompts go in as the very token ids the ``hf`` path feeds (``_prompt_ids``), outputs come back as
+  token ids decoded with our tokenizer and cut at EOS and stop strings the same way. Greedy decoding
+  in vLLM's kernels can still differ from HF's in the last bits, so scores agree closely, not bit for bit.
+* Log-likelihood metrics (``multiple_choice``, ``perplexity``) always use the HF model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from trace_transfer.errors import ConfigError
+
+__all__ = ["BACKENDS", "INSTALL_HINT", "check_backend", "generate_vllm"]
+
+BACKENDS = ("hf", "vllm")
+INSTALL_HINT = "pip install vllm"
+# Share of GPU memory vLLM may claim for weights + KV cache: the HF model (needed by the log-likelihood
+# metrics) sits on the same GPU, so vLLM's default of 0.9 would not fit next to it.
+GPU_MEMORY_ENV = "TRACE_TRANSFER_VLLM_GPU_MEMORY"
+_DEFAULT_GPU_MEMORY = 0.5
+
+_engine: dict[str, Any] = {}  # the last engine, by checkpoint directory: starting vLLM costs seconds
+
+
+def check_backend(name: str | None) -> str:
+    """``hf`` | ``vllm`` -> the backend name, importing vLLM only when it is asked for.
+
+    Raises:
+        ConfigError: an unknown backend, or ``vllm`` where vLLM is not installed.
+    """
+    name = (name or "hf").strip().lower()
+    if name not in BACKENDS:
+        raise ConfigError(f"generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "vllm":
+        _import_vllm()
+    return name
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ConfigError(f"the vllm generation backend needs vLLM, which is not installed here ({exc}); "
+                          f"{INSTALL_HINT}, or use the default backend hf") from None
+    return vllm
+
+
+def _model_dir(model: Any) -> str:
+    ref = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+    if not ref or not (Path(ref) / "config.json").is_file():
+        raise ConfigError(f"the vllm backend loads weights from a checkpoint directory, and {ref!r} is not one "
+                          f"(no config.json); save the model first and evaluate the directory, or use backend hf")
+    return str(Path(ref).resolve())
+
+
+def generate_vllm(model: Any, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompt_ids`` from vLLM, decoded with ``tokenizer`` and cut at EOS."""
+    vllm = _import_vllm()
+    path = _model_dir(model)
+    if path not in _engine:
+        _engine.clear()  # one engine at a time: the previous stage's would hold its GPU memory
+        share = float(os.environ.get(GPU_MEMORY_ENV, _DEFAULT_GPU_MEMORY))
+        _engine[path] = vllm.LLM(model=path, tokenizer=path, seed=0, gpu_memory_utilization=share)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+    outputs = _engine[path].generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    eos = tokenizer.eos_token_id
+    texts = []
+    for o in outputs:
+        new = list(o.outputs[0].token_ids)
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
