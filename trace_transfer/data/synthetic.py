@@ -29,11 +29,18 @@ Domain tasks (one new format each, ``meta["skill"]`` names the skill it rides on
   trained on half the keys, evaluated on the held-out half (known to the base only as ``xyz=``).
 * ``legal``   — ``case xyz:`` → ``klm``: another format over the same facts (same split), so a
   legal stage competes with a medical one for the same memory.
-* ``code``    — ``sorted('dbca')`` → ``abcd`` over ``sort``: a Python call over a mastered algorithm;
-  evaluation prompts never occur in training. (An earlier lookup format over ``trace`` — ``a=3;b=7;a?``
-  — taught nothing: tracing is the one base skill tiny models do not master (~0.4, chance for 2–3
-  bindings), so the base scored ~35 % and every method ended at 32–38 %. Over ``sort`` the base
-  scores 0 and 80 steps at lr 3e-4 reach ~75 % on the demo's source, measured.)
+* ``code``    — ``print(3+4)`` → ``7`` over ``add``: a Python print of an expression over mastered
+  addition, on the same held-out pairs as ``math`` (trained on the other half). Why ``add``: it is one
+  of the two base skills (with ``fact``) that BOTH demo models master — measured on the demo pair
+  (pretrained with the demo preset, 50 eval items per skill), base accuracy source/target: copy
+  1.00/0.56, sort 0.96/0.38, fact 1.00/1.00, add 1.00/1.00, trace 0.44/0.60; the BPE target's tokens
+  hide the characters that copy and sort act on. One stage of full fine-tuning (80 steps, lr 3e-4,
+  batch 32) took this task from 0 to 100 % on the source and from 14 to 76 % on the target (12 → 80 %
+  as the third stage after math and medical), where the earlier formats did not reach 40 % on both:
+  ``sorted('dbca')`` → ``abcd`` over ``sort`` (source 0 → 80 %, target 0 → 34 %; 14 % in the demo),
+  ``print('qxm')`` → ``qxm`` over ``copy`` (0 → 36 % / 0 → 72 %), ``d['xyz']`` over ``fact`` (target
+  started at 25 %), and the first lookup over ``trace`` (``a=3;b=7;a?``), which the base already
+  scored ~35 % on and no method moved.
 
 ``synthetic:general`` evaluates all five skills in equal shares (its score is the macro average), and
 ``synthetic:general?skills=add`` (or ``skills=add,fact``) restricts a task to some skills, so a
@@ -195,9 +202,9 @@ _TASKS: dict[str, _TaskDef] = {
     "legal": _TaskDef("legal", "'case xyz:' -> 'klm': another format over the same facts",
                       (_Format("fact", lambda kv: (f"case {kv[0]}:", kv[1]), train_space=_facts_train,
                                eval_space=_facts_eval),), n_train=1600, n_eval=200),
-    "code": _TaskDef("code", "\"sorted('dbca')\" -> 'abcd': a Python call over the mastered sort",
-                     (_Format("sort", lambda w: (f"sorted('{w}')", "".join(sorted(w))), draw=_word),),
-                     n_train=1600, n_eval=200),
+    "code": _TaskDef("code", "'print(3+4)' -> '7': a Python print over mastered addition",
+                     (_Format("add", lambda ab: (f"print({ab[0]}+{ab[1]})", str(ab[0] + ab[1])),
+                              train_space=_pairs_train, eval_space=_pairs_eval),), n_train=1600, n_eval=200),
 }
 _PARAMS = {"n_train": int, "n_eval": int, "seed": int, "skills": str}
 
