@@ -12,8 +12,10 @@ Training returns results and the report draws them: ``trace_transfer.report.plot
 writes ``OUT/accuracy_matrix.png`` from ``results.json`` (``finetune --plot`` calls it).
 
 Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
-file above and evaluates, while the other ranks wait for it (an error on rank 0 is raised on every
-rank rather than leaving them at the next collective). Without ``deepspeed_config`` the runner is
+file above, while the other ranks wait for it (an error on rank 0 is raised on every rank rather than
+leaving them at the next collective). Every rank evaluates: each loads the base model or the stage's
+saved checkpoint on its own device and scores a share of every task's batches, merged into the
+single-process scores (``trace_transfer.evaluation.distributed``). Without ``deepspeed_config`` the runner is
 single-process and refuses to start under a multi-process launcher, where every rank would train its
 own copy and write the same files.
 
@@ -239,14 +241,19 @@ def _batch_fn(features: list[dict[str, Any]], batch_size: int, pad_id: int, seed
     return batches
 
 
-def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size) -> dict[str, Any]:
-    from trace_transfer.evaluation.metrics import evaluate
+def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size, spread: bool = False) -> dict[str, Any]:
+    """``{task: {score, metric, n, higher_is_better}}``. ``spread`` is collective: every rank calls it with
+    the same weights, scores its share of each task's batches and gets the single-process scores back."""
+    if spread:
+        from trace_transfer.evaluation.distributed import evaluate_tasks
 
-    scores = {}
-    for task in tasks:
-        r = evaluate(model, tokenizer, task, limit=eval_limit, batch_size=eval_batch_size)
-        scores[task.name] = {"score": r.score, "metric": r.metric, "n": r.n, "higher_is_better": r.higher_is_better}
-    return scores
+        results = evaluate_tasks(model, tokenizer, tasks, limit=eval_limit, batch_size=eval_batch_size)
+    else:
+        from trace_transfer.evaluation.metrics import evaluate
+
+        results = {t.name: evaluate(model, tokenizer, t, limit=eval_limit, batch_size=eval_batch_size) for t in tasks}
+    return {name: {"score": r.score, "metric": r.metric, "n": r.n, "higher_is_better": r.higher_is_better}
+            for name, r in results.items()}
 
 
 def _save_checkpoint(model, tokenizer, out: Path, k: int, stage_info: dict[str, Any]) -> Path:
@@ -384,24 +391,56 @@ class _Run:
         if done:
             self.say(f"resuming {self.out}: stages 0..{done[-1]} complete")
 
-    def evaluate_into(self, model, k: int) -> None:
-        scores = _evaluate_all(model, self.tokenizer, self.tasks, self.eval_limit, self.eval_batch_size)
-        watched = _evaluate_all(model, self.tokenizer, self.monitored, self.eval_limit, self.eval_batch_size)
-        _stage_dir(self.out, k).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(_stage_dir(self.out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
-        # The marker goes last: only now is the stage complete for --resume.
-        marker = "stage 0 (base) evaluated\n" if k == 0 else f"stage {k} complete\n"
-        write_text_atomic(_stage_dir(self.out, k) / MARKER, marker)
+    def evaluate_into(self, model, k: int, spread: bool = False) -> None:
+        """Score stage ``k`` (0: the base model) on every task and monitored task, write its eval.json and
+        then its COMPLETE marker, and keep its row.
+
+        ``spread=False``: this process scores ``model`` alone (single-process runs, or rank 0 inside
+        ``on_main``). ``spread=True`` is collective, for DeepSpeed runs where every rank calls it:
+        ``model`` is ignored, each rank loads stage k's checkpoint on its own device (its LOCAL_RANK GPU,
+        else the CPU) and scores its share of every task's batches (``evaluation/distributed.py``);
+        every rank gets the single-process scores and rank 0 writes them.
+        """
+        if spread:
+            from trace_transfer.evaluation.distributed import local_device
+            from trace_transfer.models import load_model
+
+            model = load_model(self.model_ref if k == 0 else str(_stage_dir(self.out, k)), device=local_device())
+        scores = _evaluate_all(model, self.tokenizer, self.tasks, self.eval_limit, self.eval_batch_size, spread)
+        watched = _evaluate_all(model, self.tokenizer, self.monitored, self.eval_limit, self.eval_batch_size, spread)
+        del model  # a spread evaluation's copy goes now, before the next stage loads its own
+
+        def write() -> None:
+            _stage_dir(self.out, k).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(_stage_dir(self.out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
+            # The marker goes last: only now is the stage complete for --resume.
+            marker = "stage 0 (base) evaluated\n" if k == 0 else f"stage {k} complete\n"
+            write_text_atomic(_stage_dir(self.out, k) / MARKER, marker)
+
+        if spread:
+            self.ranks.on_main(f"writing stage {k}'s scores", write)
+        else:
+            write()
         self.monitor_rows.append([watched[n]["score"] for n in self.monitor_names])
         self.rows.append([scores[n]["score"] for n in self.task_names])
         self.directions.update({n: scores[n]["higher_is_better"] for n in self.task_names})
 
     def evaluate_base(self) -> None:
+        """Row 0. Under DeepSpeed a collective (every rank scores a share of the base model's batches)."""
         from trace_transfer.models import load_model
 
         _seed_everything(self.cfg.seed)
         self.say("evaluating the base model on every task")
-        self.evaluate_into(load_model(self.model_ref, device=self.device), 0)
+        if self.ranks.distributed:
+            self.evaluate_into(None, 0, spread=True)
+        else:
+            self.evaluate_into(load_model(self.model_ref, device=self.device), 0)
+
+    def evaluate_saved_stage(self, k: int) -> None:
+        """Collective (DeepSpeed): every rank scores a share of stage k's saved checkpoint; rank 0 writes
+        its eval row and results.json."""
+        self.evaluate_into(None, k, spread=True)
+        self.ranks.on_main(f"writing the results of stage {k}", self.write_results)
 
     def run_stage(self, plan: RunPlan, n_plans: int, per_task_examples: list[list[Any]]) -> None:
         """Train one stage from the previous stage's checkpoint on disk, then save and evaluate it (rank 0)."""
@@ -565,7 +604,7 @@ def run_sequence(
     # 2. Replay the stages an interrupted run finished; evaluate the base model unless that is done.
     run.replay(done)
     if 0 not in done:
-        ranks.on_main("evaluating the base model", run.evaluate_base)
+        run.evaluate_base()  # under DeepSpeed every rank scores its share; rank 0 writes
 
     # 3. Run the remaining stages, one at a time (each writes results.json when it is complete).
     per_task_examples: list[list[Any]] | None = None
@@ -588,7 +627,7 @@ def _quiet(msg: str) -> None:
 
 
 class _Ranks:
-    """Rank awareness for DeepSpeed runs: every rank trains; rank 0 alone writes and evaluates."""
+    """Rank awareness for DeepSpeed runs: every rank trains and evaluates a share; rank 0 alone writes."""
 
     def __init__(self, distributed: bool):
         import torch.distributed as dist
