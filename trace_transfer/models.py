@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_model",
+    "input_device",
+    "inference_device_map",
+    "planned_model_bytes",
     "check_model_dir",
     "read_model_config",
     "load_tokenizer",
@@ -443,6 +446,9 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     local_files_only: bool | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """``AutoModelForCausalLM.from_pretrained`` on a hub id or a local directory.
 
@@ -450,19 +456,29 @@ def load_model(
         name_or_path: hub id (``Qwen/Qwen3-0.6B``) or a model directory.
         dtype: ``torch.dtype`` or its name (``"bfloat16"``, ``"float32"``, ``"auto"``); None keeps
             transformers' default (the checkpoint's own dtype in transformers 5).
-        device: where to put the model.
+        device: where to put the model (ignored with ``device_map``).
         trust_remote_code: passed through (needed by a few hub models; never needed here).
         local_files_only: do not try the network (default: transformers' ``HF_HUB_OFFLINE`` setting).
+        device_map: None (the whole model on ``device``), ``"auto"`` (accelerate spreads the layers over
+            the visible GPUs, then the CPU, then ``offload_folder``) or an explicit
+            ``{module name: device | "cpu" | "disk"}`` map. For inference only (CKA capture,
+            evaluation): one copy of the model for the process, each layer on one device, so a model
+            larger than one GPU still runs forward. :func:`inference_device_map` decides when.
+        max_memory: accelerate's ``{device: "70GiB", "cpu": "200GiB"}`` caps for ``device_map``.
+        offload_folder: where layers mapped to ``"disk"`` are kept (required when any is).
 
     Returns:
-        The model in eval mode.
+        The model in eval mode. A dispatched model has ``hf_device_map``; feed it inputs on
+        :func:`input_device`.
 
     Raises:
         ArtifactNotFoundError: a local path does not exist, or a hub id cannot be fetched.
         ArtifactError: the directory exists but holds no ``config.json``.
+        ConfigError: a device map with ``"disk"`` entries but no ``offload_folder``.
 
     Example:
         >>> model = load_model("runs/base", dtype="bfloat16")
+        >>> big = load_model("Qwen/Qwen3-32B", dtype="bfloat16", device_map="auto")
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -473,11 +489,107 @@ def load_model(
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    if device_map is not None:
+        if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+            raise ConfigError(f"device_map puts {sorted(k for k, v in device_map.items() if v == 'disk')} on 'disk' "
+                              f"but no offload_folder was given; pass offload_folder=<a scratch directory>")
+        kwargs.update(device_map=device_map, max_memory=max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = os.fspath(offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError as exc:
         raise _hub_error(ref, "model", exc) from exc
-    return model.to(device).eval()
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
+
+
+def input_device(model: Any):
+    """The device a (possibly dispatched) model's inputs go to: its input embedding's.
+
+    ``next(model.parameters()).device`` is wrong for a model spread by ``device_map``: the first
+    parameter listed need not be the embedding, and offloaded weights sit on ``meta``. accelerate's
+    hooks move each layer's inputs to that layer's device, so only the first hop matters.
+    """
+    import torch
+
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    placed = getattr(model, "hf_device_map", None) or {}
+    # Offloaded modules (cpu/disk) execute on accelerate's main device: the first accelerator in the map.
+    accel = [d for d in placed.values() if d not in ("cpu", "disk")]
+    if placed:
+        if not accel:
+            return torch.device("cpu")
+        # accelerate writes GPU indices as ints; torch.device(int) would ask the current accelerator.
+        return torch.device(f"cuda:{accel[0]}" if isinstance(accel[0], int) else accel[0])
+    return next(model.parameters()).device
+
+
+# Inference needs more than the weights: activations, the KV cache of generation, allocator slack.
+# 20 % on top of the weights is the margin the decision below keeps free on the GPU.
+_INFERENCE_OVERHEAD = 1.2
+
+
+def planned_model_bytes(name_or_path: str | os.PathLike, dtype: Any = None) -> int | None:
+    """Bytes of a model's weights in ``dtype``, from its config alone (built on the meta device, no
+    weights read). None when the config cannot be read (e.g. a hub id offline): the caller then
+    falls back to plain loading, which reports the real problem."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(name_or_path))
+    except (OSError, ValueError):
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        shell = AutoModelForCausalLM.from_config(config)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if not isinstance(dtype, torch.dtype):  # None/"auto": the checkpoint's dtype
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
+    # parameters() lists a tied embedding once, as the checkpoint stores it.
+    return sum(p.numel() for p in shell.parameters()) * dtype.itemsize
+
+
+def inference_device_map(name_or_path: str | os.PathLike, device: str | None = "auto", dtype: Any = None) -> str | None:
+    """The ``device_map`` an inference step (CKA capture, evaluation) loads ``name_or_path`` with.
+
+    The rule: only under ``--device auto`` (an explicit ``cpu``/``cuda:i`` is obeyed as given), and
+    only when the weights plus a 20 % margin exceed the free memory of ``cuda:0``; then ``"auto"``:
+    accelerate spreads the layers over every visible GPU (and offloads what still does not fit to the
+    CPU). A model that fits one GPU stays whole on it, which is faster than any split. Data-parallel
+    ZeRO-3 ranks were the alternative; they need a launcher, while a device map serves the plain
+    single-process ``eval``/``cka`` commands and the pipeline's inference steps alike.
+
+    Returns:
+        ``"auto"`` or None (load whole on the resolved device).
+    """
+    if (device or "auto").strip().lower() != "auto":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    need = planned_model_bytes(name_or_path, dtype)
+    if need is None:
+        return None
+    torch.cuda.empty_cache()  # a model just deleted (CKA loads source, then target) is free again
+    free = torch.cuda.mem_get_info(0)[0]
+    if need * _INFERENCE_OVERHEAD <= free:
+        return None
+    total_free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    where = "the visible GPUs" if need * _INFERENCE_OVERHEAD <= total_free else "the GPUs and the CPU (offload: slow)"
+    logger.info("%s needs %.1f GiB with margin, cuda:0 has %.1f GiB free: spreading it over %s (device_map='auto')",
+                name_or_path, need * _INFERENCE_OVERHEAD / 2**30, free / 2**30, where)
+    return "auto"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, local_files_only: bool | None = None):

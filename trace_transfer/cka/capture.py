@@ -112,7 +112,11 @@ def iter_pooled_activations(
         raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+    from trace_transfer.models import input_device
+
+    # The embedding's device, not the first parameter's: a model dispatched by device_map spreads its
+    # layers over several devices (or offloads them to meta), and accelerate moves activations onward.
+    device = input_device(model)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)
@@ -139,8 +143,11 @@ def iter_pooled_activations(
                 # (matters for absolute position embeddings, e.g. GPT-2).
                 inputs["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0).to(device)
             out = model(**inputs, output_hidden_states=True, use_cache=False)
-            keep = keep.to(device)
-            pooled = torch.stack([_pool(h, keep, pooling) for h in out.hidden_states[1:]]).cpu()
+            # Each layer pools where its hidden state is (one device per layer under a device map); only
+            # the pooled (batch, hidden) float64 vectors come to the CPU.
+            masks: dict[Any, Any] = {}
+            pooled = torch.stack([_pool(h, masks.setdefault(h.device, keep.to(h.device)), pooling).cpu()
+                                  for h in out.hidden_states[1:]])
             if not torch.isfinite(pooled).all():
                 layer = int((~torch.isfinite(pooled)).flatten(1).any(1).nonzero()[0])
                 raise ArtifactError(f"model {getattr(model, 'name_or_path', '')!r} produced non-finite activations "

@@ -552,12 +552,13 @@ def _load(ref: Any, tokenizer: Any, dtype: str | None, device: str | None) -> tu
                               "target_tokenizer= too")
         return ref, tokenizer, None
     from trace_transfer.devices import DTYPES, resolve_device, resolve_dtype
-    from trace_transfer.models import load_model, load_tokenizer
+    from trace_transfer.models import inference_device_map, load_model, load_tokenizer
 
     where = resolve_device(device or "cpu")
     if dtype in DTYPES:  # the CLI's spelling (auto/bf16/fp16/fp32); torch names pass through
         dtype = resolve_dtype(dtype, where)
-    model = load_model(ref, dtype=dtype, device=where)
+    model = load_model(ref, dtype=dtype, device=where,
+                       device_map=inference_device_map(ref, device or "cpu", dtype))  # spread if > 1 GPU
     tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
     return model, tok, str(ref)
 
