@@ -161,3 +161,16 @@ def test_vllm_backend_is_selected_when_asked_and_fed_the_hf_prompt_ids(tiny_llam
     monkeypatch.setattr(model, "name_or_path", "", raising=False)
     with pytest.raises(ConfigError, match="checkpoint directory"):
         M.generate(model, tok, prompts, backend="vllm")
+
+
+def test_eval_command_refuses_vllm_where_it_is_absent_before_loading(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from trace_transfer.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    missing = tmp_path / "no-such-model"  # never reached: the backend is checked first
+    res = CliRunner().invoke(main, ["eval", "--model", str(missing), "--task", "synthetic:math", "--backend", "vllm"])
+    assert res.exit_code == 1 and "pip install vllm" in res.output and "no-such-model" not in res.output, res.output
+    res = CliRunner().invoke(main, ["eval", "--model", str(missing), "--task", "synthetic:math", "--backend", "tgi"])
+    assert res.exit_code == 1 and "choose one of hf, vllm" in res.output, res.output

@@ -18,10 +18,13 @@ from trace_transfer.devices import DeviceConfig
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward/generate call.")
 @click.option("--per-example", is_flag=True, help="Keep every prediction in the JSON output.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
+# A plain string checked by evaluate_model: the evaluation package imports torch, which --help must not.
+@click.option("--backend", default="hf", show_default=True,
+              help="Generation backend: hf (HF generate, KV cache) | vllm (optional: pip install vllm).")
 @click_options(DeviceConfig, ["device", "dtype"])
 @allow_code_exec_option
 @force_option
-def command(model, tasks, limit, batch_size, per_example, out, device, dtype, force):
+def command(model, tasks, limit, batch_size, per_example, out, backend, device, dtype, force):
     """Evaluate MODEL on each --task with the metric its spec names.
 
     \b
@@ -35,7 +38,7 @@ def command(model, tasks, limit, batch_size, per_example, out, device, dtype, fo
     if out:
         check_output(out, force, "--out")  # before the model is loaded, not after the evaluation
     result = evaluate_model(model, list(tasks), limit=limit, batch_size=batch_size, out=out,
-                            per_example=per_example, device=device, dtype=dtype)
+                            per_example=per_example, device=device, dtype=dtype, backend=backend)
     click.echo("| task | metric | score | n |")
     click.echo("|---|---|---:|---:|")
     for name, r in result["scores"].items():

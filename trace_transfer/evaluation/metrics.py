@@ -547,8 +547,12 @@ def evaluate_model(
     per_example: bool = False,
     device: str = "auto",
     dtype: str | None = "auto",
+    backend: str = "hf",
 ) -> dict[str, Any]:
     """Load a model (HF id or directory) and score it on several tasks; optionally write JSON.
+
+    ``backend``: ``hf`` (HF generate) or ``vllm`` (optional, for the generation metrics; see
+    :mod:`trace_transfer.evaluation.vllm_backend`), checked before anything loads.
 
     ``device`` (``auto``/``cpu``/``cuda[:i]``) and ``dtype`` (``auto``/``bf16``/``fp16``/``fp32``; None
     keeps the checkpoint's) go through :mod:`trace_transfer.devices`; scores are computed in fp32.
@@ -568,7 +572,12 @@ def evaluate_model(
 
     from trace_transfer.devices import resolve_device, resolve_dtype
 
-    where = resolve_device(device)  # a missing GPU is refused before anything loads
+    from trace_transfer.evaluation.vllm_backend import check_backend
+
+    where = resolve_device(device)  # a missing GPU (or vLLM) is refused before anything loads
+    backend = check_backend(backend)
+    # Only a non-default backend is passed on: a registered metric need not know the option.
+    extra = {"backend": backend} if backend != "hf" else {}
     weights = resolve_dtype(dtype, where) if dtype is not None else None
     tasks = [(ref, load_task(ref)) for ref in task_refs]
     check_tasks_consent([t for _, t in tasks])  # before the model loads: a refusal should cost nothing
@@ -578,9 +587,9 @@ def evaluate_model(
     scores = {}
     for ref, task in tasks:
         scores[task.name] = evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size,
-                                     per_example=per_example).to_dict(with_examples=per_example)
+                                     per_example=per_example, **extra).to_dict(with_examples=per_example)
         scores[task.name]["task_ref"] = ref
-    result = {"model": str(model_ref), "scores": scores, "limit": limit, "batch_size": batch_size,
+    result = {"model": str(model_ref), "scores": scores, "limit": limit, "batch_size": batch_size, "backend": backend,
               "device": where, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "versions": versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     if out:
