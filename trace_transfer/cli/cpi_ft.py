@@ -42,7 +42,7 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--sft-max-steps", type=int, default=None, help="Step 5: optimizer steps per stage [default: --max-steps].")
 @click.option("--sft-lr", type=float, default=None, help="Step 5: peak learning rate [default: --lr].")
 @click_options(TrainConfig, ["batch_size", "grad_accum", "seq_len", "weight_decay", "scheduler", "warmup_ratio",
-                            "precision"])
+                            "precision", "gradient_checkpointing"])
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-limit", type=click.IntRange(min=0), default=None,
               help="Evaluate the first N examples of each task.")
@@ -54,7 +54,7 @@ from trace_transfer.train.config import TrainConfig
 def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
             keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot,
-            device) -> None:
+            device, gradient_checkpointing) -> None:
     """CPI-FT: per-task fine-tuning -> core regions -> clustering -> transplant + SLERP -> pipeline SFT.
 
     Evaluated like `trace-transfer finetune` (OUT/results.json with R, AA, BWT, FWT; row 0 = MODEL).
@@ -69,7 +69,8 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
 
     ft_cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                          seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                         scheduler=scheduler, precision=precision, seed=seed)
+                         scheduler=scheduler, precision=precision, seed=seed,
+                         gradient_checkpointing=gradient_checkpointing)
     sft_cfg = replace(ft_cfg, **{k: v for k, v in (("epochs", sft_epochs), ("max_steps", sft_max_steps),
                                                     ("lr", sft_lr)) if v is not None})
     cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,

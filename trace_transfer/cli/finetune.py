@@ -22,7 +22,8 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--isolation", type=click.Choice(["none", "strict"]), default="none", show_default=True,
               help="trace: 'strict' also freezes earlier stages' cores.")
 @click_options(TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "seq_len", "weight_decay",
-                            "scheduler", "warmup_ratio", "precision"], defaults={"epochs": 3.0})  # paper: 3 per stage
+                            "scheduler", "warmup_ratio", "precision", "gradient_checkpointing"],
+              defaults={"epochs": 3.0})  # paper: 3 per stage
 @click.option("--replay-share", type=float, default=0.1, show_default=True,
               help="replay: share of each earlier task's training data mixed into later stages.")
 @click.option("--general-coreset", type=click.Path(dir_okay=False), default=None,
@@ -46,7 +47,8 @@ from trace_transfer.train.config import TrainConfig
 @allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, masking, lora_r,
-            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device):
+            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device,
+            gradient_checkpointing):
     """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
 
     \b
@@ -68,7 +70,8 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     stages = [parse_stage(s) for s in stage_specs]
     cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                       seq_len=seq_len, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                      scheduler=scheduler, precision=precision, seed=seed)
+                      scheduler=scheduler, precision=precision, seed=seed,
+                      gradient_checkpointing=gradient_checkpointing)
     options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
                             lora_r=lora_r, lora_alpha=lora_alpha, masking=masking)
     result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,

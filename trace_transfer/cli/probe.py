@@ -15,12 +15,14 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--task", required=True, help="Task: synthetic:<name> or a task YAML file.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Probe directory to write.")
 # Settings come from the config dataclasses (names, types, defaults, choices, help): declared once.
-@click_options(TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "seq_len", "precision"])
+@click_options(TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "seq_len", "precision",
+                             "gradient_checkpointing"])
 @click_options(ProbeConfig, ["fisher", "fisher_at", "fisher_batches", "fisher_elements", "max_examples", "device"])
 @click_options(TrainConfig, ["seed"])
 @force_option
 def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, precision, fisher, fisher_at,
-            fisher_batches, fisher_elements, max_examples, device, seed, force):
+            fisher_batches, fisher_elements, max_examples, device, seed,
+            gradient_checkpointing, force):
     """Warm-start fine-tune MODEL on TASK and write the probe directory.
 
     \b
@@ -37,7 +39,8 @@ def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, pr
 
     cfg = ProbeConfig.from_flat(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                                 precision=precision, fisher=fisher, fisher_at=fisher_at, fisher_batches=fisher_batches,
-                                fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed)
+                                fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed,
+                                gradient_checkpointing=gradient_checkpointing)
     with output_dir(out_dir, force, "probe directory"), progress_bars() as bar:
         res = probe(model, task, out_dir, cfg, progress=bar)
     first, last = res.first_loss, res.final_loss

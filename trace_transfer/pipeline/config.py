@@ -140,7 +140,7 @@ RefineSpec = spec_model("RefineSpec", [(RefineConfig, ["signal", "batches", "ste
 
 TrainingSpec = spec_model("TrainingSpec", [
     (TrainConfig, ["lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
-                   "precision", "seq_len"]),
+                   "precision", "seq_len", "gradient_checkpointing"]),
     (MethodOptions, ["replay_share", "isolation"]),
 ], defaults={"epochs": 3.0},  # fine-tuning a stage, not a 1-epoch warm-start probe
     extra={"lr_sweep": (list[float], Field(default_factory=list, description="extra learning rates for `full`"))},

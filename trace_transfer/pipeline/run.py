@@ -217,11 +217,15 @@ def _finetune_steps(plan: _Plan) -> None:
             for seed in cfg.seeds:
                 name = f"finetune/{label}/seed{seed}"
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
-                          "training": cfg.training.model_dump(), "eval": cfg.eval.model_dump(),
+                          "training": cfg.training.model_dump(exclude=_NOT_HASHED), "eval": cfg.eval.model_dump(),
                           "launch": cfg.launch.step_params()}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
                                                              plan.base_dir), depends=deps, resumable=True)
                 plan.out.results.setdefault(label, []).append(_read_results(rec.dir))
+
+
+# How a step runs, not what it computes: left out of the step hash, so turning it on reruns nothing.
+_NOT_HASHED = {"gradient_checkpointing"}
 
 
 def _report_step(plan: _Plan, dry: bool) -> PipelineResult:
@@ -495,7 +499,8 @@ def _finetune_inputs(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineCo
         opts = replace(opts, general_coreset=str(found or gdir / (_task_key(cfg.general_task) + SUFFIX)))
     train_cfg = TrainConfig(lr=lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
                             grad_accum=t.grad_accum, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
-                            precision=t.precision, seq_len=t.seq_len, seed=seed)
+                            precision=t.precision, seq_len=t.seq_len, seed=seed,
+                            gradient_checkpointing=t.gradient_checkpointing)
     return stages, opts, train_cfg
 
 

@@ -36,6 +36,10 @@ class TrainConfig:
         "help": "auto = bf16 autocast where the hardware supports it (weights stay fp32)", "choices": PRECISIONS})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables", "ge": 0})
     seed: int = field(default=0, metadata={"help": "Seed for data order and initialisation"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute each decoder layer's activations in the backward pass instead of keeping them "
+                "(HF models, non-reentrant): activation memory of about one layer for ~1/3 more compute; "
+                "losses and gradients unchanged"})
 
     def __post_init__(self) -> None:
         problems = field_problems(self)

@@ -43,6 +43,7 @@ from trace_transfer.train.loop import (
     TrainConfig,
     TrainResult,
     causal_lm_loss,
+    enable_gradient_checkpointing,
     make_optimizer,
     make_scheduler,
     total_steps,
@@ -209,6 +210,7 @@ def deepspeed_train(
             client_opt = make_optimizer(params, cfg)
             model_parameters = None
         scheduler = None if "scheduler" in conf else (lambda opt: make_scheduler(opt, steps, cfg))
+        enable_gradient_checkpointing(model, cfg)  # --gradient-checkpointing: before DeepSpeed wraps the module
         before_attrs = {id(p): set(vars(p)) for p in model.parameters()}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
                                                lr_scheduler=scheduler, config=conf)

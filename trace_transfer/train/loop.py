@@ -3,6 +3,13 @@
 It reads top to bottom: forward, loss, backward, (masks act through gradient hooks registered by
 ``trace_transfer.train.masking``), clip, step, schedule. Keeping it in one place means the probe,
 the baselines and TRACE stages cannot drift apart in how they train.
+
+``TrainConfig.gradient_checkpointing`` turns on HF activation checkpointing for the duration of
+:func:`train` (and, through :func:`enable_gradient_checkpointing`, of ``deepspeed_train``). It is the
+non-reentrant kind: it needs no input that requires grad (frozen embeddings, sparse deltas), it
+re-runs custom autograd functions such as ``train.sparse``'s element path in the backward pass, and it
+checks that the recomputed forward saved the same tensors — so losses and gradients are those of the
+plain loop (``tests/train/test_gradient_checkpointing.py``).
 """
 
 from __future__ import annotations
@@ -71,9 +78,59 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, cfg: TrainConfi
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean token cross-entropy over response tokens (labels == -100 elsewhere)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    """Mean token cross-entropy over response tokens (labels == -100 elsewhere).
+
+    ``use_cache=False``: a training forward never reads a KV cache, building one only costs memory, and
+    checkpointed layers would refuse it with a warning. Passed per call rather than set on
+    ``model.config`` so that saved checkpoints keep generating with their cache.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                use_cache=False)
     return out.loss
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Turn on non-reentrant activation checkpointing when ``cfg.gradient_checkpointing`` asks for it.
+
+    Call before DeepSpeed (or any wrapper) takes the module. Returns whether it was turned on.
+
+    Raises:
+        ConfigError: it is asked for on a model without HF checkpointing support.
+    """
+    if not getattr(cfg, "gradient_checkpointing", False):  # duck-typed configs predate the field
+        return False
+    # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old
+    # name warns); a PeftModel forwards either to the HF model it wraps.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    key = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, key = getattr(model, "gradient_checkpointing_enable", None), "gradient_checkpointing_kwargs"
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing is set but {type(model).__name__} does not support HF activation "
+                          f"checkpointing; unset --gradient-checkpointing (training: gradient_checkpointing: false)")
+    # Reentrant checkpointing would drop gradients when no layer input requires grad (frozen embeddings)
+    # and cannot re-run the sparse deltas' custom autograd functions safely.
+    enable(**{key: {"use_reentrant": False}})
+    return True
+
+
+def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Undo :func:`enable_gradient_checkpointing` (and its hook making embedding outputs require grad)."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: torch.nn.Module, cfg: TrainConfig):
+    """Activation checkpointing for the ``with`` block when ``cfg`` asks for it; off again afterwards."""
+    enabled = enable_gradient_checkpointing(model, cfg)
+    try:
+        yield
+    finally:
+        if enabled:
+            disable_gradient_checkpointing(model)
 
 
 @dataclass
@@ -123,34 +180,35 @@ def train(
     step, micro, epoch, acc_loss = 0, 0, 0, 0.0
     t0 = time.perf_counter()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    while step < steps:
-        seen_any = False
-        for batch in batches(epoch):
-            seen_any = True
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(cfg.precision, device):
-                loss = causal_lm_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
-            acc_loss += float(loss.detach()) / cfg.grad_accum
-            micro += 1
-            if micro % cfg.grad_accum:
-                continue
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step()
-            losses.append(acc_loss)
-            if on_step is not None:
-                on_step(step, acc_loss)
-            acc_loss = 0.0
-            step += 1
-            if step >= steps:
-                break
-        if not seen_any:
-            raise TaskError("the training data produced no batches")
-        epoch += 1
+    with gradient_checkpointing(model, cfg):
+        while step < steps:
+            seen_any = False
+            for batch in batches(epoch):
+                seen_any = True
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast_context(cfg.precision, device):
+                    loss = causal_lm_loss(model, batch)
+                (loss / cfg.grad_accum).backward()
+                acc_loss += float(loss.detach()) / cfg.grad_accum
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step()
+                losses.append(acc_loss)
+                if on_step is not None:
+                    on_step(step, acc_loss)
+                acc_loss = 0.0
+                step += 1
+                if step >= steps:
+                    break
+            if not seen_any:
+                raise TaskError("the training data produced no batches")
+            epoch += 1
     model.eval()
     return TrainResult(steps=step, losses=losses, seconds=time.perf_counter() - t0)
