@@ -407,6 +407,150 @@ class ShardedWriter:
             self.abort()
 
 
+# safetensors dtype codes (the format's own names), for writers that lay out a file before its tensors exist
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", **({torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+                           if hasattr(torch, "float8_e5m2") else {}),
+}
+
+
+class StreamingShardWriter:
+    """Safetensors shards laid out up front from names, shapes and dtypes, so every tensor goes to disk
+    the moment it is added and the writer never holds one: memory stays at the caller's one tensor,
+    whatever the checkpoint's size (a ZeRO-3 save gathers one parameter at a time and hands it here).
+
+    Same file names as :class:`ShardedWriter` and HF ``save_pretrained`` (``{prefix}.safetensors``, or
+    ``{prefix}-00001-of-0000N.safetensors`` + ``{prefix}.safetensors.index.json``), shards filled in
+    ``layout`` order up to ``max_shard_bytes``. Tensors may be added in any order, each exactly once;
+    files become visible only on ``close()``, and an exception inside the ``with`` block leaves nothing.
+
+    Example:
+        >>> layout = [(n, p.shape, p.dtype) for n, p in model.named_parameters()]
+        >>> with StreamingShardWriter(out_dir, "model", layout, header={"format": "pt"}) as w:
+        ...     for name, p in model.named_parameters():
+        ...         w.add(name, p)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str,
+        layout: list[tuple[str, Any, torch.dtype]],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        header: Mapping[str, str] | None = None,
+    ):
+        import sys
+
+        if sys.byteorder != "little":  # safetensors is little-endian; the raw bytes are written as they are
+            raise ArtifactError("StreamingShardWriter writes raw tensor bytes and needs a little-endian host")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.header = {str(k): str(v) for k, v in (header or {}).items()}
+        self._where: dict[str, tuple[int, int, int, tuple[int, ...], torch.dtype]] = {}  # shard, start, end
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            if name in self._where:
+                raise ArtifactError(f"tensor {name!r} appears twice in the layout of {prefix}")
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ArtifactError(f"tensor {name!r}: dtype {dtype} has no safetensors code")
+            shape = tuple(int(d) for d in shape)
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            self._where[name] = (len(shards) - 1, size, size + nbytes, shape, dtype)
+            shards[-1].append(name)
+            size += nbytes
+        self.total_bytes = sum(end - start for _, start, end, _, _ in self._where.values())
+        self._shards = shards
+        self._written: set[str] = set()
+        self._files: list[tuple[Path, Any, int]] = []  # temp path, open file, offset of the data section
+        try:
+            for names in shards:
+                self._files.append(self._open_shard(names))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_shard(self, names: list[str]) -> tuple[Path, Any, int]:
+        head: dict[str, Any] = {"__metadata__": self.header} if self.header else {}
+        for name in names:
+            _, start, end, shape, dtype = self._where[name]
+            head[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+        text = json.dumps(head, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".tmp", dir=self.out_dir)
+        f = os.fdopen(fd, "wb")
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        data_start = 8 + len(text)
+        f.truncate(data_start + (self._where[names[-1]][2] if names else 0))
+        return Path(tmp), f, data_start
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` at its place in its shard; nothing of it is kept."""
+        if name not in self._where:
+            raise ArtifactError(f"tensor {name!r} is not in the layout of {self.prefix}")
+        if name in self._written:
+            raise ArtifactError(f"tensor {name!r} written twice to {self.prefix}")
+        shard, start, end, shape, dtype = self._where[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ArtifactError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, but the layout of "
+                                f"{self.prefix} says {shape} {dtype}")
+        _, f, data_start = self._files[shard]
+        if end > start:
+            t = tensor.detach().to("cpu").contiguous()
+            f.seek(data_start + start)
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes: no copy
+        self._written.add(name)
+
+    def close(self) -> list[Path]:
+        missing = [n for n in self._where if n not in self._written]
+        if missing:
+            self.abort()
+            raise ArtifactError(f"{self.prefix}: {len(missing)} tensor(s) of the layout were never written "
+                                f"(first: {missing[0]!r}); nothing was saved")
+        for _, f, _ in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        n = len(self._files)
+        for old in self.out_dir.glob(f"{self.prefix}-*-of-*.safetensors"):
+            old.unlink()
+        final: list[Path] = []
+        single = self.out_dir / f"{self.prefix}.safetensors"
+        index = self.out_dir / f"{self.prefix}.safetensors.index.json"
+        if n == 1:
+            _publish(self._files[0][0], single)
+            index.unlink(missing_ok=True)
+            final.append(single)
+        else:
+            weight_map = {}
+            for i, ((tmp, _, _), names) in enumerate(zip(self._files, self._shards), start=1):
+                target = self.out_dir / f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+                _publish(tmp, target)
+                final.append(target)
+                weight_map.update({name: target.name for name in names})
+            single.unlink(missing_ok=True)
+            write_json_atomic(index, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        self._files = []
+        return final
+
+    def abort(self) -> None:
+        for tmp, f, _ in self._files:
+            f.close()
+            tmp.unlink(missing_ok=True)
+        self._files = []
+
+    # ShardedWriter's context protocol: close() when the block succeeds, abort() when it raises
+    __enter__ = ShardedWriter.__enter__
+    __exit__ = ShardedWriter.__exit__
+
+
 # --------------------------------------------------------------------------------------------------
 # Fingerprints
 # --------------------------------------------------------------------------------------------------

@@ -13,9 +13,15 @@ Order matters, and is why this module exists:
    no optimizer state — and its delta over the core, a registered parameter made before
    ``deepspeed.initialize``, is the only trainable state (``tests/train/test_sparse.py`` checks the
    optimizer's partitions on 2 ranks); the delta is folded into the weight when the handle is removed;
-4. afterwards the model is handed back *unsharded* on every rank (ZeRO-3 parameters gathered one at a
-   time, DeepSpeed's hooks removed), so callers evaluate and save it like any module;
-   :func:`save_consolidated` writes one HF directory from rank 0.
+4. saving never gathers the model: :func:`save_consolidated` streams it, one tensor at a time — gathered
+   from its ZeRO-3 partitions, its sparse delta folded, written straight into its safetensors shard on
+   rank 0 (:class:`trace_transfer.checkpoint.StreamingShardWriter`), dropped on every rank before the
+   next — so a rank's memory during the save is its shard plus one tensor (two on rank 0 while
+   folding; ``tests/train/test_ds_save.py`` measures it). The runner saves each stage this way from
+   the still-sharded engine (``unshard=False`` + ``before_teardown``), releases the shards, and
+   evaluates and continues from the checkpoint on disk. Library callers get today's default,
+   ``unshard=True``: the model handed back whole on every rank (gathered one tensor at a time,
+   DeepSpeed's hooks removed) — the whole model per rank, so avoid it for models near host memory.
 
 Launch under ``torchrun`` / ``deepspeed`` / ``accelerate launch`` (see ``examples/deepspeed/``). On CPU:
 ``DS_ACCELERATOR=cpu`` and the gloo backend.
@@ -38,7 +44,7 @@ from typing import Any
 import torch
 
 from trace_transfer.coreset import CoreSet
-from trace_transfer.errors import ArtifactNotFoundError, ConfigError
+from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from trace_transfer.train.loop import (
     TrainConfig,
     TrainResult,
@@ -149,6 +155,8 @@ def deepspeed_train(
     on_step: Callable[[int, float], None] | None = None,
     after_step: Callable[[], None] | None = None,
     on_engine: Callable[[Any], None] | None = None,
+    unshard: bool = True,
+    before_teardown: Callable[[Any, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place under DeepSpeed; same contract as :func:`trace_transfer.train.loop.train`.
 
@@ -157,7 +165,8 @@ def deepspeed_train(
 
     Args:
         model: the bare module (not yet wrapped). On return it is a plain, unsharded module on every
-            rank, in eval mode, with DeepSpeed's hooks removed.
+            rank, in eval mode, with DeepSpeed's hooks removed, or, with ``unshard=False``, a shell
+            whose parameters are released (empty) on every rank.
         batches: ``epoch -> iterable of batches``.
         cfg: optimisation settings (lr, steps, micro batch, accumulation, clipping, decay, schedule).
         ds_config: a DeepSpeed JSON config (path or dict); ``"auto"`` values are filled from ``cfg``.
@@ -170,6 +179,11 @@ def deepspeed_train(
         after_step: called after every optimizer step.
         on_engine: called with the DeepSpeed engine after the last step, before it is torn down
             (inspection: optimizer state, partitions).
+        unshard: gather the trained model back onto every rank (the whole model per rank). False
+            releases each rank's shard instead: save first, in ``before_teardown``.
+        before_teardown: ``(engine, result)``, called on every rank after training while the model
+            is still sharded: the place for :func:`save_consolidated`, which streams the checkpoint
+            tensor by tensor (the runner saves each stage this way, then evaluates from disk).
 
     Returns:
         :class:`TrainResult` (identical on every rank).
@@ -218,8 +232,15 @@ def deepspeed_train(
             result = _loop(engine, local, steps, cfg, on_step, after_step)
             if on_engine is not None:
                 on_engine(engine)
+            if before_teardown is not None:
+                before_teardown(engine, result)
         finally:
-            _unshard(engine, model, before_attrs)
+            if unshard:
+                _unshard(engine, model, before_attrs)
+            else:
+                if handle is not None:
+                    handle.remove()  # while the partitions exist: removing restores forwards and flags
+                _release(engine, model, before_attrs)
     finally:
         if handle is not None:
             handle.remove()
@@ -280,70 +301,198 @@ def _unshard(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) 
         p.grad = None
 
 
-def consolidated_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of every parameter and persistent buffer (tied tensors once, under their
-    first name), gathered one at a time if the module is ZeRO-3-sharded. Sparse deltas of an active
-    CoreSet are folded into their tensors (and not written themselves). All ranks must call it; with
-    ``rank0_only`` the others get ``{}``."""
-    import deepspeed
+def _tied_targets(model: torch.nn.Module) -> list[str]:
+    """Names (regex patterns) HF declares as tied *copies* (``lm_head.weight`` of a tied embedding):
+    ``save_pretrained`` drops them and keeps the source, and ``from_pretrained`` re-ties them."""
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5: {target: source}, every submodel
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or ()  # transformers 4: a list of target patterns
+    return list(tied)
 
-    rank, _ = _dist()
-    out: dict[str, torch.Tensor] = {}
+
+def _save_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, Any]]:
+    """``(name, tensor, sparse entry or None)`` for every tensor a checkpoint of ``model`` holds, in
+    state-dict order: parameters and persistent buffers, a tied tensor once under the name HF keeps
+    (not a declared tied copy), sparse deltas of an active CoreSet left out (they are folded into
+    their tensors). Reads no weights, so it works on a ZeRO-3-sharded module."""
+    import re
+
     handle = getattr(model, _ACTIVE_ATTR, None)
-    entries = {id(e.param): e for e in handle.sparse.values()} if handle is not None and not handle._removed else {}
-    seen: set[int] = {id(e.delta) for e in entries.values()}
-    keep = set(model.state_dict().keys())
-    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in keep]
-    for name, t in tensors:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        entry = entries.get(id(t))
-        group = [t] if entry is None else [t, entry.delta]
-        sharded = any(hasattr(x, "ds_id") for x in group)
-        with deepspeed.zero.GatheredParameters(group, modifier_rank=None, enabled=sharded):
-            if rank == 0 or not rank0_only:
-                value = t.data if entry is None else entry.effective(t.data, entry.delta.data)
-                out[name] = value.detach().to("cpu", copy=True)
+    sparse = {id(e.param): e for e in handle.sparse.values()} if handle is not None and not handle._removed else {}
+    skip = {id(e.delta) for e in sparse.values()}
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    by_name: dict[str, torch.Tensor] = {}
+    names: dict[int, list[str]] = {}
+    # state_dict()'s names and order, without calling it: its hooks would fold every sparse tensor at once
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        own = list(mod._parameters.items()) + [
+            (n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
+        for attr, t in own:
+            name = prefix + attr
+            if t is not None and id(t) not in skip and name not in ignore:
+                by_name[name] = t
+                names.setdefault(id(t), []).append(name)
+    targets = _tied_targets(model)
+    out = []
+    for group in names.values():
+        kept = [n for n in group if not any(re.search(pat, n) for pat in targets)]
+        name = kept[0] if kept else sorted(group)[-1]
+        t = by_name[name]
+        out.append((name, t, sparse.get(id(t))))
     return out
 
 
+def _gathered(t: torch.Tensor, entry: Any):
+    """Context holding ``t`` (and its sparse delta) whole on every rank if ZeRO-3 partitioned it; on
+    exit DeepSpeed re-partitions, so every rank drops the full copy at once."""
+    import deepspeed
+
+    group = [t] if entry is None else [t, entry.delta]
+    return deepspeed.zero.GatheredParameters(group, modifier_rank=None,
+                                             enabled=any(hasattr(x, "ds_id") for x in group))
+
+
+def _full_value(t: torch.Tensor, entry: Any) -> torch.Tensor:
+    return t.data if entry is None else entry.effective(t.data, entry.delta.data)
+
+
+def _release(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) -> None:
+    """Tear the engine down and drop every rank's shard: the model is left an empty shell."""
+    engine.destroy()
+    for p in model.parameters():
+        for attr in set(vars(p)) - before_attrs.get(id(p), set()):
+            delattr(p, attr)  # ds_tensor (the shard) goes with its attribute
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        p.grad = None
+
+
+def consolidated_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of every parameter and persistent buffer (tied tensors once, under the name HF
+    keeps), gathered one at a time if the module is ZeRO-3-sharded. Sparse deltas of an active
+    CoreSet are folded into their tensors (and not written themselves). All ranks must call it; with
+    ``rank0_only`` the others get ``{}``.
+
+    This holds the whole model on rank 0 (every rank, without ``rank0_only``): to write a
+    checkpoint use :func:`save_consolidated`, which streams tensor by tensor instead."""
+    rank, _ = _dist()
+    out: dict[str, torch.Tensor] = {}
+    for name, t, entry in _save_entries(model):
+        with _gathered(t, entry):
+            if rank == 0 or not rank0_only:
+                out[name] = _full_value(t, entry).detach().to("cpu", copy=True)
+    return out
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)  # a ZeRO-3 placeholder is empty
+
+
+def _warn_on_renamed_weights(model: torch.nn.Module, layout: list[tuple[str, Any, torch.dtype]]) -> None:
+    """transformers 5 renames/fuses some weights in memory (MoE experts) and reverts that on save, across
+    many tensors at once; a tensor-by-tensor save writes the in-memory names instead."""
+    try:
+        from transformers.modeling_utils import revert_weight_conversion
+
+        meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape, dtype in layout}
+        renamed = set(revert_weight_conversion(model, dict(meta))) != set(meta)
+    except Exception:  # noqa: BLE001 - an old transformers or a model without the machinery: nothing to revert
+        return
+    if renamed:
+        logger.warning("%s keeps some weights fused in memory; the streamed checkpoint has the in-memory names, "
+                       "not the original checkpoint's (transformers 5 loads both)", type(model).__name__)
+
+
+def _write_config(model: torch.nn.Module, tmp: Path) -> None:
+    """config.json (+ generation_config.json) as ``save_pretrained`` writes them: dtype and architecture set."""
+    config = copy.deepcopy(model.config)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    if getattr(model, "can_generate", lambda: False)() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+
+
 def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
-                      max_shard_bytes: int | None = None) -> Path | None:
+                      max_shard_bytes: int | None = None,
+                      before_publish: Callable[[Path], None] | None = None) -> Path | None:
     """Write ``model`` as one HF directory (config, safetensors shards + index, tokenizer) from rank 0,
-    atomically: into a temp directory that replaces ``out_dir`` only when complete. Works on a sharded
-    ZeRO-3 module (gathers tensor by tensor) and on a plain one. All ranks must call it.
+    streaming: each tensor is gathered (if ZeRO-3 partitioned it), has its sparse delta folded, goes
+    straight into its shard file on rank 0, and is dropped on every rank before the next one. No rank
+    ever holds more than one full tensor (two on rank 0 while folding), so a sharded engine is saved
+    without gathering the model. The directory is written into a temp directory that replaces
+    ``out_dir`` only when complete. All ranks must call it; an error on rank 0 is raised on every rank
+    (after the gathers, so no rank is left waiting at a collective).
+
+    Args:
+        model: a plain or ZeRO-3-sharded module (an HF model gets config.json and HF's shard names).
+        out_dir: the directory to write (replaced if it exists).
+        tokenizer: saved alongside when given.
+        max_shard_bytes: shard size cap (default: HF's 50 GB for HF models, else 2 GiB).
+        before_publish: called on rank 0 with the complete temp directory just before the rename
+            (extra files such as a stage record).
 
     Returns:
         ``out_dir`` on rank 0, None elsewhere.
     """
-    from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+    from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, METADATA_KEY, StreamingShardWriter
 
     import torch.distributed as dist
 
-    rank, _ = _dist()
+    rank, world = _dist()
     out = Path(out_dir)
-    state = consolidated_state_dict(model)
+    entries = _save_entries(model)
+    layout = [(name, _shape(t), t.dtype) for name, t, _ in entries]
+    hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    writer, error = None, None
     if rank == 0:
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        if hasattr(model, "save_pretrained"):  # HF: its own shard naming, metadata and tied-weight rules
-            kwargs = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
-            model.save_pretrained(tmp, state_dict=state, **kwargs)
-        else:
-            with ShardedWriter(tmp, "model", max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES) as writer:
-                for name, t in state.items():
-                    writer.add(name, t)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            if hf:
+                _warn_on_renamed_weights(model, layout)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            # HF marks its files {"format": "pt"} (from_pretrained checks it); others carry our metadata key
+            header = {"format": "pt"} if hf else {METADATA_KEY: "{}"}
+            cap = max_shard_bytes or (50 * 10**9 if hf else DEFAULT_MAX_SHARD_BYTES)
+            writer = StreamingShardWriter(tmp, "model", layout, max_shard_bytes=cap, header=header)
+        except Exception as exc:  # noqa: BLE001 - re-raised after the gathers, on every rank
+            error = exc
+    for name, t, entry in entries:
+        with _gathered(t, entry):  # collective: every rank gathers, even once rank 0 has failed
+            if writer is not None and error is None:
+                try:
+                    writer.add(name, _full_value(t, entry))
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+    if rank == 0:
+        try:
+            if error is not None:
+                raise error
+            writer.close()
+            if hf:
+                _write_config(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if before_publish is not None:
+                before_publish(tmp)
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            if old.exists():
+                shutil.rmtree(old)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+            if writer is not None:
+                writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None and rank != 0:
+            raise ArtifactError(f"rank 0 failed while saving {out}: {status[0]}")
+    if error is not None:
+        raise error
     return out if rank == 0 else None
