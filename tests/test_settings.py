@@ -18,7 +18,7 @@ import pytest
 from trace_transfer.config import click_options, help_of, parse_yaml, validate_tree
 from trace_transfer.errors import ConfigError
 from trace_transfer.probe.config import FISHER_AT, FISHER_MODES, ProbeConfig
-from trace_transfer.train.config import PRECISIONS, SCHEDULERS, TrainConfig
+from trace_transfer.train.config import PRECISIONS, SCHEDULERS, MethodOptions, TrainConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "trace_transfer"
 
@@ -153,6 +153,7 @@ _CLI = [
                                "scheduler", "warmup_ratio", "precision", "seed"], {"epochs": 3.0}),
     ("cpi-ft", TrainConfig, ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "seq_len", "weight_decay",
                              "scheduler", "warmup_ratio", "precision", "seed"], {"epochs": 3.0}),
+    ("finetune", MethodOptions, ["lisa_layers", "lisa_interval"], {}),
 ]
 
 

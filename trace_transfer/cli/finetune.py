@@ -9,7 +9,7 @@ import click
 from trace_transfer.cli._code_exec import allow_code_exec_option
 from trace_transfer.config import click_options
 from trace_transfer.devices import DeviceConfig
-from trace_transfer.train.config import TrainConfig
+from trace_transfer.train.config import MethodOptions, TrainConfig
 
 
 @click.command("finetune")
@@ -17,7 +17,8 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--stage", "stage_specs", multiple=True, required=True,
               help="TASK[:CORESET], once per stage, in training order (TASK may contain colons).")
 @click.option("--method", default="trace", show_default=True,
-              help="trace | full | lora | joint | replay | general-core | cpi-ft-sft (or a registered plug-in method).")
+              help="trace | full | lora | joint | replay | general-core | lisa | cpi-ft-sft (or a registered plug-in "
+                   "method). lisa does not run under --deepspeed.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--isolation", type=click.Choice(["none", "strict"]), default="none", show_default=True,
               help="trace: 'strict' also freezes earlier stages' cores.")
@@ -33,6 +34,7 @@ from trace_transfer.train.config import TrainConfig
                    "gradients of whole tensors; auto = sparse where at most half of a tensor is core.")
 @click.option("--lora-r", type=int, default=8, show_default=True, help="lora: rank (paper: 8).")
 @click.option("--lora-alpha", type=int, default=16, show_default=True, help="lora: alpha (paper: 16).")
+@click_options(MethodOptions, ["lisa_layers", "lisa_interval"])
 @click.option("--eval-limit", type=click.IntRange(min=0), default=None,
               help="Evaluate the first N examples of each task.")
 @click.option("--monitor", "monitor", multiple=True,
@@ -47,7 +49,7 @@ from trace_transfer.train.config import TrainConfig
 @allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, masking, lora_r,
-            lora_alpha, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device,
+            lora_alpha, lisa_layers, lisa_interval, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device,
             gradient_checkpointing):
     """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
 
@@ -62,8 +64,6 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     Writes OUT/stage_k/ (HF checkpoint + eval), OUT/results.json (R, AA, BWT, FWT, forgetting,
     provenance) and OUT/results.md. --resume continues an interrupted run.
     """
-    from trace_transfer.train.loop import TrainConfig
-    from trace_transfer.train.methods import MethodOptions
     from trace_transfer.train.runner import run_sequence
     from trace_transfer.train.stages import parse_stage
 
@@ -73,7 +73,8 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
                       scheduler=scheduler, precision=precision, seed=seed,
                       gradient_checkpointing=gradient_checkpointing)
     options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
-                            lora_r=lora_r, lora_alpha=lora_alpha, masking=masking)
+                            lora_r=lora_r, lora_alpha=lora_alpha, lisa_layers=lisa_layers,
+                            lisa_interval=lisa_interval, masking=masking)
     result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
                           deepspeed_config=deepspeed_config, options=options,
                           eval_batch_size=eval_batch_size, monitor=list(monitor),

@@ -1,4 +1,5 @@
-"""Optimisation settings shared by every training path (probe warm start, pretraining, stages, CPI-FT).
+"""Optimisation settings shared by every training path (probe warm start, pretraining, stages, CPI-FT),
+and the runner methods' own settings (:class:`MethodOptions`; the methods live in ``train.methods``).
 
 Kept apart from :mod:`trace_transfer.train.loop` so that the settings (and the pipeline schema and CLI
 options derived from them) load without torch.
@@ -12,10 +13,12 @@ from typing import Any
 from trace_transfer.config import field_problems
 from trace_transfer.errors import ConfigError
 
-__all__ = ["TrainConfig", "SCHEDULERS", "PRECISIONS"]
+__all__ = ["TrainConfig", "MethodOptions", "SCHEDULERS", "PRECISIONS", "MASKINGS"]
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+# How masked methods hold their cores (trace_transfer.train.masking.apply_coreset).
+MASKINGS = ("auto", "sparse", "dense")
 
 
 @dataclass
@@ -45,6 +48,46 @@ class TrainConfig:
         problems = field_problems(self)
         if problems:
             raise ConfigError("invalid training configuration:", problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MethodOptions:
+    """Method-specific settings (ignored by methods that do not use them)."""
+
+    isolation: str = field(default="none", metadata={"help": "trace: none | strict (freeze earlier stages' cores)",
+                                                     "choices": ("none", "strict")})
+    replay_share: float = field(default=0.1, metadata={"help": "replay: share of each earlier task's data mixed in",
+                                                       "ge": 0.0, "le": 1.0})
+    general_coreset: str | None = field(default=None, metadata={"help": "general-core: CoreSet to freeze"})
+    lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
+    lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input"})
+    lisa_layers: int = field(default=1, metadata={"help": "lisa: transformer layers trained at a time (gamma; "
+                                                          "LMFlow's run_finetune_with_lisa.sh: 1)", "ge": 1})
+    lisa_interval: int = field(default=20, metadata={"help": "lisa: optimizer steps between layer resamplings (K; "
+                                                             "LMFlow's run_finetune_with_lisa.sh: 20)", "ge": 1})
+    masking: str = field(default="auto", metadata={
+        "help": "masked methods: sparse (train a delta over the core only: state ∝ core) | dense (gradient "
+                "masks on whole tensors) | auto (sparse where at most half of a tensor is core)",
+        "choices": MASKINGS})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.isolation not in ("none", "strict"):
+            problems.append(f"isolation {self.isolation!r}: expected 'none' or 'strict'")
+        if not 0.0 <= self.replay_share <= 1.0:
+            problems.append(f"replay_share {self.replay_share}: expected a share in [0, 1]")
+        if self.lora_r < 1:
+            problems.append(f"lora_r {self.lora_r}: expected >= 1")
+        if self.lisa_layers < 1 or self.lisa_interval < 1:
+            problems.append(f"lisa_layers {self.lisa_layers}, lisa_interval {self.lisa_interval}: expected >= 1")
+        if self.masking not in MASKINGS:
+            problems.append(f"masking {self.masking!r}: expected one of {', '.join(MASKINGS)}")
+        if problems:
+            raise ConfigError("invalid method options", problems)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -59,6 +59,7 @@ import torch
 from trace_transfer.coreset import CoreSet
 from trace_transfer.errors import ConfigError, ModelMismatchError
 from trace_transfer.train import sparse as _sparse
+from trace_transfer.train.config import MASKINGS
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ __all__ = ["apply_coreset", "combine", "MaskHandle", "MODES", "DECAYS", "ISOLATI
 
 MODES = ("train-core", "freeze-core")
 DECAYS = ("zero", "masked")
-MASKINGS = ("auto", "sparse", "dense")
 ISOLATIONS = ("none", "strict")
 
 # Marks a model that already carries an active handle, so two overlapping handles can't silently

@@ -35,17 +35,19 @@ Built-in methods:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from trace_transfer.errors import ConfigError
-from trace_transfer.train.masking import MASKINGS
 from trace_transfer.registry import Registry
+from trace_transfer.train.config import MethodOptions  # declared with the other settings: loads without torch
 
 __all__ = [
     "Stage",
@@ -58,6 +60,7 @@ __all__ = [
     "register_method",
     "get_method",
     "available_methods",
+    "watch_steps",
 ]
 
 
@@ -77,46 +80,6 @@ class RunPlan:
     index: int
     tasks: tuple[int, ...]
     steps_factor: int = 1
-
-
-@dataclass
-class MethodOptions:
-    """Method-specific settings (ignored by methods that do not use them)."""
-
-    isolation: str = field(default="none", metadata={"help": "trace: none | strict (freeze earlier stages' cores)",
-                                                     "choices": ("none", "strict")})
-    replay_share: float = field(default=0.1, metadata={"help": "replay: share of each earlier task's data mixed in",
-                                                       "ge": 0.0, "le": 1.0})
-    general_coreset: str | None = field(default=None, metadata={"help": "general-core: CoreSet to freeze"})
-    lora_r: int = field(default=8, metadata={"help": "lora: rank (paper: 8)"})
-    lora_alpha: int = field(default=16, metadata={"help": "lora: alpha (paper: 16)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input"})
-    lisa_layers: int = field(default=1, metadata={"help": "lisa: transformer layers trained at a time (gamma; "
-                                                          "LMFlow's run_finetune_with_lisa.sh: 1)", "ge": 1})
-    lisa_interval: int = field(default=20, metadata={"help": "lisa: optimizer steps between layer resamplings (K; "
-                                                             "LMFlow's run_finetune_with_lisa.sh: 20)", "ge": 1})
-    masking: str = field(default="auto", metadata={
-        "help": "masked methods: sparse (train a delta over the core only: state ∝ core) | dense (gradient "
-                "masks on whole tensors) | auto (sparse where at most half of a tensor is core)",
-        "choices": MASKINGS})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.isolation not in ("none", "strict"):
-            problems.append(f"isolation {self.isolation!r}: expected 'none' or 'strict'")
-        if not 0.0 <= self.replay_share <= 1.0:
-            problems.append(f"replay_share {self.replay_share}: expected a share in [0, 1]")
-        if self.lora_r < 1:
-            problems.append(f"lora_r {self.lora_r}: expected >= 1")
-        if self.lisa_layers < 1 or self.lisa_interval < 1:
-            problems.append(f"lisa_layers {self.lisa_layers}, lisa_interval {self.lisa_interval}: expected >= 1")
-        if self.masking not in MASKINGS:
-            problems.append(f"masking {self.masking!r}: expected one of {', '.join(MASKINGS)}")
-        if problems:
-            raise ConfigError("invalid method options", problems)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -147,6 +110,9 @@ class PrepareContext:
 
 
 class Method(Protocol):
+    """A training method. It may also set ``deepspeed_refusal`` (a one-line reason) when it cannot run
+    under DeepSpeed; the runner then refuses ``deepspeed_config`` before anything starts."""
+
     name: str
 
     def check(self, stages: Sequence[Stage], options: MethodOptions) -> list[str]: ...
@@ -181,8 +147,56 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
     return method
 
 
+# Set by watch_steps: called with each run's plan when the method prepares it; returns a callable for
+# every optimizer step of that run (or None).
+StepWatcher = Callable[[RunPlan], Callable[[], None] | None]
+_STEP_WATCHER: ContextVar[StepWatcher | None] = ContextVar("trace_transfer_step_watcher", default=None)
+
+
+@contextlib.contextmanager
+def watch_steps(watcher: StepWatcher) -> Iterator[None]:
+    """See every optimizer step of the methods prepared inside the block (progress of a caller of the
+    sequential runner, which reports stages but not steps): ``watcher(run)`` is called as a run
+    starts and the callable it returns after each of the run's optimizer steps, after the method's
+    own ``after_step``. Nothing else about the method changes.
+
+    Example:
+        >>> with watch_steps(lambda run: lambda: print("step of run", run.index)):
+        ...     run_sequence(model, stages, "full", out, cfg)
+    """
+    token = _STEP_WATCHER.set(watcher)
+    try:
+        yield
+    finally:
+        _STEP_WATCHER.reset(token)
+
+
+class _Watched:
+    """A method whose prepared runs also call the active step watcher (see :func:`watch_steps`)."""
+
+    def __init__(self, method: Method, watcher: StepWatcher):
+        self._method, self._watcher = method, watcher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+    def prepare(self, model, run, ctx):
+        prepared = self._method.prepare(model, run, ctx)
+        on_step, own = self._watcher(run), prepared.after_step
+        if on_step is not None:
+            def after_step() -> None:
+                if own is not None:
+                    own()
+                on_step()
+
+            prepared.after_step = after_step
+        return prepared
+
+
 def get_method(name: str) -> Method:
-    return METHODS.get(name)
+    """The registered method ``name`` (inside :func:`watch_steps`, one that also reports its steps)."""
+    method, watcher = METHODS.get(name), _STEP_WATCHER.get()
+    return method if watcher is None else _Watched(method, watcher)
 
 
 def available_methods() -> list[str]:
@@ -405,6 +419,11 @@ class Lisa:
     """
 
     name = "lisa"
+    # ZeRO flattens and partitions the trainable parameters (and their optimizer state) once, at
+    # deepspeed.initialize; a layer whose requires_grad flips afterwards is never picked up or released.
+    deepspeed_refusal = ("method lisa cannot run under --deepspeed: ZeRO builds its optimizer partitions at "
+                         "initialize, so LISA's switching of trainable layers every K steps would not take effect; "
+                         "use --method trace or full under DeepSpeed, or run lisa without --deepspeed")
 
     def check(self, stages, options):
         return []

@@ -313,6 +313,8 @@ def _validate(meth, method: str, stages: list[Stage], options: MethodOptions,
         problems.append(f"general CoreSet file not found: {options.general_coreset}")
     if deepspeed_config and not Path(deepspeed_config).exists():
         problems.append(f"DeepSpeed config not found: {deepspeed_config}")
+    if deepspeed_config and getattr(meth, "deepspeed_refusal", None):
+        problems.append(meth.deepspeed_refusal)
     if problems:
         raise ConfigError(f"cannot run method {method!r}", problems)
 
