@@ -28,8 +28,7 @@ from trace_transfer.refine.config import RefineConfig
 from trace_transfer.pipeline.methods import method_problems, resolve
 from trace_transfer.probe.config import ProbeConfig
 from trace_transfer.scoring import BUDGETS, GRANULARITIES, PRESETS
-from trace_transfer.train.config import TrainConfig
-from trace_transfer.train.methods import MethodOptions
+from trace_transfer.train.config import MethodOptions, TrainConfig
 
 
 class TinyModelSpec(StrictModel):
@@ -141,7 +140,7 @@ RefineSpec = spec_model("RefineSpec", [(RefineConfig, ["signal", "batches", "ste
 TrainingSpec = spec_model("TrainingSpec", [
     (TrainConfig, ["lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                    "precision", "seq_len", "gradient_checkpointing"]),
-    (MethodOptions, ["replay_share", "isolation"]),
+    (MethodOptions, ["replay_share", "isolation", "lisa_layers", "lisa_interval"]),
 ], defaults={"epochs": 3.0},  # fine-tuning a stage, not a 1-epoch warm-start probe
     extra={"lr_sweep": (list[float], Field(default_factory=list, description="extra learning rates for `full`"))},
     doc="Fine-tuning of every method x seed on the target (``TrainConfig`` and ``MethodOptions``).")
@@ -202,6 +201,10 @@ class PipelineConfig(StrictModel):
     eval: EvalSpec = EvalSpec()
     methods: list[str] = Field(default_factory=lambda: ["full", "trace-lf", "transfer-lf"])
     seeds: list[int] = Field(default_factory=lambda: [0])
+    monitor: list[str] = Field(default_factory=list, description=(
+        "tasks evaluated after every stage of every fine-tuning step but never trained (finetune --monitor): "
+        "synthetic:general, a task YAML, lm-eval:<task> or lm-eval:<task.yaml>; reported apart from R "
+        "(the cpi-ft method evaluates none yet)"))
 
 
 def load_pipeline(source: str | Path | dict[str, Any], base_dir: Path | None = None) -> PipelineConfig:
@@ -255,6 +258,9 @@ def _raw_file_problems(raw: dict[str, Any], base_dir: Path) -> list[str]:
     for t in tasks if isinstance(tasks, list) else []:
         if isinstance(t, str) and not t.startswith("synthetic:") and not (base_dir / t).exists() and not Path(t).exists():
             problems.append(f"tasks: task file {t!r} does not exist (relative to {base_dir})")
+    monitor = raw.get("monitor")
+    if isinstance(monitor, list) and all(isinstance(m, str) for m in monitor):
+        problems += monitor_problems(monitor, base_dir)
     for side in ("source", "target"):
         spec = raw.get(side)
         model = spec.get("model") if isinstance(spec, dict) else None
@@ -270,6 +276,7 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     for t in [*cfg.tasks, cfg.general_task]:
         if not t.startswith("synthetic:") and not (base_dir / t).exists() and not Path(t).exists():
             problems.append(f"tasks: task file {t!r} does not exist (relative to {base_dir})")
+    problems += monitor_problems(cfg.monitor, base_dir)
     for side in ("source", "target"):
         spec: ModelSpec = getattr(cfg, side)
         if spec.model and _looks_local(spec.model) and not _resolve(spec.model, base_dir).exists():
@@ -289,6 +296,36 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
         cfg.layer_map.probes, base_dir
     ).exists() and not cfg.layer_map.probes.startswith("hf:"):
         problems.append(f"layer_map.probes: probe file {cfg.layer_map.probes!r} does not exist")
+    return problems
+
+
+def monitor_file(ref: str) -> str | None:
+    """The file a ``monitor:`` entry names, if any: a task YAML, or the YAML inside ``lm-eval:<file>?...``
+    (an lm-eval task name such as ``lm-eval:gsm8k`` and ``synthetic:`` tasks name none)."""
+    if ref.startswith("synthetic:"):
+        return None
+    if ref.startswith("lm-eval:"):
+        body = ref[len("lm-eval:"):].partition("?")[0]
+        return body if body.endswith((".yaml", ".yml")) else None
+    return ref
+
+
+def resolve_monitor(ref: str, base_dir: Path) -> str:
+    """A ``monitor:`` entry with its file made relative to the config's directory (as tasks are), when
+    it exists there; otherwise as written."""
+    file = monitor_file(ref)
+    if file is None or Path(file).is_absolute() or not (base_dir / file).exists():
+        return ref
+    return ref.replace(file, str(base_dir / file), 1)
+
+
+def monitor_problems(monitor: list[str], base_dir: Path) -> list[str]:
+    """Monitored tasks whose file is missing (relative to the config's directory or the working one)."""
+    problems = []
+    for i, ref in enumerate(monitor):
+        file = monitor_file(ref)
+        if file and not (base_dir / file).exists() and not Path(file).exists():
+            problems.append(f"monitor.{i}: task file {file!r} does not exist (relative to {base_dir})")
     return problems
 
 

@@ -73,6 +73,8 @@ def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, tr
         args += ["--eval-limit", str(cfg.eval.limit)]
     if opts.general_coreset:
         args += ["--general-coreset", opts.general_coreset]
+    for m in getattr(cfg, "monitor", ()):  # evaluated at every row, never trained (pipeline `monitor:`)
+        args += ["--monitor", m]
     for st in stages:
         args += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
     return args

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
+from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, resolve_monitor
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
 
@@ -63,7 +63,8 @@ def _resolve_tasks(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
         return str(base_dir / t) if not t.startswith("synthetic:") and (base_dir / t).exists() else t
 
     return cfg.model_copy(update={"tasks": [resolve(t) for t in cfg.tasks],
-                                  "general_task": resolve(cfg.general_task)})
+                                  "general_task": resolve(cfg.general_task),
+                                  "monitor": [resolve_monitor(m, base_dir) for m in cfg.monitor]})
 
 
 def run_pipeline(
@@ -151,7 +152,7 @@ def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
         for task in tasks:
             name = f"probe/{side}/{_task_key(task)}"
             runner.step(name, {"task": task, "model": model_ref, **probe_params},
-                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0]), depends=_deps(model_step))
+                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0], say=runner.say), depends=_deps(model_step))
             probe_steps.setdefault(side, []).append(name)
     return probe_steps
 
@@ -217,15 +218,34 @@ def _finetune_steps(plan: _Plan) -> None:
             for seed in cfg.seeds:
                 name = f"finetune/{label}/seed{seed}"
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
-                          "training": cfg.training.model_dump(exclude=_NOT_HASHED), "eval": cfg.eval.model_dump(),
-                          "launch": cfg.launch.step_params()}
+                          "training": _training_params(cfg, spec), "eval": cfg.eval.model_dump(),
+                          "launch": cfg.launch.step_params(), **_monitor_params(cfg, spec)}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
                                                              plan.base_dir), depends=deps, resumable=True)
                 plan.out.results.setdefault(label, []).append(_read_results(rec.dir))
 
 
-# How a step runs, not what it computes: left out of the step hash, so turning it on reruns nothing.
+# Settings only one runner method reads: they stay out of the other methods' step hashes, so adding
+# them changed no existing run's hashes and changing them reruns only that method.
+_METHOD_ONLY_TRAINING = {"lisa_layers": "lisa", "lisa_interval": "lisa"}
+# How a step runs, not what it computes: left out of every step hash, so turning it on reruns nothing.
 _NOT_HASHED = {"gradient_checkpointing"}
+
+
+def _training_params(cfg: PipelineConfig, spec: PipelineMethod) -> dict[str, Any]:
+    only_others = {k for k, runner in _METHOD_ONLY_TRAINING.items() if spec.runner != runner}
+    return cfg.training.model_dump(exclude=only_others | _NOT_HASHED)
+
+
+def _monitors(cfg: PipelineConfig, spec: PipelineMethod) -> list[str]:
+    """The monitored tasks a fine-tuning step evaluates (CPI-FT's trainer takes none yet)."""
+    return list(cfg.monitor) if spec.trainer != "cpi-ft" else []
+
+
+def _monitor_params(cfg: PipelineConfig, spec: PipelineMethod) -> dict[str, Any]:
+    """``monitor`` in a step's hash only when set: runs without it keep the hashes they always had."""
+    monitors = _monitors(cfg, spec)
+    return {"monitor": monitors} if monitors else {}
 
 
 def _report_step(plan: _Plan, dry: bool) -> PipelineResult:
@@ -297,19 +317,45 @@ def _model_step(runner: StepRunner, side: str, spec: ModelSpec, base_dir: Path,
     return str(model_dir), step
 
 
-def _every_tenth(say: Callable[[str], None]) -> Callable[[str, int, int], None]:
-    """A ``(stage, done, total)`` progress callback: a line with rate and ETA every 10% of a long loop."""
+def _every_tenth(say: Callable[[str], None], quiet_for: float = 0.0) -> Callable[[str, int, int | None], None]:
+    """A ``(stage, done, total)`` progress callback: a line with rate and ETA every 10% of a long loop,
+    and at least every 30 s (under load 10% of pretraining took minutes); ``quiet_for``: seconds a
+    stage runs before its first line (probes and short stages stay one line each)."""
     from trace_transfer.report.console import ProgressLines
 
-    return ProgressLines(say, indent="       ")
+    return ProgressLines(say, indent="       ", max_interval=30.0, quiet_for=quiet_for)
 
 
-def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int):
+# A probe or fine-tuning stage shorter than this prints no progress lines (the step's [done] line says
+# how long it took).
+_QUIET_SECONDS = 5.0
+
+
+def _step_progress(say: Callable[[str], None], train_cfg: Any):
+    """A ``watch_steps`` watcher: each fine-tuning run's optimizer steps as progress lines (rate, ETA;
+    the number of steps is known when max_steps is set, else only the rate is printed)."""
+    lines = _every_tenth(say, quiet_for=_QUIET_SECONDS)
+
+    def start(run: Any) -> Callable[[], None]:
+        total = train_cfg.max_steps * run.steps_factor if train_cfg.max_steps > 0 else None
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            lines(f"stage {run.index} training", done[0], total)
+
+        return step
+
+    return start
+
+
+def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Callable[[str], None] = logger.info):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.probe import ProbeConfig, probe
 
         p = cfg.probe
-        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed, device=cfg.launch.device))
+        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed, device=cfg.launch.device),
+                    progress=_every_tenth(say, quiet_for=_QUIET_SECONDS))
         return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
 
     return fn
@@ -491,7 +537,8 @@ def _finetune_inputs(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineCo
         if core_step:
             coreset = str(runner.records[core_step].dir / (_task_key(task) + SUFFIX))
         stages.append(Stage(task, coreset))
-    opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share)
+    opts = MethodOptions(isolation=t.isolation, replay_share=t.replay_share, lisa_layers=t.lisa_layers,
+                         lisa_interval=t.lisa_interval)
     if spec.general_core:
         gdir = runner.records[GENERAL_CORES].dir
         # `score` names the CoreSet after the task; the glob finds it as written (a dry run has none yet).
@@ -525,9 +572,13 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
             _prune_checkpoints(d)
             return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
         else:
-            res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
-                               deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size, resume=True,
-                               progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device)
+            from trace_transfer.train.methods import watch_steps
+
+            with watch_steps(_step_progress(runner.say, train_cfg)):  # the runner reports stages, not steps
+                res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
+                                   deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size,
+                                   resume=True, progress=lambda msg: runner.say(f"       {msg}"),
+                                   device=cfg.launch.device, monitor=_monitors(cfg, spec))
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 

@@ -26,8 +26,12 @@ def format_duration(seconds: float) -> str:
 class ProgressLines:
     """A ``(stage, done, total)`` progress callback that writes plain lines with rate and ETA.
 
-    One line at every ``every`` share of a stage (10 % by default) and at its end; the rate counts
-    from the stage's first report, so a slow start-up (model load) does not distort it.
+    One line at every ``every`` share of a stage (10 % by default), also after ``max_interval``
+    seconds without one (a slow loop under load still says it is alive), and at its end; the rate
+    counts from the stage's first report, so a slow start-up (model load) does not distort it.
+    ``quiet_for``: say nothing about a stage until it has run that long (a pipeline of many
+    seconds-long stages would drown in lines); a stage that ends sooner says nothing at all.
+    A ``total`` of None (unknown length) gives ``stage done steps · rate`` every ``max_interval``.
 
     Example:
         >>> tick = ProgressLines(print)
@@ -36,31 +40,49 @@ class ProgressLines:
     """
 
     def __init__(self, say: Callable[[str], None], every: float = 0.1, unit: str = "steps", indent: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_interval: float | None = None,
+                 quiet_for: float = 0.0) -> None:
         self.say, self.every, self.unit, self.indent, self.clock = say, every, unit, indent, clock
+        self.max_interval, self.quiet_for = max_interval, quiet_for
         self._start: dict[str, tuple[float, int]] = {}
         self._next: dict[str, int] = {}
+        self._last: dict[str, float | None] = {}  # when the stage last got a line (None: never)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
         now = self.clock()
         if stage not in self._start or done < self._start[stage][1]:
             self._start[stage] = (now, done)
             self._next[stage] = 0
-        if not total or (done < total and done < self._next[stage]):
+            self._last[stage] = None
+        started, last = self._start[stage][0], self._last[stage]
+        if now - started < self.quiet_for and (total is None or done < total):
+            return
+        finished = total is not None and done >= total
+        overdue = self.max_interval is not None and now - (started if last is None else last) >= self.max_interval
+        if total is None:
+            if overdue:
+                self._last[stage] = now
+                self.say(self.indent + self.line(stage, done, None, now))
+            return
+        if not total or (finished and self.quiet_for and last is None and now - started < self.quiet_for):
+            return
+        if not (finished or done >= self._next[stage] or overdue):
             return
         self._next[stage] = done + max(1, int(total * self.every))
+        self._last[stage] = now
         self.say(self.indent + self.line(stage, done, total, now))
 
-    def line(self, stage: str, done: int, total: int, now: float | None = None) -> str:
+    def line(self, stage: str, done: int, total: int | None, now: float | None = None) -> str:
         """``stage done/total (pct) · rate · ETA`` (or the elapsed time once the stage is done)."""
         t0, d0 = self._start.get(stage, (now, done))
         elapsed = (now if now is not None else self.clock()) - t0
-        text = f"{stage} {done}/{total} ({100 * done // max(1, total)}%)"
+        text = f"{stage} {done} {self.unit}" if total is None else f"{stage} {done}/{total} ({100 * done // max(1, total)}%)"
         if done > d0 and elapsed > 0:
             rate = (done - d0) / elapsed
             text += f" · {rate:.1f} {self.unit}/s"
-            text += f" · took {format_duration(elapsed)}" if done >= total else \
-                f" · ETA {format_duration((total - done) / rate)}"
+            if total is not None:
+                text += f" · took {format_duration(elapsed)}" if done >= total else \
+                    f" · ETA {format_duration((total - done) / rate)}"
         return text
 
 

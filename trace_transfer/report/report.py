@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from trace_transfer.checkpoint import write_text_atomic
-from trace_transfer.report.summary import environment_line, markdown_table, spread_note, summary_rows
+from trace_transfer.report.summary import (MONITOR_NOTE, environment_line, markdown_table, monitor_rows, spread_note,
+                                           summary_rows)
 
 
 def _coresets(d: Path | None) -> dict[str, Path]:
@@ -142,6 +143,11 @@ def _plots(out: Path, results: dict[str, list[dict[str, Any]]], step_dirs: dict[
     return figs
 
 
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+
+
 def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str, list[dict[str, Any]]],
                  step_dirs: dict[str, Path]) -> list[Path]:
     """Write ``summary.json``, ``report.md`` and ``report.html`` (+ PNGs) into ``out``."""
@@ -162,6 +168,9 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str
           f"Scores in % ({spread_note(summary)}): final score per task after the last stage, average (AA), "
           "change of AA against the best baseline, BWT and FWT (GEM definitions, denominator T−1).", "",
           markdown_table(summary), ""]
+    monitored = monitor_rows(summary)
+    if monitored:
+        md += [MONITOR_NOTE, "", markdown_table(summary, monitor_rows), ""]
     n_head = len(md)
     verdict = (summary.get("layer_map") or {}).get("verdict")
     if verdict:
@@ -175,9 +184,9 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str
         md += [f"## {title}", "", f"![{title}]({p.name})", "", *([caption(p), ""] if caption(p) else [])]
     md += ["## Conventions", "", *[f"- **{k}**: {v}" for k, v in summary["conventions"].items()], ""]
     write_text_atomic(out / "report.md", "\n".join(md))
-    header, rows = summary_rows(summary)
-    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+    tables = f"<div class='scroll'>{_html_table(*summary_rows(summary))}</div>"
+    if monitored:
+        tables += f"<p>{html.escape(MONITOR_NOTE)}</p><div class='scroll'>{_html_table(*monitored)}</div>"
     imgs = "".join(
         f"<figure><h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'/><figcaption>{html.escape(caption(p))}</figcaption></figure>"
@@ -193,7 +202,7 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], results: dict[str
         "img{max-width:100%;height:auto}figcaption{color:#444;max-width:50em}</style></head><body>"
         f"<h1>trace-transfer run: {html.escape(str(getattr(cfg, 'name', 'run')))}</h1>"
         f"<p>Tasks: {html.escape(' → '.join(summary['tasks']))}; seeds {summary.get('seeds')}; "
-        f"scores in % ({html.escape(spread_note(summary))})</p><div class='scroll'>{table}</div>{notes}{imgs}"
+        f"scores in % ({html.escape(spread_note(summary))})</p>{tables}{notes}{imgs}"
         "</body></html>"
     )
     write_text_atomic(out / "report.html", page)

@@ -52,6 +52,9 @@ def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]],
             "fwt": _mean_std([run["metrics"].get("fwt") for run in runs]),
             "base": [_mean_std([run["R"][0][j] for run in runs]) for j in range(len(tasks))],
         }
+        monitored = _monitored(runs)
+        if monitored:  # only when monitored: summaries of runs without it stay as they were
+            entry["monitor"] = monitored
         methods[label] = entry
     reference = {k: v for k, v in methods.items() if k.split("@")[0] in baselines and v["aa"][0] is not None}
     best = max(reference, key=lambda k: reference[k]["aa"][0]) if reference else None
@@ -70,6 +73,39 @@ def summarise(cfg: Any, results: dict[str, list[dict[str, Any]]],
                 "plasticity": "R[j][j]: score on task j right after its own stage",
                 "spread": "mean ± sample std over seeds",
             }}
+
+
+def _monitored(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Monitored tasks (evaluated at every row, never trained): base and final score, over seeds."""
+    mon = [r["monitor"] for r in runs if r.get("monitor") and r["monitor"].get("rows")]
+    if not mon:
+        return None
+    names = list(mon[0]["tasks"])
+    return {"tasks": names,
+            "base": [_mean_std([m["rows"][0][j] for m in mon]) for j in range(len(names))],
+            "final": [_mean_std([m["rows"][-1][j] for m in mon]) for j in range(len(names))]}
+
+
+def monitor_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows of the monitored-tasks table (scores in %: base -> after the last stage, and the
+    change), or None when no method monitored a task."""
+    entries = {k: e["monitor"] for k, e in summary["methods"].items() if e.get("monitor")}
+    if not entries:
+        return None
+    tasks = next(iter(entries.values()))["tasks"]
+    rows = []
+    for label, m in entries.items():
+        cells = []
+        for j in range(len(tasks)):
+            (b, _), final = m["base"][j], m["final"][j]
+            change = "" if b is None or final[0] is None else f" ({100 * (final[0] - b):+.1f})"
+            cells.append(f"{_fmt(m['base'][j])} → {_fmt(final)}{change}")
+        rows.append([label, *cells])
+    return ["method", *[f"{name}: base → last stage" for name in tasks]], rows
+
+
+MONITOR_NOTE = ("Monitored tasks, never trained: score of the base model → after the last stage (change). A drop is "
+                "forgetting of what the model could do before fine-tuning; these scores are not part of the table above.")
 
 
 def environment() -> dict[str, Any]:
@@ -131,8 +167,9 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
-    header, rows = summary_rows(summary)
+def markdown_table(summary: dict[str, Any], rows_of: Any = None) -> str:
+    """The results table as markdown (``rows_of``: another ``summary -> (header, rows)``, e.g. :func:`monitor_rows`)."""
+    header, rows = (rows_of or summary_rows)(summary)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -154,3 +191,11 @@ def print_table(summary: dict[str, Any], title: str | None = None) -> None:
         table.add_row(*r)
     env = environment_line(summary)
     print_rich(table, *([Text(env, style="dim")] if env else []))
+    monitored = monitor_rows(summary)
+    if monitored:
+        watch = Table(title="monitored tasks, never trained (%)")
+        for i, h in enumerate(monitored[0]):
+            watch.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for r in monitored[1]:
+            watch.add_row(*r)
+        print_rich(watch)
