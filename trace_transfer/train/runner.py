@@ -29,6 +29,7 @@ and resumed take exactly the same path and give bit-identical weights and scores
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import os
 import random
@@ -256,6 +257,13 @@ def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size, spread: 
             for name, r in results.items()}
 
 
+def _stage_extras(tmp: Path, k: int, stage_info: dict[str, Any]) -> None:
+    """stage.json into a stage's finished temp dir, just before it is renamed into place."""
+    write_json_atomic(tmp / "stage.json", stage_info)
+    if os.environ.get(KILL_ENV) == f"{k}:save":  # test hook: die with the checkpoint written, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _save_checkpoint(model, tokenizer, out: Path, k: int, stage_info: dict[str, Any]) -> Path:
     """HF directory (safetensors + tokenizer) written to a temp dir, then renamed into place."""
     final = _stage_dir(out, k)
@@ -265,14 +273,21 @@ def _save_checkpoint(model, tokenizer, out: Path, k: int, stage_info: dict[str, 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "stage.json", stage_info)
-        if os.environ.get(KILL_ENV) == f"{k}:save":  # test hook: die with the checkpoint written, not yet renamed
-            os.kill(os.getpid(), signal.SIGKILL)
+        _stage_extras(tmp, k, stage_info)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return final
+
+
+def _save_checkpoint_streaming(model, tokenizer, out: Path, k: int, stage_info: dict[str, Any]) -> None:
+    """Collective (every rank calls it): stage k's HF directory streamed from a ZeRO-3-sharded model one
+    tensor at a time, rank 0 writing; same files and the same temp-dir-then-rename as ``_save_checkpoint``."""
+    from trace_transfer.train.ds import save_consolidated
+
+    save_consolidated(model, _stage_dir(out, k), tokenizer,
+                      before_publish=lambda tmp: _stage_extras(tmp, k, stage_info))
 
 
 def _kill_hook(stage: int) -> Callable[[int, float], None] | None:
@@ -467,8 +482,44 @@ class _Run:
         self.say(f"stage {k}/{n_plans} ({self.method}, {label}): {len(examples)} examples, "
                  f"{prepared.info.get('trainable_params', '?')} trainable parameters")
         batches = _batch_fn(features, stage_cfg.batch_size, pad_id_of(self.tokenizer), seed)
+
+        def stage_record(result) -> dict[str, Any]:
+            record = {
+                "stage": k,
+                "tasks": [task_names[t] for t in plan.tasks],
+                "coreset": self.stages[plan.tasks[0]].coreset if len(plan.tasks) == 1 else None,
+                "seed": seed,
+                "num_examples": len(examples),
+                "train": result.to_dict(),
+                "method_info": prepared.info,
+                "config": stage_cfg.to_dict(),
+                "device": self.device if self.deepspeed_config is None else "deepspeed",
+            }
+            self.stage_records.append(record)
+            return record
+
+        def trained(record: dict[str, Any]) -> None:
+            self.say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
+                     f"evaluating")
+
+        if self.deepspeed_config is not None and not _finish_merges_weights(prepared):
+            # Collective, and no rank ever holds the whole model: every rank trains its shard, the stage
+            # is streamed to disk from the still-sharded engine (rank 0 writes, tensor by tensor), the
+            # shards are released, and the stage is evaluated from its checkpoint, which is also where
+            # stage k+1 starts. The method's finish() is not needed: the save folds sparse deltas itself.
+            def save(engine, result) -> None:
+                _save_checkpoint_streaming(prepared.model, self.tokenizer, self.out, k, stage_record(result))
+
+            _train_deepspeed(prepared, batches, stage_cfg, self.deepspeed_config, _kill_hook(k), save=save)
+            del model, prepared  # an empty shell by now; dropping it lets go of the engine's last references
+            gc.collect()
+
+            trained(self.stage_records[-1])
+            self.evaluate_saved_stage(k)
+            return
+
         if self.deepspeed_config is not None:
-            # Collective: every rank trains, and every rank gets the model back unsharded.
+            # LoRA: merging adapters needs the weights whole, so every rank gets the model back unsharded.
             result = _train_deepspeed(prepared, batches, stage_cfg, self.deepspeed_config, _kill_hook(k))
         else:
             result = train(prepared.model, batches, stage_cfg, params=prepared.params,
@@ -476,23 +527,11 @@ class _Run:
         model = prepared.finish(prepared.model)
         for p in model.parameters():
             p.requires_grad_(True)
-        record = {
-            "stage": k,
-            "tasks": [task_names[t] for t in plan.tasks],
-            "coreset": self.stages[plan.tasks[0]].coreset if len(plan.tasks) == 1 else None,
-            "seed": seed,
-            "num_examples": len(examples),
-            "train": result.to_dict(),
-            "method_info": prepared.info,
-            "config": stage_cfg.to_dict(),
-            "device": self.device if self.deepspeed_config is None else "deepspeed",
-        }
-        self.stage_records.append(record)
+        record = stage_record(result)
 
         def save_and_evaluate() -> None:
             _save_checkpoint(model, self.tokenizer, self.out, k, record)
-            self.say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
-                     f"evaluating")
+            trained(record)
             self.evaluate_into(model, k)
             self.write_results()
 
@@ -687,7 +726,14 @@ class _Ranks:
         return value
 
 
-def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step):
+def _finish_merges_weights(prepared) -> bool:
+    """LoRA's finish() merges its adapters into the weights, which needs them whole on a rank."""
+    return hasattr(prepared.model, "merge_and_unload")
+
+
+def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step, save=None):
+    """Train under DeepSpeed; with ``save(engine, result)`` the model is saved from the sharded engine
+    and then released on every rank (nothing returned in memory), else handed back unsharded."""
     try:
         from trace_transfer.train.ds import deepspeed_train
     except ImportError as exc:
@@ -695,7 +741,8 @@ def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step):
             "--deepspeed needs trace_transfer.train.ds and the deepspeed package: pip install 'trace-transfer[deepspeed]'"
         ) from exc
     return deepspeed_train(prepared.model, batches, cfg, deepspeed_config, params=prepared.params,
-                           on_step=on_step, after_step=prepared.after_step)
+                           on_step=on_step, after_step=prepared.after_step, unshard=save is None,
+                           before_teardown=save)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

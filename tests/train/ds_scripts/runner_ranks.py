@@ -44,17 +44,31 @@ def main(model: str, stages: list[list[str]], out: str, ds_config: str, mode: st
         return plot(rows, tasks, labels, path, **kwargs)
 
     plots.plot_accuracy_matrix = plot_logged
-    save = runner._save_checkpoint
+    # The DeepSpeed path saves collectively, streaming from the (here plain) model: every rank takes
+    # part, rank 0 alone writes. "fail" makes rank 0's first tensor write fail, as a full disk would.
+    save = runner._save_checkpoint_streaming
 
     def save_logged(model, tokenizer, out_dir, k, info):
-        writes.append(str(Path(out_dir) / f"stage_{k}"))
-        if mode == "fail":
-            raise OSError("no space left on device (simulated)")
+        if rank == 0:
+            writes.append(str(Path(out_dir) / f"stage_{k}"))
         return save(model, tokenizer, out_dir, k, info)
 
-    runner._save_checkpoint = save_logged
-    runner._train_deepspeed = lambda prepared, batches, cfg, ds, on_step: train(
-        prepared.model, batches, cfg, params=prepared.params, after_step=prepared.after_step)
+    runner._save_checkpoint_streaming = save_logged
+    if mode == "fail" and rank == 0:
+        from trace_transfer.checkpoint import StreamingShardWriter
+
+        def full_disk(self, name, tensor):
+            raise OSError("no space left on device (simulated)")
+
+        StreamingShardWriter.add = full_disk
+
+    def plain_train(prepared, batches, cfg, ds, on_step, save=None):
+        result = train(prepared.model, batches, cfg, params=prepared.params, after_step=prepared.after_step)
+        if save is not None:  # what deepspeed_train does before tearing the engine down
+            save(None, result)
+        return result
+
+    runner._train_deepspeed = plain_train
     if rank == 1:
         check = runner._check_resume
 
