@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from trace_transfer.cli._output import force_option
@@ -19,10 +21,12 @@ from trace_transfer.train.config import TrainConfig
                              "gradient_checkpointing"])
 @click_options(ProbeConfig, ["fisher", "fisher_at", "fisher_batches", "fisher_elements", "max_examples", "device"])
 @click_options(TrainConfig, ["seed"])
+@click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,
+              help="DeepSpeed ZeRO-2/3 JSON config: launch with torchrun / deepspeed; --batch-size is then per rank.")
 @force_option
 def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, precision, fisher, fisher_at,
             fisher_batches, fisher_elements, max_examples, device, seed,
-            gradient_checkpointing, force):
+            gradient_checkpointing, deepspeed_config, force):
     """Warm-start fine-tune MODEL on TASK and write the probe directory.
 
     \b
@@ -32,6 +36,8 @@ def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, pr
     \b
     Example:
       trace-transfer probe --model tiny --task synthetic:math --out probes/math --max-steps 100 --lr 3e-4
+      torchrun --nproc_per_node=8 -m trace_transfer probe --model M --task T --out probes/t \\
+        --deepspeed examples/deepspeed/ds_zero3.json
     """
     from trace_transfer.checkpoint import output_dir
     from trace_transfer.cli._progress import progress_bars
@@ -41,8 +47,19 @@ def command(model, task, out_dir, epochs, max_steps, lr, batch_size, seq_len, pr
                                 precision=precision, fisher=fisher, fisher_at=fisher_at, fisher_batches=fisher_batches,
                                 fisher_elements=fisher_elements, max_examples=max_examples, device=device, seed=seed,
                                 gradient_checkpointing=gradient_checkpointing)
-    with output_dir(out_dir, force, "probe directory"), progress_bars() as bar:
-        res = probe(model, task, out_dir, cfg, progress=bar)
+    if deepspeed_config is not None:
+        from trace_transfer.probe.distributed import probe_deepspeed
+
+        with progress_bars() as bar:  # every rank runs this; rank 0 alone claims OUT, writes and reports
+            res = probe_deepspeed(model, task, out_dir, cfg, ds_config=deepspeed_config, progress=bar, force=force)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+    else:
+        from trace_transfer.probe.distributed import require_single_process
+
+        require_single_process()
+        with output_dir(out_dir, force, "probe directory"), progress_bars() as bar:
+            res = probe(model, task, out_dir, cfg, progress=bar)
     first, last = res.first_loss, res.final_loss
     loss = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no steps"
     click.echo(f"probe {res.task}: {res.steps} steps, {loss}; Fisher {fisher} at {fisher_at} "

@@ -1,0 +1,61 @@
+"""Worker for tests/probe/test_probe_distributed.py, run by `torchrun --nproc_per_node=2` with
+DS_ACCELERATOR=cpu: the distributed probe under each ZeRO stage named, into OUT/<phase>.
+
+usage: _ds_probe_ranks.py MODEL OUT zero3,zero2,zero3-base  (zero3 goes through the CLI)
+"""
+
+import sys
+from pathlib import Path
+
+# The single-process reference uses batch 4; here 2 ranks × micro-batch 2 make the same global batch.
+SETTINGS = dict(max_steps=3, lr=1e-3, seq_len=32, seed=0, precision="fp32")  # each one a CLI flag too
+SINGLE_BATCH, WORLD = 4, 2
+
+
+def write_task(folder: Path) -> Path:
+    """A task YAML of sums with zero-padded answers: every sequence has the same number of tokens and
+    of response tokens, so each rank's micro-batch mean loss weighs its tokens as the global-batch mean
+    does (the warm start under DeepSpeed averages the ranks' means; the Fisher is exact regardless)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, offset in (("train", 0), ("eval", 16)):
+        rows = [{"prompt": f"{i * 7 % 50:02d}+{i * 13 % 50:02d}=", "response": f"{i * 7 % 50 + i * 13 % 50:03d}"}
+                for i in range(offset, offset + 16)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = folder / "fixed_sums.yaml"
+    task.write_text("name: fixed-sums\ndata: {files: {train: train.jsonl, eval: eval.jsonl}}\n"
+                    "splits: {train: train, eval: eval}\nmetric: exact_match\n")
+    return task
+
+
+def zero(stage: int) -> dict:
+    conf = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": stage}, "steps_per_print": 1000, "wall_clock_breakdown": False}
+    if stage == 3:  # tiny model: every tensor goes through partitioning rather than staying persistent
+        conf["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
+    return conf
+
+
+def main(model: str, out: Path, phases: list[str]) -> None:
+    from trace_transfer.cli import main as cli
+    from trace_transfer.probe import ProbeConfig
+    from trace_transfer.probe.distributed import probe_deepspeed
+
+    task = str(out / "task" / "fixed_sums.yaml")  # the test writes it and zero3.json before the launch
+    for phase in phases:
+        stage = int(phase[len("zero")])
+        at = "base" if phase.endswith("-base") else "probe"
+        if phase == "zero3":  # through the CLI: --deepspeed, rank-0 output claim, flags -> ProbeConfig
+            args = ["probe", "--model", model, "--task", task, "--out", str(out / phase), "--deepspeed",
+                    str(out / "zero3.json"), "--batch-size", str(SINGLE_BATCH // WORLD)]
+            for key, value in SETTINGS.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+            cli.main(args, standalone_mode=False)
+            continue
+        cfg = ProbeConfig.from_flat(**SETTINGS, batch_size=SINGLE_BATCH // WORLD, fisher_at=at)
+        probe_deepspeed(model, task, out / phase, cfg, ds_config=zero(stage))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(","))
