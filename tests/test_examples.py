@@ -160,7 +160,7 @@ def test_paper_configs_name_the_paper_setting():
         assert [Path(t).name for t in cfg.tasks] == ["gsm8k_rft.yaml", "medqa.yaml", "code_alpaca.yaml"]
         assert (cfg.probe.epochs, cfg.probe.lr, cfg.training.epochs, cfg.training.lr, cfg.training.seq_len) == (
             1, 2e-5, 3, 2e-5, 1024)
-        # every method the pipeline can launch under DeepSpeed (all but cpi-ft, so far)
+        # every method the pipeline can launch under DeepSpeed (all but lisa)
         assert set(cfg.methods) == set(PIPELINE_METHODS.where(lambda e: e.obj.deepspeed)) and len(cfg.seeds) >= 3
         assert cfg.training.grad_accum == 4  # the official run's accumulation
         assert cfg.launch.nproc_per_node == 8 and cfg.launch.deepspeed.endswith("ds_zero3.json")

@@ -95,6 +95,23 @@ def test_hostfile_launches_once_with_the_deepspeed_launcher(tmp_path):
     assert "--module trace_transfer finetune" in launch and "# every node" not in lines
 
 
+def test_cpi_ft_passes_check_and_launches_the_cpi_ft_command_under_deepspeed(tmp_path):
+    tasks = ["synthetic:math", "synthetic:medical"]
+    cfg = _config(tmp_path, tasks=tasks, methods=["cpi-ft"], launch={"deepspeed": "ds.json", "nproc_per_node": 2})
+    res = CliRunner().invoke(main, ["run", cfg, "--check"])
+    assert res.exit_code == 0 and "valid" in res.output, res.output
+    lines = _dry([cfg, "--out", "runs/x"])
+    launch = next(ln for ln in lines if ln.startswith("torchrun"))
+    argv = shlex.split(launch)
+    assert argv[argv.index("-m") + 1:][:2] == ["trace_transfer", "cpi-ft"]
+    assert "--deepspeed" in argv and "--resume" in argv and "--out" in argv
+    # Every rank's arguments are ones `trace-transfer cpi-ft` accepts, the tasks in the config's order.
+    args = argv[argv.index("cpi-ft") + 1:]
+    params = main.commands["cpi-ft"].make_context("cpi-ft", args).params
+    assert list(params["tasks"]) == tasks and params["deepspeed_config"] == str(tmp_path / "ds.json")
+    assert (params["lr"], params["max_steps"], params["eval_limit"]) == (1e-3, 1, 2)
+
+
 @pytest.mark.parametrize("launch,problem", [
     ({"deepspeed": "ds.json", "nnodes": 2}, "needs the rendezvous"),
     ({"nnodes": 2, "rdzv_endpoint": "h:1"}, "needs launch.deepspeed"),

@@ -48,13 +48,15 @@ from trace_transfer.train.config import TrainConfig
               help="Evaluate the first N examples of each task.")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,
+              help="DeepSpeed JSON config for steps 1 and 5 (launch with torchrun / deepspeed).")
 @click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")
 @click_options(DeviceConfig, ["device"])
 @allow_code_exec_option
 def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
             keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
-            weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume, plot,
-            device, gradient_checkpointing) -> None:
+            weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume,
+            deepspeed_config, plot, device, gradient_checkpointing) -> None:
     """CPI-FT: per-task fine-tuning -> core regions -> clustering -> transplant + SLERP -> pipeline SFT.
 
     Evaluated like `trace-transfer finetune` (OUT/results.json with R, AA, BWT, FWT; row 0 = MODEL).
@@ -63,6 +65,10 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
     Example:
       trace-transfer cpi-ft --model tiny --task synthetic:math --task synthetic:medical --task synthetic:code \\
           --ratio 0.01 --tau 0.1 --max-steps 150 --lr 3e-4 --batch-size 32 --out runs/cpi-ft --plot
+
+    \b
+    Under DeepSpeed, steps 1 and 5 train on every rank and the rest runs on rank 0:
+      torchrun --nproc_per_node 8 -m trace_transfer cpi-ft --deepspeed examples/deepspeed/ds_zero3.json ...
     """
     from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
     from trace_transfer.train.loop import TrainConfig
@@ -75,9 +81,11 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
                                                     ("lr", sft_lr)) if v is not None})
     cfg = CpiFtConfig(ratio=ratio, granularity=granularity, scope=scope, tau=tau, cluster_method=cluster_method,
                       collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
-    cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
-           eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True),
-           device=device)
+    result = cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
+                    eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True),
+                    device=device, deepspeed_config=deepspeed_config)
+    if result.rank != 0:  # under torchrun every rank returns here; one table is enough
+        return
     if plot:  # training returns results; the report draws them
         from trace_transfer.report.plots import plot_cpi_ft
 

@@ -1,6 +1,7 @@
 """The launch lines of a pipeline: how its multi-process steps start, and ``run --dry-run``.
 
-A fine-tuning step under DeepSpeed runs as ``trace-transfer finetune --deepspeed`` under a launcher:
+A fine-tuning step under DeepSpeed runs as ``trace-transfer finetune --deepspeed`` (``cpi-ft --deepspeed`` for
+CPI-FT) under a launcher:
 
 * one node: ``torchrun`` on ``launch.nproc_per_node`` local processes (the pipeline starts it itself);
 * several nodes: ``torchrun --nnodes N --node_rank R --rdzv_endpoint HOST:PORT`` on *every* node, or
@@ -26,7 +27,7 @@ from typing import Any
 
 from trace_transfer.pipeline.steps import StepRecord, step_hash
 
-__all__ = ["Command", "DryRunner", "finetune_args", "launch_argv", "dry_run", "format_commands"]
+__all__ = ["Command", "DryRunner", "finetune_args", "cpi_ft_args", "launch_argv", "dry_run", "format_commands"]
 
 # Left unquoted in a printed command, so the cluster script's shell fills in this node's rank.
 NODE_RANK_VAR = "${NODE_RANK:?}"  # the shell refuses an unset NODE_RANK (SLURM: NODE_RANK=$SLURM_NODEID)
@@ -61,22 +62,40 @@ def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, tr
                   cfg: Any) -> list[str]:
     """``-m trace_transfer finetune ...``: what every rank of a fine-tuning launch runs (``--resume``:
     a relaunch continues after the last complete stage)."""
-    args = ["-m", "trace_transfer", "finetune",
-            "--model", target, "--method", method, "--out", str(d), "--resume", "--deepspeed", ds,
-            "--lr", repr(train_cfg.lr), "--epochs", repr(train_cfg.epochs), "--max-steps", str(train_cfg.max_steps),
-            "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
-            "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
-            "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
-            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size),
+    args = ["-m", "trace_transfer", "finetune", "--model", target, "--method", method,
+            *_common_args(d, train_cfg, ds, cfg),
             "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
-    if cfg.eval.limit is not None:
-        args += ["--eval-limit", str(cfg.eval.limit)]
     if opts.general_coreset:
         args += ["--general-coreset", opts.general_coreset]
     for m in getattr(cfg, "monitor", ()):  # evaluated at every row, never trained (pipeline `monitor:`)
         args += ["--monitor", m]
     for st in stages:
         args += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
+    return args
+
+
+def cpi_ft_args(d: Path, target: str, tasks: list[str], train_cfg: Any, ds: str, cfg: Any) -> list[str]:
+    """``-m trace_transfer cpi-ft ...``: what every rank of a CPI-FT launch runs, with the settings the
+    pipeline's in-process call uses (``CpiFtConfig()`` defaults; step 5 trains like step 1)."""
+    args = ["-m", "trace_transfer", "cpi-ft", "--model", target, *_common_args(d, train_cfg, ds, cfg)]
+    for task in tasks:
+        args += ["--task", task]
+    return args
+
+
+def _common_args(d: Path, train_cfg: Any, ds: str, cfg: Any) -> list[str]:
+    """The flags ``finetune`` and ``cpi-ft`` share: run dir (resumed on a relaunch), DeepSpeed config,
+    training settings and evaluation."""
+    args = ["--out", str(d), "--resume", "--deepspeed", ds,
+            "--lr", repr(train_cfg.lr), "--epochs", repr(train_cfg.epochs), "--max-steps", str(train_cfg.max_steps),
+            "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
+            "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
+            "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
+            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size)]
+    if getattr(train_cfg, "gradient_checkpointing", False):
+        args.append("--gradient-checkpointing")
+    if cfg.eval.limit is not None:
+        args += ["--eval-limit", str(cfg.eval.limit)]
     return args
 
 

@@ -62,7 +62,8 @@ class PipelineMethod:
     lr_sweep: bool = field(default=False, metadata={
         "help": "also fine-tune at each training.lr_sweep rate (one result label per rate)"})
     deepspeed: bool = field(default=True, metadata={
-        "help": "can run under launch.deepspeed (torchrun + `trace-transfer finetune --deepspeed`)"})
+        "help": "can run under launch.deepspeed (torchrun + `trace-transfer finetune --deepspeed`, or "
+                "`cpi-ft --deepspeed` for trainer='cpi-ft')"})
     baseline: bool = field(default=False, metadata={
         "help": "a reference method: the summary reports every method's AA change against the best baseline"})
 
@@ -176,7 +177,7 @@ register_pipeline_method("transfer-lf-tensor", runner="trace", cores="transfer",
 register_pipeline_method("cheap-lf", runner="trace", cores="cheap", strategy="lf", refine=True,
                          description="no source: the global top ratio by the refine signal on the target "
                                      "(the source-free control at the same target cost)")
-register_pipeline_method("cpi-ft", trainer="cpi-ft", deepspeed=False,
+register_pipeline_method("cpi-ft", trainer="cpi-ft",
                          description="CPI-FT: per-task FT, cluster by core overlap, transplant + SLERP, pipelined SFT")
 register_pipeline_method("general-core", runner="general-core", general_core=True,
                          description="freeze the target's general-task core, fine-tune its complement")

@@ -559,15 +559,16 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         from trace_transfer.train.runner import run_sequence
 
         stages, opts, train_cfg = _finetune_inputs(spec, lr, seed, cfg, runner, core_step)
-        if spec.trainer == "cpi-ft":
+        if spec.trainer == "cpi-ft" and not ds:
             from trace_transfer.surgery.cpi_ft import CpiFtConfig, cpi_ft
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
                          eval_batch_size=cfg.eval.batch_size, resume=True,
                          progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device)
         elif ds:
-            # DeepSpeed needs one process per GPU: launch the fine-tuning step under torchrun, while the
-            # pipeline itself (probes, scoring, CKA, transfer, report) stays one process.
+            # DeepSpeed needs one process per GPU: launch the fine-tuning step (finetune, or the whole of
+            # cpi-ft) under torchrun, while the pipeline itself (probes, scoring, CKA, transfer, report)
+            # stays one process.
             results = _launch_distributed(d, fn.launch_args(d), cfg, runner.say)
             _prune_checkpoints(d)
             return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
@@ -582,12 +583,14 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 
-    if ds and spec.trainer != "cpi-ft":
+    if ds:
         def launch_args(d: Path) -> list[str]:
             """What every rank runs (the dry run prints it behind its launcher)."""
-            from trace_transfer.pipeline.launch import finetune_args
+            from trace_transfer.pipeline.launch import cpi_ft_args, finetune_args
 
             stages, opts, train_cfg = _finetune_inputs(spec, lr, seed, cfg, runner, core_step)
+            if spec.trainer == "cpi-ft":
+                return cpi_ft_args(d, target, list(cfg.tasks), train_cfg, ds, cfg)
             return finetune_args(d, target, stages, spec.runner, opts, train_cfg, ds, cfg)
 
         fn.launch_args = launch_args  # type: ignore[attr-defined]

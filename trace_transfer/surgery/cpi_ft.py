@@ -27,6 +27,11 @@ The five steps, each a library piece that can also be run on its own:
    ``freeze="prior"`` (the paper's wording: "freezing core regions from prior tasks") freezes only
    the cores of tasks trained in earlier stages.
 
+Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank takes part in the training steps 1
+and 5 (ZeRO shards them; the runner saves and evaluates on rank 0); the steps in between (core
+regions, clustering, transplant + SLERP, the frozen CoreSets) and the results run on rank 0 alone
+while the other ranks wait, and a failure there is raised on every rank. Only rank 0 writes files.
+
 Evaluation is the runner's: ``OUT/results.json`` has the runner's shape; row 0 of ``R`` is the
 **base model** (as for every other method), rows 1.. are after each SFT stage; the merged model
 before SFT and each task's single-task fine-tuned score are recorded under ``cpi_ft``.
@@ -73,7 +78,7 @@ from trace_transfer.surgery.merge import MERGE_COLLISION_RULES, MergeOptions, me
 from trace_transfer.surgery.modes import FREEZE_MODES, SFT_MODES
 from trace_transfer.train.loop import TrainConfig
 from trace_transfer.train.methods import Stage, get_method
-from trace_transfer.train.runner import RunResult
+from trace_transfer.train.runner import RunResult, _Ranks
 
 __all__ = ["cpi_ft", "CpiFtConfig", "CpiFtResult", "core_regions", "SFT_MODES", "FREEZE_MODES"]
 
@@ -194,6 +199,7 @@ def cpi_ft(
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
     device: str = "auto",
+    deepspeed_config: str | Path | None = None,
 ) -> CpiFtResult:
     """Run CPI-FT end to end (see the module docstring) and evaluate it like the sequential runner.
 
@@ -207,71 +213,110 @@ def cpi_ft(
         resume: continue an interrupted run in ``out_dir`` (steps already complete are kept).
         progress: called with one-line status messages.
         device: where steps 1 and 5 train and evaluate (``auto``/``cpu``/``cuda[:i]``, as ``run_sequence``).
+        deepspeed_config: a DeepSpeed JSON config: steps 1 and 5 train under it on every rank of a
+            ``torchrun``/``deepspeed`` launch (collective: call this on every rank); ``device`` is then ignored.
 
     Returns:
-        :class:`CpiFtResult` (``R`` with the base model as row 0, metrics, ``cpi_ft`` details).
+        :class:`CpiFtResult` (``R`` with the base model as row 0, metrics, ``cpi_ft`` details; its
+        ``rank`` says which process returned it).
 
     Raises:
         ConfigError: fewer than two tasks, a task repeated, bad settings, ``out_dir`` holding another
-            run (or any run without ``resume``).
+            run (or any run without ``resume``), a DeepSpeed config that does not exist, or a
+            multi-process launch without one.
     """
     from trace_transfer.train.runner import run_sequence
 
     cfg = config or CpiFtConfig()
     ft_cfg = ft_cfg or TrainConfig(epochs=3.0)
     sft_cfg = sft_cfg or ft_cfg
-    say = progress or (lambda msg: logger.info(msg))
     refs = [str(t) for t in tasks]
     names = _task_names(refs)
     out = Path(out_dir)
+    ds = str(deepspeed_config) if deepspeed_config else None
     identity = {"model": str(model), "tasks": refs, "config": cfg.to_dict(), "ft": ft_cfg.to_dict(),
-                "sft": sft_cfg.to_dict(), "eval_limit": eval_limit}
+                "sft": sft_cfg.to_dict(), "eval_limit": eval_limit, "deepspeed_config": ds}
+    if ds and not Path(ds).is_file():  # before joining a process group: a typo should fail fast, not hang peers
+        raise ConfigError(f"DeepSpeed config not found: {ds}")
     _check_identity(out, identity, resume)
+    # Joins the process group under DeepSpeed; without it, refuses a multi-process launch (every rank
+    # would run the whole recipe and write the same files).
+    ranks = _Ranks(ds is not None)
+    say = (progress or (lambda msg: logger.info(msg))) if ranks.main else (lambda msg: None)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    write_json_atomic(out / "cpi_ft.json", {"identity": identity, "started": started, "versions": versions()})
+    ranks.barrier()  # every rank has checked OUT before rank 0 writes the marker a slower rank would see
+    ranks.on_main("writing cpi_ft.json", lambda: write_json_atomic(
+        out / "cpi_ft.json", {"identity": identity, "started": started, "versions": versions()}))
+    base = Path(_on_main_shared(ranks, "saving the base model", lambda: str(_local_base(model, out, say))))
+    common = {"eval_limit": eval_limit, "eval_batch_size": eval_batch_size, "device": device, "deepspeed_config": ds}
 
-    base = _local_base(model, out, say)
-
-    # Step 1: independent fine-tuning per task, then core regions.
+    # Step 1: independent fine-tuning per task (collective under DeepSpeed), then core regions.
     for ref, name in zip(refs, names):
         say(f"[1/5] fine-tuning {name} on its own")
         run_dir = out / "ft" / _safe(name)
-        run_sequence(base, [Stage(ref)], "full", run_dir, ft_cfg, eval_limit=eval_limit,
-                     resume=_started(run_dir), eval_batch_size=eval_batch_size, device=device)
+        run_sequence(base, [Stage(ref)], "full", run_dir, ft_cfg, resume=_started(run_dir), **common)
     tuned = {n: out / "ft" / _safe(n) / "stage_1" for n in names}
     core_files = {n: out / "cores" / coreset_filename(n) for n in names}
-    cores = _cores_of_run(base, tuned, core_files, cfg, say)
 
-    # Step 2: clustering.
-    clusters = cluster_tasks({n: cores[n] for n in names}, tau=cfg.tau, method=cfg.cluster_method)
-    clusters.provenance["inputs"] = {n: str(p) for n, p in core_files.items()}
-    clusters.save(out / "clusters.json")
-    say(f"[2/5] {len(clusters.groups)} group(s): " + " | ".join(", ".join(g) for g in clusters.groups))
+    # Steps 1b-4 and the frozen CoreSets of step 5 read and write files only: rank 0 alone.
+    kept: dict[str, Any] = {}  # rank 0's objects that the results need
 
-    # Steps 3+4: transplant cores, SLERP the rest, in one streaming pass.
-    say("[3-4/5] transplanting core regions and SLERP-fusing the rest")
-    merge = merge_models([tuned[n] for n in names], out / "merged", "transplant",
-                         coresets=[core_files[n] for n in names], base=base,
-                         options=MergeOptions(fill="slerp", collision=cfg.collision, per_row=cfg.per_row))
+    def analyse() -> dict[str, Any]:
+        cores = _cores_of_run(base, tuned, core_files, cfg, say)
 
-    # Step 5: pipeline SFT with core regions frozen.
-    order = [n for g in clusters.groups for n in g]
-    ref_of = dict(zip(names, refs))
-    stages, frozen_info = _sft_stages(order, clusters.groups, cores, ref_of, cfg, out / "frozen")
+        # Step 2: clustering.
+        clusters = cluster_tasks({n: cores[n] for n in names}, tau=cfg.tau, method=cfg.cluster_method)
+        clusters.provenance["inputs"] = {n: str(p) for n, p in core_files.items()}
+        clusters.save(out / "clusters.json")
+        say(f"[2/5] {len(clusters.groups)} group(s): " + " | ".join(", ".join(g) for g in clusters.groups))
+
+        # Steps 3+4: transplant cores, SLERP the rest, in one streaming pass.
+        say("[3-4/5] transplanting core regions and SLERP-fusing the rest")
+        merge = merge_models([tuned[n] for n in names], out / "merged", "transplant",
+                             coresets=[core_files[n] for n in names], base=base,
+                             options=MergeOptions(fill="slerp", collision=cfg.collision, per_row=cfg.per_row))
+        order = [n for g in clusters.groups for n in g]
+        stages, frozen_info = _sft_stages(order, clusters.groups, cores, dict(zip(names, refs)), cfg, out / "frozen")
+        kept.update(cores=cores, clusters=clusters, merge=merge, frozen_info=frozen_info)
+        return {"order": order, "stages": [[s.task, s.coreset] for s in stages]}
+
+    plan = _on_main_shared(ranks, "finding core regions, clustering and merging", analyse)
+    order, stages = plan["order"], [Stage(t, c) for t, c in plan["stages"]]
+
+    # Step 5: pipeline SFT with core regions frozen (collective under DeepSpeed).
     say(f"[5/5] pipeline SFT ({cfg.sft}, freeze {cfg.freeze}): " + " -> ".join(order))
-    sft = run_sequence(out / "merged", stages, SFT_METHOD, out / "sft", sft_cfg, eval_limit=eval_limit,
-                       resume=_started(out / "sft"), eval_batch_size=eval_batch_size, device=device)
+    sft = run_sequence(out / "merged", stages, SFT_METHOD, out / "sft", sft_cfg, resume=_started(out / "sft"),
+                       **common)
 
-    # Results in the runner's shape, row 0 = the base model.
-    paths = {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},
-             "clusters": str(out / "clusters.json"), "merged": str(out / "merged"), "sft": str(out / "sft")}
-    results = _cpi_results(out, sft, stages, order, clusters, {n: cores[n] for n in names}, merge, frozen_info,
-                           cfg, paths)
-    results["provenance"] = {**results.get("provenance", {}), "cpi_ft": identity, "base_model": str(base),
-                             "started": started, "versions": versions(),
-                             "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    _write_results(out, results, order)
-    return CpiFtResult(out, results)
+    def finish() -> dict[str, Any]:
+        """Results in the runner's shape, row 0 = the base model."""
+        paths = {"ft": {n: str(tuned[n]) for n in names}, "cores": {n: str(p) for n, p in core_files.items()},
+                 "clusters": str(out / "clusters.json"), "merged": str(out / "merged"), "sft": str(out / "sft")}
+        results = _cpi_results(out, sft, stages, order, kept["clusters"], {n: kept["cores"][n] for n in names},
+                               kept["merge"], kept["frozen_info"], cfg, paths)
+        results["provenance"] = {**results.get("provenance", {}), "cpi_ft": identity, "base_model": str(base),
+                                 "started": started, "versions": versions(),
+                                 "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        _write_results(out, results, order)
+        return results
+
+    results = ranks.on_main("writing the results", finish)
+    if not ranks.main:  # the other ranks return what rank 0 wrote
+        results = json.loads((out / "results.json").read_text())
+    return CpiFtResult(out, results, rank=ranks.rank)
+
+
+def _on_main_shared(ranks: _Ranks, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn`` on rank 0 while the other ranks wait (a failure raised on every rank, as ``on_main``), and
+    its result (plain data: strings, lists, dicts) returned on every rank."""
+    value = ranks.on_main(what, fn)
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 def _cores_of_run(base: Path, tuned: dict[str, Path], core_files: dict[str, Path], cfg: CpiFtConfig,
