@@ -66,6 +66,19 @@ def test_monitor_and_lisa_settings_enter_only_the_hashes_they_change(tmp_path):
     assert (opts.lisa_layers, opts.lisa_interval) == (2, 5)
 
 
+def test_deepspeed_launches_pass_the_monitor_on(tmp_path):
+    from trace_transfer.pipeline.launch import dry_run, format_commands
+
+    (tmp_path / "ds.json").write_text("{}")
+    spec = {**TINY, "monitor": ["synthetic:general"], "launch": {"deepspeed": "ds.json", "nproc_per_node": 2}}
+    cfg = _load(tmp_path, spec)
+    runner = DryRunner(tmp_path / "run")
+    run_pipeline(cfg, tmp_path / "run", base_dir=tmp_path, runner=runner)
+    lines = format_commands(dry_run(runner, cfg, tmp_path / "p.yaml", base_dir=tmp_path)).splitlines()
+    launch = next(line for line in lines if " finetune " in line)
+    assert "--monitor synthetic:general" in launch
+
+
 @pytest.mark.slow
 def test_a_monitored_pipeline_reports_the_monitor_rows(tmp_path):
     cfg = _load(tmp_path, {**TINY, "monitor": ["synthetic:general"]})

@@ -20,6 +20,7 @@ def test_finetune_lisa_flags_reach_the_method(tiny_llama, tmp_path):
                                     "--seq-len", "48", "--lr", "1e-3", "--eval-limit", "2",
                                     "--lisa-layers", "2", "--lisa-interval", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert "stage 1 training 4/4 (100%)" in res.output  # the stage's steps as progress (no TTY: plain lines)
     info = json.loads((out / "results.json").read_text())["per_stage"][0]["method_info"]
     assert (info["lisa_layers"], info["lisa_interval"]) == (2, 3)
     assert len(info["sampled"]) == 2 and all(len(d) == 2 for d in info["sampled"])  # first forward, after step 3

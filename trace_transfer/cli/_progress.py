@@ -3,7 +3,7 @@ terminal, plain lines (``stage 120/1200 (10%) · 3.2 steps/s · ETA 4m41s``) oth
 
 Library functions report ``(stage, done, total)``; this turns that into bars without the library
 knowing about terminals. Without a terminal (CI logs, ``2> log``) the bars' control characters would
-garble the log, so it gets one line per 10 % of each stage instead.
+garble the log, so it gets one line per 10 % of each stage (and at least every 30 s) instead.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
         yield lambda *_: None
         return
     if not console.is_terminal:
-        yield ProgressLines(lambda line: click.echo(line, err=True), unit="it")
+        # Also every 30 s: under load 10 % of a long stage can take minutes of silence.
+        yield ProgressLines(lambda line: click.echo(line, err=True), unit="it", max_interval=30.0)
         return
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)

@@ -64,6 +64,10 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     Writes OUT/stage_k/ (HF checkpoint + eval), OUT/results.json (R, AA, BWT, FWT, forgetting,
     provenance) and OUT/results.md. --resume continues an interrupted run.
     """
+    import os
+
+    from trace_transfer.cli._progress import progress_bars
+    from trace_transfer.train.methods import counting_steps, watch_steps
     from trace_transfer.train.runner import run_sequence
     from trace_transfer.train.stages import parse_stage
 
@@ -75,10 +79,13 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
     options = MethodOptions(isolation=isolation, replay_share=replay_share, general_coreset=general_coreset,
                             lora_r=lora_r, lora_alpha=lora_alpha, lisa_layers=lisa_layers,
                             lisa_interval=lisa_interval, masking=masking)
-    result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
-                          deepspeed_config=deepspeed_config, options=options,
-                          eval_batch_size=eval_batch_size, monitor=list(monitor),
-                          progress=lambda m: click.echo(m, err=True), device=device)
+    # Each stage's optimizer steps as a bar (plain lines with rate and ETA without a terminal); under
+    # torchrun only rank 0 shows them.
+    with progress_bars(enabled=os.environ.get("RANK", "0") == "0") as bar, watch_steps(counting_steps(bar, max_steps)):
+        result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
+                              deepspeed_config=deepspeed_config, options=options,
+                              eval_batch_size=eval_batch_size, monitor=list(monitor),
+                              progress=lambda m: click.echo(m, err=True), device=device)
     if result.rank == 0:  # under torchrun every rank returns here; one table is enough
         if plot:  # training returns results; the report draws them
             from trace_transfer.report.plots import plot_run

@@ -331,24 +331,6 @@ def _every_tenth(say: Callable[[str], None], quiet_for: float = 0.0) -> Callable
 _QUIET_SECONDS = 5.0
 
 
-def _step_progress(say: Callable[[str], None], train_cfg: Any):
-    """A ``watch_steps`` watcher: each fine-tuning run's optimizer steps as progress lines (rate, ETA;
-    the number of steps is known when max_steps is set, else only the rate is printed)."""
-    lines = _every_tenth(say, quiet_for=_QUIET_SECONDS)
-
-    def start(run: Any) -> Callable[[], None]:
-        total = train_cfg.max_steps * run.steps_factor if train_cfg.max_steps > 0 else None
-        done = [0]
-
-        def step() -> None:
-            done[0] += 1
-            lines(f"stage {run.index} training", done[0], total)
-
-        return step
-
-    return start
-
-
 def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Callable[[str], None] = logger.info):
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.probe import ProbeConfig, probe
@@ -573,9 +555,10 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
             _prune_checkpoints(d)
             return {"aa": results["metrics"]["aa"] if results.get("metrics") else None, "launched": "torchrun"}
         else:
-            from trace_transfer.train.methods import watch_steps
+            from trace_transfer.train.methods import counting_steps, watch_steps
 
-            with watch_steps(_step_progress(runner.say, train_cfg)):  # the runner reports stages, not steps
+            # The runner reports stages, not steps: each stage's steps as lines with rate and ETA.
+            with watch_steps(counting_steps(_every_tenth(runner.say, quiet_for=_QUIET_SECONDS), train_cfg.max_steps)):
                 res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
                                    deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size,
                                    resume=True, progress=lambda msg: runner.say(f"       {msg}"),

@@ -61,6 +61,7 @@ __all__ = [
     "get_method",
     "available_methods",
     "watch_steps",
+    "counting_steps",
 ]
 
 
@@ -169,6 +170,24 @@ def watch_steps(watcher: StepWatcher) -> Iterator[None]:
         yield
     finally:
         _STEP_WATCHER.reset(token)
+
+
+def counting_steps(tick: Callable[[str, int, int | None], None], max_steps: int) -> StepWatcher:
+    """A :func:`watch_steps` watcher that reports ``("stage K training", done, total)`` to a progress
+    callback (``ProgressLines``, the CLI's bars); ``total`` is ``max_steps`` x the run's steps factor,
+    or None when the steps follow from epochs (known only inside the loop)."""
+
+    def start(run: RunPlan) -> Callable[[], None]:
+        total = max_steps * run.steps_factor if max_steps > 0 else None
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            tick(f"stage {run.index} training", done[0], total)
+
+        return step
+
+    return start
 
 
 class _Watched:
