@@ -19,8 +19,9 @@ Every rank calls :func:`probe_deepspeed` (under ``torchrun`` / ``deepspeed``). H
 
 No rank holds more than its ZeRO partition plus one gathered tensor while training and while the
 Fisher and Δ are formed, and the shards are released afterwards (``deepspeed_train(unshard=False)``).
-One limit is shared with the runner: the bare fp32 model is loaded whole on every rank before
-``deepspeed.initialize`` partitions it (no ``zero.Init`` loading yet).
+Under ZeRO-3 a model given by reference is even loaded into its partitions (``zero.Init`` through
+transformers' ``HfDeepSpeedConfig``); under ZeRO-1/2, and for a model object, the bare fp32 model is
+whole on every rank until ``deepspeed.initialize`` partitions it (as in the runner).
 
 Example (2 GPUs)::
 
@@ -132,7 +133,18 @@ def probe_deepspeed(
     def bare_model() -> torch.nn.Module:  # fp32: the master weights must hold lr-2e-5 updates
         if isinstance(model, torch.nn.Module):
             return copy.deepcopy(model).to(dtype=torch.float32)
-        return load_model(model_ref, dtype=torch.float32, device="cpu")
+        if stage != 3:
+            return load_model(model_ref, dtype=torch.float32, device="cpu")
+        from deepspeed.accelerator import get_accelerator
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, from_pretrained builds the model under deepspeed.zero.Init and loads
+        # each tensor straight into its partitions: no rank ever holds the whole model.
+        zero3 = HfDeepSpeedConfig(conf)
+        try:
+            return load_model(model_ref, dtype=torch.float32, device=get_accelerator().current_device_name())
+        finally:
+            del zero3
 
     net = bare_model()
     task_obj = load_task(task) if isinstance(task, (str, Path)) else task
@@ -153,17 +165,18 @@ def probe_deepspeed(
     fisher_n = min(cfg.fisher_batches, n_global) if cfg.fisher_batches else n_global
     params = [(n, p) for n, p in net.named_parameters()]
     meta = {"task": task_obj.name, "model": model_ref}
-    stats: dict[str, dict[str, Any]] = {n: {"shape": list(p.shape), "numel": p.numel()} for n, p in params}
-    model_config, fingerprint = _config_dict(net), fingerprint_of(net)
+    # ds_shape: a parameter built under zero.Init is an empty placeholder with its real shape aside.
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params}
+    stats: dict[str, dict[str, Any]] = {n: {"shape": list(s), "numel": math.prod(s)} for n, s in shapes.items()}
+    model_config, fingerprint = _config_dict(net), fingerprint_of({n: (s, "") for n, s in shapes.items()})
 
-    snap = out / ".theta0"
-
-    def snapshot() -> None:  # θ0 on disk: the bare model is the only full copy held
-        with ShardedWriter(snap, "theta0", shard_bytes) as w:
-            for name, p in params:
-                w.add(name, p.detach())
-
-    _on_rank0(rank, snapshot)
+    snap = out / ".theta0"  # θ0 on disk, written by rank 0 one (gathered) tensor at a time
+    with ShardedWriter(snap, "theta0", shard_bytes) if rank == 0 else nullcontext() as w:
+        for name, p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                if rank == 0:
+                    w.add(name, p.detach().cpu())
+    dist.barrier()
 
     fisher_obs: list[int] = []
 
