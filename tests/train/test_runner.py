@@ -287,7 +287,8 @@ def test_plain_runner_refuses_a_multi_process_launch(tiny_llama, cores, tmp_path
 @pytest.mark.distributed
 def test_finetune_under_deepspeed_zero3_two_cpu_ranks(tiny_llama, cores, tmp_path):
     """The same runner through the DeepSpeed glue: 2 ranks on CPU (gloo), ZeRO-3, a row-level CoreSet per
-    stage. Non-core elements stay bit-identical, the loss goes down, rank 0 writes one results.json."""
+    stage. Non-core elements stay bit-identical, the loss goes down, rank 0 writes one results.json, and
+    the scores both ranks computed together (3 items, batches of 1: 2 + 1) are one process's, exactly."""
     import shutil
     from pathlib import Path
 
@@ -298,12 +299,15 @@ def test_finetune_under_deepspeed_zero3_two_cpu_ranks(tiny_llama, cores, tmp_pat
     port = _free_port()
     ds_config = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_zero3.json"
     out = tmp_path / "ds"
+    # The code stage scored by perplexity: exact_match scores of a barely trained model are all 0.
+    code_ppl = tmp_path / "code_ppl.yaml"
+    code_ppl.write_text("name: code_ppl\ndata: {synthetic: code, params: {n_train: 48, n_eval: 6}}\nmetric: perplexity\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
            "-m", "trace_transfer", "finetune", "--model", str(tiny_llama), "--method", "trace",
-           "--stage", f"{MATH}:{cores[0]}", "--stage", f"{CODE}:{cores[2]}", "--deepspeed", str(ds_config),
+           "--stage", f"{MATH}:{cores[0]}", "--stage", f"{code_ppl}:{cores[2]}", "--deepspeed", str(ds_config),
            "--max-steps", "4", "--lr", "3e-3", "--batch-size", "4", "--seq-len", "32", "--warmup-ratio", "0",
-           "--eval-limit", "2", "--out", str(out)]
+           "--eval-limit", "3", "--eval-batch-size", "1", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
@@ -315,3 +319,15 @@ def test_finetune_under_deepspeed_zero3_two_cpu_ranks(tiny_llama, cores, tmp_pat
         assert rep.changed_in_core > 0
     losses = res["per_stage"][0]["losses"]
     assert losses[-1] < losses[0]
+    from trace_transfer.data import load_task
+    from trace_transfer.evaluation import evaluate
+    from trace_transfer.models import load_tokenizer
+
+    tasks, tok = [load_task(MATH), load_task(str(code_ppl))], load_tokenizer(tiny_llama)
+    for k, weights in ((0, tiny_llama), (1, out / "stage_1"), (2, out / "stage_2")):
+        model = load_model(weights)
+        saved = json.loads((out / f"stage_{k}" / "eval.json").read_text())["scores"]
+        assert {t.name: evaluate(model, tok, t, limit=3, batch_size=1).score for t in tasks} == \
+            {name: s["score"] for name, s in saved.items()}, k
+    assert len({json.loads((out / f"stage_{k}" / "eval.json").read_text())["scores"]["code_ppl"]["score"]
+                for k in (0, 1, 2)}) == 3  # a score that moves with the weights
