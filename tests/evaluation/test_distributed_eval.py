@@ -152,15 +152,17 @@ def test_vllm_backend_is_selected_when_asked_and_fed_the_hf_prompt_ids(tiny_llam
     texts = M.generate(str(tiny_llama), tok, prompts, max_new_tokens=4, stop=[";"], backend="vllm")
     assert texts == ["12", "12"]  # decoded with our tokenizer, cut at EOS, then at the stop string
     assert fake.prompts == [M._prompt_ids(tok, p) for p in prompts]
-    # a model loaded from a directory is evaluated from that directory, and the engine is reused
+    # through evaluate: the metric hands vLLM the checkpoint it is told of, and the engine is reused
     task = _worker().tasks(2)[0]
-    r = M.evaluate(load_model(tiny_llama), tok, task, backend="vllm", per_example=True)
+    r = M.evaluate(model, tok, task, backend="vllm", checkpoint=str(tiny_llama), per_example=True)
     assert [e["prediction"] for e in r.per_example] == ["12;3", "12;3"]
     assert fake.engines == [str(Path(tiny_llama).resolve())]
-    # an in-memory model that came from no directory cannot be handed to vLLM
-    monkeypatch.setattr(model, "name_or_path", "", raising=False)
-    with pytest.raises(ConfigError, match="checkpoint directory"):
+    # an in-memory model is never mapped back to a directory (after training, name_or_path names the
+    # weights it started from)
+    with pytest.raises(ConfigError, match="in-memory model: pass checkpoint=DIR"):
         M.generate(model, tok, prompts, backend="vllm")
+    with pytest.raises(ConfigError, match="no config.json"):
+        M.generate(model, tok, prompts, backend="vllm", checkpoint=str(Path(tiny_llama) / "nothing"))
 
 
 def test_eval_command_refuses_vllm_where_it_is_absent_before_loading(tmp_path, monkeypatch):

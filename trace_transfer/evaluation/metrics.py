@@ -151,6 +151,7 @@ def generate(
     batch_size: int = 32,
     stop: Sequence[str] = (),
     backend: str = "hf",
+    checkpoint: str | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded), cut at EOS and at ``stop`` strings.
 
@@ -162,8 +163,8 @@ def generate(
     every rank gets all continuations back.
 
     ``backend="vllm"`` generates with vLLM instead (optional extra, see
-    :mod:`trace_transfer.evaluation.vllm_backend`): vLLM reads the weights from disk, so ``model`` is
-    then the checkpoint directory or a model freshly loaded from one.
+    :mod:`trace_transfer.evaluation.vllm_backend`). vLLM reads the weights from disk: ``checkpoint``
+    names the directory holding exactly ``model``'s weights (or ``model`` is that directory's path).
     """
     from trace_transfer.evaluation.vllm_backend import check_backend
 
@@ -172,8 +173,9 @@ def generate(
         from trace_transfer.evaluation.vllm_backend import generate_vllm
 
         # vLLM batches continuously by itself: each rank hands it its whole share at once.
+        where = checkpoint if checkpoint is not None else model
         texts = map_batches(len(prompts), contiguous_split(len(prompts), _world()),
-                            lambda idx: generate_vllm(model, tokenizer, [encoded[i] for i in idx],
+                            lambda idx: generate_vllm(where, tokenizer, [encoded[i] for i in idx],
                                                       max_new_tokens=max_new_tokens))
         return [_cut(t, stop) for t in texts]
     device = input_device(model)  # the embedding's device: right for device_map-dispatched models too
@@ -311,14 +313,15 @@ def _reference(ex) -> str:
 @register_metric("exact_match")
 def exact_match(
     model, tokenizer, examples, *, batch_size: int = 32, regex: str | None = None, max_new_tokens: int | None = None,
-    stop: Sequence[str] = (), ignore_case: bool = False, backend: str = "hf", **_: Any,
+    stop: Sequence[str] = (), ignore_case: bool = False, backend: str = "hf", checkpoint: str | None = None,
+    **_: Any,
 ) -> EvalResult:
     if max_new_tokens is None:
         # Long enough for the longest reference plus slack; char-level references are short.
         longest = max((len(_encode(tokenizer, _reference(e), False)) for e in examples), default=1)
         max_new_tokens = min(256, longest + 8)
     preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, stop=stop, backend=backend)
+                     batch_size=batch_size, stop=stop, backend=backend, checkpoint=checkpoint)
     rows, correct = [], 0
     for ex, pred in zip(examples, preds):
         got = extract_answer(pred, regex)
@@ -379,7 +382,7 @@ def _gold_index(ex, choices: list[str]) -> int:
 def code_exec(
     model, tokenizer, examples, *, batch_size: int = 32, max_new_tokens: int = 256, timeout: float = 5.0,
     workers: int = 2, stop: Sequence[str] | None = None, allow_code_exec: bool | None = None,
-    sandbox: str | None = None, backend: str = "hf", **_: Any,
+    sandbox: str | None = None, backend: str = "hf", checkpoint: str | None = None, **_: Any,
 ) -> EvalResult:
     from trace_transfer.evaluation.code_exec import (
         HUMANEVAL_STOP,
@@ -398,7 +401,7 @@ def code_exec(
     if missing:
         raise TaskError(f"code_exec needs `tests` on every example; example {missing[0]} has none")
     raw = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, backend=backend)
+                   batch_size=batch_size, backend=backend, checkpoint=checkpoint)
     completions = [truncate_completion(c, stops) for c in raw]
     programs = [
         build_program(e.prompt, c, e.tests, (getattr(e, "meta", None) or {}).get("entry_point"))
@@ -576,8 +579,9 @@ def evaluate_model(
 
     where = resolve_device(device)  # a missing GPU (or vLLM) is refused before anything loads
     backend = check_backend(backend)
-    # Only a non-default backend is passed on: a registered metric need not know the option.
-    extra = {"backend": backend} if backend != "hf" else {}
+    # Only a non-default backend is passed on (a registered metric need not know the options); vLLM is
+    # told where the weights just loaded live.
+    extra = {"backend": backend, "checkpoint": str(model_ref)} if backend != "hf" else {}
     weights = resolve_dtype(dtype, where) if dtype is not None else None
     tasks = [(ref, load_task(ref)) for ref in task_refs]
     check_tasks_consent([t for _, t in tasks])  # before the model loads: a refusal should cost nothing

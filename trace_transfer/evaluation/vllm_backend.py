@@ -8,10 +8,10 @@ loads. It is not a dependency of any extra: its CUDA/torch pins are the user's c
 
 What differs from ``hf``:
 
-* vLLM reads the weights from disk, so the model handed to it is a checkpoint directory, or a model
-  freshly loaded from one (its ``name_or_path``); an in-memory model changed since it was loaded would
-  be evaluated as it was on disk. The runner and ``evaluate_model`` only use it on freshly loaded
-  checkpoints.
+* vLLM reads the weights from disk, so it is handed a checkpoint directory (``checkpoint=`` of the
+  generation metrics, which ``evaluate_model`` sets to the directory it loaded). An in-memory model is
+  never mapped back to a directory by its ``name_or_path``: after training that names the weights it
+  started from, and vLLM would silently score those.
 * Prompts go in as the very token ids the ``hf`` path feeds (``_prompt_ids``), outputs come back as
   token ids decoded with our tokenizer and cut at EOS and stop strings the same way. Greedy decoding
   in vLLM's kernels can still differ from HF's in the last bits, so scores agree closely, not bit for bit.
@@ -61,18 +61,22 @@ def _import_vllm():
     return vllm
 
 
-def _model_dir(model: Any) -> str:
-    ref = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
-    if not ref or not (Path(ref) / "config.json").is_file():
-        raise ConfigError(f"the vllm backend loads weights from a checkpoint directory, and {ref!r} is not one "
-                          f"(no config.json); save the model first and evaluate the directory, or use backend hf")
-    return str(Path(ref).resolve())
+def _model_dir(checkpoint: Any) -> str:
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ConfigError("the vllm backend reads the weights from a checkpoint directory, and it was handed an "
+                          "in-memory model: pass checkpoint=DIR (the directory holding exactly these weights), or "
+                          "use backend hf")
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise ConfigError(f"the vllm backend reads the weights from a checkpoint directory, and {str(checkpoint)!r} "
+                          f"is not one (no config.json); save the model there first, or use backend hf")
+    return str(Path(checkpoint).resolve())
 
 
-def generate_vllm(model: Any, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompt_ids`` from vLLM, decoded with ``tokenizer`` and cut at EOS."""
+def generate_vllm(checkpoint: Any, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompt_ids`` from vLLM on the weights in directory ``checkpoint``,
+    decoded with ``tokenizer`` and cut at EOS."""
     vllm = _import_vllm()
-    path = _model_dir(model)
+    path = _model_dir(checkpoint)
     if path not in _engine:
         _engine.clear()  # one engine at a time: the previous stage's would hold its GPU memory
         share = float(os.environ.get(GPU_MEMORY_ENV, _DEFAULT_GPU_MEMORY))
