@@ -26,7 +26,8 @@ def tasks(n: int = ITEMS) -> list:
 
     def task(name, examples, metric, **gen):
         spec = SimpleNamespace(metric=MetricSpec(name=metric), generation=GenerationSpec(**gen) if gen else None)
-        return SimpleNamespace(name=name, spec=spec, eval_examples=lambda limit=None: examples[:limit] if limit else examples)
+        return SimpleNamespace(name=name, spec=spec,
+                               eval_examples=lambda limit=None: examples[:limit] if limit else examples)
 
     return [task("em", base, "exact_match", max_new_tokens=6), task("mc", mc, "multiple_choice"),
             task("ppl", base, "perplexity")]

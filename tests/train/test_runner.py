@@ -301,7 +301,8 @@ def test_finetune_under_deepspeed_zero3_two_cpu_ranks(tiny_llama, cores, tmp_pat
     out = tmp_path / "ds"
     # The code stage scored by perplexity: exact_match scores of a barely trained model are all 0.
     code_ppl = tmp_path / "code_ppl.yaml"
-    code_ppl.write_text("name: code_ppl\ndata: {synthetic: code, params: {n_train: 48, n_eval: 6}}\nmetric: perplexity\n")
+    code_ppl.write_text("name: code_ppl\nmetric: perplexity\n"
+                        "data: {synthetic: code, params: {n_train: 48, n_eval: 6}}\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
            "-m", "trace_transfer", "finetune", "--model", str(tiny_llama), "--method", "trace",
