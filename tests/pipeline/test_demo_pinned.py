@@ -9,8 +9,11 @@ a dependency or thread setting leaked into the numbers.
 Tolerances: one eval item (1/16) per accuracy cell, and 1e-3 relative on losses: the pin is meant to
 hold across CPUs of the same instruction set, where the last bits of a sum may differ.
 
-Measured: 443 s for this test (677 s for a plain `demo --quick`) on a 2-core machine under a load of
-~16 from other jobs; the rerun matched the pinned run bit for bit (losses, matrices). Not yet timed on
+Re-pinned for the `print(3+4)` code task and the micro-probe refine default (a new BPE tokenizer, fit on
+every task's text, hence new target numbers); at this scale every cell is 0-2 of 16 items: the pin
+checks reproducibility, not learning. Measured: 759 s for a plain `demo --quick` on a 2-core machine
+under a load of ~10-12 from other jobs (677 s before the change, under a load of ~16); 1117 s for this
+test, which passed, next to the full demo. Not yet timed on
 a quiet machine. `tests/pipeline/test_run.py` runs `demo --quick` too (end to end, caching); the two
 could share one run to halve the CI cost.
 To re-pin after an intended change: run `trace-transfer demo --quick --out X` and copy the numbers from
@@ -27,13 +30,13 @@ import pytest
 
 # Measured with torch 2.13.0+cpu, transformers 5.24.0, tokenizers 0.23.3, numpy 2.4.6, 1 thread.
 PINNED_R = {
-    "full": [[0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.125, 0.0, 0.0]],
-    "trace-lf": [[0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0]],
-    "transfer-lf": [[0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0]],
+    "full": [[0.0, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.125, 0.0, 0.0625], [0.125, 0.0, 0.0625]],
+    "trace-lf": [[0.0, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0625]],
+    "transfer-lf": [[0.0, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.0], [0.0625, 0.0, 0.125]],
 }
-PINNED_STAGE_LOSS = {"full": [1.7089, 3.474, 3.9299], "trace-lf": [1.9525, 3.3291, 4.0067],
-                     "transfer-lf": [1.9737, 3.5142, 4.0377]}
-PINNED_PRETRAIN_LOSS = {"source": 2.61496, "target": 2.92927}
+PINNED_STAGE_LOSS = {"full": [1.67918, 2.91395, 1.61801], "trace-lf": [2.02715, 3.57968, 1.80041],
+                     "transfer-lf": [1.99443, 3.69071, 1.80159]}
+PINNED_PRETRAIN_LOSS = {"source": 2.61496, "target": 2.82809}
 ONE_ITEM = 1 / 16 + 1e-9  # eval limit 16 in the demo-quick preset
 
 
