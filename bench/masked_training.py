@@ -21,6 +21,7 @@ re-runs every variant (the lowest median is kept).
 
     python bench/masked_training.py                      # ~5-10 min on 2 idle CPU cores (8 variants x 2)
     python bench/masked_training.py --hidden 768 --json bench-results.json
+    python bench/masked_training.py --variants full,full+ckpt,row-sparse,row-sparse+ckpt  # +ckpt: gradient checkpointing
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def worker(a) -> dict:
     total = sum(p.numel() for p in model.parameters())
     rss_model = _rss_bytes()
     mask_bytes, delta_bytes, handle = 0, 0, None
-    if a.worker == "full":
+    variant, checkpointed = a.worker.removesuffix("+ckpt"), a.worker.endswith("+ckpt")
+    if variant == "full":
         groups, trainable = [{"params": list(model.parameters()), "weight_decay": 0.01}], total
-    elif a.worker == "lora":
+    elif variant == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
@@ -128,7 +130,7 @@ def worker(a) -> dict:
     else:
         from trace_transfer.train.masking import apply_coreset
 
-        granularity, _, sparse = a.worker.partition("-")
+        granularity, _, sparse = variant.partition("-")
         cs = _random_coreset(model, granularity, a.ratio, a.seed)
         handle = apply_coreset(model, cs, masking=sparse or "dense")
         groups, trainable, mask_bytes = handle.param_groups(0.01), handle.num_trainable(), handle.mask_bytes()
@@ -136,6 +138,10 @@ def worker(a) -> dict:
     # fused: one kernel per step; the foreach path is ~8x slower on CPU and slower still where v = 0
     # (sqrt of exact zeros takes a slow path on this CPU), which would charge masking for a CPU quirk.
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=a.optimizer == "fused", foreach=a.optimizer == "foreach")
+    if checkpointed:  # the training loop's own switch (TrainConfig.gradient_checkpointing)
+        from trace_transfer.train.loop import TrainConfig, enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, TrainConfig(gradient_checkpointing=True))
     g = torch.Generator().manual_seed(a.seed)
     data = [torch.randint(0, a.vocab, (a.batch, a.seq), generator=g) for _ in range(4)]
     times, cpu_times, state = [], [], {}

@@ -88,3 +88,25 @@ def test_input_device_is_the_embeddings_or_the_maps_first_accelerator():
     plain = torch.nn.Module()
     plain.w = torch.nn.Parameter(torch.zeros(1))
     assert input_device(plain) == torch.device("cpu")  # no embedding, no map: the first parameter's
+
+
+def test_eval_and_cka_ask_the_rule_with_the_users_device(tiny_dir, monkeypatch):
+    """`eval`/`cka` (and the pipeline steps that call them) load through inference_device_map with the
+    --device as given, and a returned map reaches from_pretrained."""
+    import trace_transfer.models as models
+    from trace_transfer.cka import compute_cka
+    from trace_transfer.evaluation import evaluate_model
+
+    asked = []
+
+    def rule(ref, device, dtype):
+        asked.append(device)
+        return "auto"  # on this CPU-only machine accelerate places everything on the CPU
+
+    monkeypatch.setattr(models, "inference_device_map", rule)
+    res = evaluate_model(str(tiny_dir), ["synthetic:math"], limit=2, batch_size=2, device="auto")
+    assert res["scores"]["math"]["n"] == 2
+    cka = compute_cka(str(tiny_dir), str(tiny_dir), ["one probe.", "two probes", "three, four", "five six"],
+                      variant="linear", device="auto")
+    assert cka.matrix.shape == (2, 2)
+    assert asked == ["auto"] * 3

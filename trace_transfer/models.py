@@ -548,8 +548,11 @@ def planned_model_bytes(name_or_path: str | os.PathLike, dtype: Any = None) -> i
         return None
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
-        shell = AutoModelForCausalLM.from_config(config)
+    try:
+        with init_empty_weights():
+            shell = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError):  # e.g. an architecture that needs trust_remote_code
+        return None
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if not isinstance(dtype, torch.dtype):  # None/"auto": the checkpoint's dtype
