@@ -56,18 +56,37 @@ def test_a_multi_process_launch_without_deepspeed_is_refused_before_anything_is_
     assert not (tmp_path / "run").exists()
 
 
+SETTINGS = {"tasks": TASKS, "ratio": RATIO, "eval_limit": EVAL_LIMIT, "train": TRAIN}
+
+
+def _launch(model, out: Path, ds_config: Path, calls: list[dict]) -> list[tuple[dict, dict]]:
+    """cpi_ft on 2 CPU ranks, once per call in one launch; per call, what ranks 0 and 1 reported (their
+    writes, their results or their errors)."""
+    for old in out.parent.glob(f"{out.name}.rank*.json"):
+        old.unlink()
+    run_two_cpu_ranks(SCRIPT, str(model), str(out), str(ds_config), json.dumps({**SETTINGS, "calls": calls}))
+    r0, r1 = (json.loads((out.parent / f"{out.name}.rank{r}.json").read_text()) for r in (0, 1))
+    return list(zip(r0, r1, strict=True))
+
+
+@pytest.fixture(scope="module")
+def ds_run(tiny_llama, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    tmp = tmp_path_factory.mktemp("cpi_ds")
+    ds_config = tmp / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3))
+    # The run, then (resuming it: nothing trains) a failure on rank 0 between the training steps, then
+    # the same run resumed again.
+    calls = _launch(tiny_llama, tmp / "ds", ds_config, [{}, {"resume": True, "fail": True}, {"resume": True}])
+    return tmp / "ds", ds_config, calls
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_cpi_ft_under_two_rank_zero3_matches_one_process(tiny_llama, tmp_path):
-    pytest.importorskip("deepspeed")
-    ds_config = tmp_path / "zero3.json"
-    ds_config.write_text(json.dumps(ZERO3))
-    ds = tmp_path / "ds"
-    settings = {"tasks": TASKS, "ratio": RATIO, "eval_limit": EVAL_LIMIT, "train": TRAIN}
-    run_two_cpu_ranks(SCRIPT, str(tiny_llama), str(ds), str(ds_config), json.dumps(settings))
-
+def test_cpi_ft_under_two_rank_zero3_matches_one_process(tiny_llama, ds_run, tmp_path):
+    ds, ds_config, calls = ds_run
+    r0, r1 = calls[0]
     # Rank 0 alone wrote; both ranks returned the same results.
-    r0, r1 = (json.loads((tmp_path / f"ds.rank{r}.json").read_text()) for r in (0, 1))
     assert "error" not in r0 and "error" not in r1, (r0, r1)
     assert r1["writes"] == [] and (r0["rank"], r1["rank"]) == (0, 1)
     assert r0["writes"].count(str(ds / "results.json")) == 1 and r0["R"] == r1["R"] and r0["groups"] == r1["groups"]
@@ -103,3 +122,20 @@ def test_cpi_ft_under_two_rank_zero3_matches_one_process(tiny_llama, tmp_path):
         mask = frozen.mask(t)
         assert torch.equal(final[t][mask], merged[t][mask]), t
     assert not all(torch.equal(final[t], merged[t]) for t in merged)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_and_a_rank0_failure_under_deepspeed(ds_run):
+    ds, _, calls = ds_run
+    (first, _), (r0, r1), (again0, again1) = calls
+    # The failure is raised on rank 1 too, instead of leaving it at the next collective until the timeout.
+    assert r0["error"].startswith("OSError: no space left"), r0
+    assert r1["error"].startswith("RuntimeError: rank 0 failed while finding core regions, clustering and "
+                                  "merging: OSError"), r1
+    assert r1["writes"] == [] and r1["seconds"] < 100
+    # Resumed again: every training step was complete, so nothing retrains and the results are the same.
+    assert "error" not in again0 and "error" not in again1, (again0, again1)
+    assert again0["R"] == again1["R"] == first["R"] and again1["writes"] == []
+    assert not [w for w in again0["writes"] if "/stage_" in w and not w.startswith("[")]  # "[": merge_models' inputs
+    assert again0["stage_seconds"] == first["stage_seconds"]  # the SFT stages' own records, not new timings

@@ -1,11 +1,14 @@
 """Worker for tests/surgery/test_cpi_ft_ds.py, run by `torchrun --nproc_per_node=2` with DeepSpeed on CPU
-(gloo): the whole of cpi_ft under ZeRO-3. Every file write of cpi_ft and of the runner is logged per rank;
-each rank leaves OUT.rank<r>.json with its log and its result (or its error).
+(gloo): the whole of cpi_ft under ZeRO-3, once per entry of SETTINGS_JSON's ``calls`` (each may ask for
+``resume``, and for ``fail``: rank 0's transplant + SLERP step then raises). Every file write of cpi_ft
+and of the runner is logged per rank; each rank leaves OUT.rank<r>.json with, per call, its log and its
+result (or its error).
 
 usage: cpi_ft_ranks.py MODEL OUT DS_CONFIG SETTINGS_JSON
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,21 +24,23 @@ def main(model: str, out: str, ds_config: str, settings: dict) -> None:
     for module, name in ((cpi, "write_json_atomic"), (cpi, "write_text_atomic"), (cpi, "merge_models"),
                          (runner, "write_json_atomic"), (runner, "write_text_atomic")):
         setattr(module, name, _logging(getattr(module, name), writes))
-    t0 = time.time()
-    rank = -1
-    try:
-        res = cpi.cpi_ft(model, settings["tasks"], out, cpi.CpiFtConfig(ratio=settings["ratio"]),
-                         ft_cfg=TrainConfig(**settings["train"]), eval_limit=settings["eval_limit"],
-                         deepspeed_config=ds_config)
-        rank = res.rank
-        result = {"R": res.R, "rank": res.rank, "groups": res.results["cpi_ft"]["groups"]}
-    except Exception as exc:  # reported to the test, which checks how every rank ended
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else rank
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    result["seconds"] = time.time() - t0
-    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"writes": writes, **result}))
+    merge = cpi.merge_models
+    rank = int(os.environ.get("RANK", -1))  # torchrun's, for an error before the process group exists
+    calls = []
+    for call in settings.get("calls", [{}]):
+        cpi.merge_models = _no_space if call.get("fail") else merge
+        writes.clear()
+        t0 = time.time()
+        try:
+            res = cpi.cpi_ft(model, settings["tasks"], out, cpi.CpiFtConfig(ratio=settings["ratio"]),
+                             ft_cfg=TrainConfig(**settings["train"]), eval_limit=settings["eval_limit"],
+                             deepspeed_config=ds_config, resume=call.get("resume", False))
+            result = {"R": res.R, "rank": res.rank, "groups": res.results["cpi_ft"]["groups"],
+                      "stage_seconds": [p["seconds"] for p in res.results["per_stage"]]}
+        except Exception as exc:  # reported to the test, which checks how every rank ended
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        calls.append({"writes": list(writes), "seconds": time.time() - t0, **result})
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(calls))
 
 
 def _logging(fn, writes: list[str]):
@@ -44,6 +49,10 @@ def _logging(fn, writes: list[str]):
         return fn(target, *args, **kwargs)
 
     return call
+
+
+def _no_space(*args, **kwargs):
+    raise OSError("no space left on device (simulated)")
 
 
 if __name__ == "__main__":
