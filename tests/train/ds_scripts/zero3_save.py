@@ -57,7 +57,10 @@ class Growth:
         import gc
 
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to trim the same way
+            pass
         self.before = status_kb("VmRSS")
         try:  # "5" resets the peak (VmHWM) to the current RSS (Linux >= 4.0)
             Path("/proc/self/clear_refs").write_text("5")
