@@ -17,11 +17,11 @@ Every rank calls :func:`probe_deepspeed` (under ``torchrun`` / ``deepspeed``). H
 - **Δ**: θ0 is snapshotted to ``OUT/.theta0`` by rank 0 before the warm start; afterwards each
   parameter's fp32 master is gathered (one tensor at a time) and rank 0 writes ``θ* − θ0``.
 
-No rank holds more than its ZeRO partition plus one gathered tensor while training and while the
-Fisher and Δ are formed, and the shards are released afterwards (``deepspeed_train(unshard=False)``).
-Under ZeRO-3 a model given by reference is even loaded into its partitions (``zero.Init`` through
-transformers' ``HfDeepSpeedConfig``); under ZeRO-1/2, and for a model object, the bare fp32 model is
-whole on every rank until ``deepspeed.initialize`` partitions it (as in the runner).
+Under ZeRO-3 no rank holds more than its partition plus one gathered tensor, from loading (a model
+given by reference is built under ``zero.Init`` through transformers' ``HfDeepSpeedConfig``) through
+training, Fisher and Δ; the shards are released afterwards (``deepspeed_train(unshard=False)``).
+Under ZeRO-1/2 the parameters are replicated on every rank, as those stages do; gradients, optimizer
+state and the Fisher accumulators are partitioned. A model object is deep-copied whole on every rank.
 
 Example (2 GPUs)::
 
