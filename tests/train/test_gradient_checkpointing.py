@@ -108,3 +108,30 @@ def test_the_setting_reaches_the_cli_the_pipeline_and_the_probe():
         assert opt.default is False and "--gradient-checkpointing" in opt.opts, command
     assert TrainingSpec().gradient_checkpointing is False
     assert ProbeConfig.from_flat(gradient_checkpointing=True).train.gradient_checkpointing is True
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_zero3_sparse_training_with_checkpointing_matches_without(tmp_path):
+    """deepspeed_train turns checkpointing on before DeepSpeed wraps the model: layers are recomputed,
+    the result is the plain run's, and non-core elements stay bit-identical."""
+    import json
+    from pathlib import Path
+
+    from _tiny_masking import run_two_cpu_ranks
+
+    from trace_transfer.checkpoint import open_checkpoint
+
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ds"
+    run_two_cpu_ranks(Path(__file__).parent / "ds_scripts" / "zero3_checkpointing.py", str(out))
+    results = json.loads((out / "results.json").read_text())
+    plain, ckpt = results["plain"], results["ckpt"]
+    assert ckpt["mlp_calls"] == 2 * plain["mlp_calls"] > 0  # every forward re-run in backward
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+    a = dict(open_checkpoint(out / "plain").iter_tensors())
+    b = dict(open_checkpoint(out / "ckpt").iter_tensors())
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-7, msg=n)
+    report = verify_frozen(out / "base", out / "ckpt", out / "core.coreset.safetensors")
+    assert report.ok and report.changed_in_core > 0, report.format()
