@@ -174,3 +174,24 @@ def test_slurm_example_runs_each_command_once_and_launches_on_every_node(tmp_pat
     only = [c.split("--only ")[1] for c in calls if c.startswith("tt run")]
     assert only == ["models/source", "models/target", "finetune/full/seed0", "report"], only
     assert (run_dir / "finetune/full/seed0/.attempt").exists()
+
+
+def test_torchrun_passes_every_launched_argument_through_unchanged(tmp_path):
+    """torchrun's argparse prefix-matches the script's arguments against its own options (``--monitor``
+    would be taken for ``--monitor-interval`` and the launch would die), so every argument list the
+    pipeline launches must come out of torchrun's own parser exactly as it went in, and parse in ours."""
+    from torch.distributed.run import get_args_parser
+
+    tasks = ["synthetic:math", "synthetic:medical"]
+    cfg = _config(tmp_path, tasks=tasks, methods=["full", "cpi-ft"], monitor=["synthetic:general"],
+                  training={**SMALL["training"], "gradient_checkpointing": True},
+                  launch={"deepspeed": "ds.json", "nproc_per_node": 2})
+    launches = [shlex.split(ln) for ln in _dry([cfg, "--out", "runs/x"]) if ln.startswith("torchrun")]
+    assert len(launches) == 2
+    for argv in launches:
+        parsed = get_args_parser().parse_args(argv[1:])
+        module, *script = argv[argv.index("-m") + 1:]
+        assert (parsed.training_script, parsed.training_script_args) == (module, script)
+        params = main.commands[script[0]].make_context(script[0], script[1:]).params
+        if script[0] == "finetune":
+            assert list(params["monitor"]) == ["synthetic:general"]

@@ -76,7 +76,7 @@ def test_deepspeed_launches_pass_the_monitor_on(tmp_path):
     run_pipeline(cfg, tmp_path / "run", base_dir=tmp_path, runner=runner)
     lines = format_commands(dry_run(runner, cfg, tmp_path / "p.yaml", base_dir=tmp_path)).splitlines()
     launch = next(line for line in lines if " finetune " in line)
-    assert "--monitor synthetic:general" in launch
+    assert "--monitor-task synthetic:general" in launch  # not --monitor: see launch.finetune_args
 
 
 @pytest.mark.slow

@@ -37,8 +37,9 @@ from trace_transfer.train.config import MethodOptions, TrainConfig
 @click_options(MethodOptions, ["lisa_layers", "lisa_interval"])
 @click.option("--eval-limit", type=click.IntRange(min=0), default=None,
               help="Evaluate the first N examples of each task.")
-@click.option("--monitor", "monitor", multiple=True,
-              help="Task evaluated after every stage but never trained (e.g. synthetic:general); repeatable.")
+@click.option("--monitor", "--monitor-task", "monitor", multiple=True,
+              help="Task evaluated after every stage but never trained (e.g. synthetic:general); repeatable. "
+                   "--monitor-task is the same option, for torchrun command lines (see pipeline/launch.py).")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue after the last complete stage of --out.")
 @click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,

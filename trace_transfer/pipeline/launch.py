@@ -68,7 +68,9 @@ def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, tr
     if opts.general_coreset:
         args += ["--general-coreset", opts.general_coreset]
     for m in getattr(cfg, "monitor", ()):  # evaluated at every row, never trained (pipeline `monitor:`)
-        args += ["--monitor", m]
+        # Not --monitor: torchrun's argparse prefix-matches the script's arguments too, and rejects
+        # --monitor as an ambiguous abbreviation of its own --monitor-interval.
+        args += ["--monitor-task", m]
     for st in stages:
         args += ["--stage", f"{st.task}:{st.coreset}" if st.coreset else st.task]
     return args
