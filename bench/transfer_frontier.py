@@ -11,6 +11,7 @@ BPE Qwen3 4x128 target, both pretrained on the base mixture; math -> medical -> 
 | transfer-profile | the ablation: row profiles resampled by relative position | 0 |
 | cheap-lf | no source: global top 5 % by the micro-probe signal | S + K |
 | trace-random | random rows, same budget | 0 |
+| trace-lf-tensor, trace-random-tensor | transfer-tensor's controls: the target's own probe / random tensors, whole tensors | probe / 0 |
 
 Every method is fine-tuned with the sequential runner (``trace``) over the seeds; the table gives the
 average accuracy (%) ± std over seeds and the target cost relative to a native probe. Resumable: what
@@ -37,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "trace_transfer" / "pipeline" / "presets" / "demo.yaml"
 METHODS = ["trace-lf", "transfer-fisher", "transfer-saliency", "transfer-microprobe", "transfer-tensor",
-           "transfer-profile", "cheap-lf", "trace-random"]
+           "transfer-profile", "cheap-lf", "trace-random", "trace-lf-tensor", "trace-random-tensor"]
 SIGNALS = {"fisher": dict(signal="fisher", batches=16, steps=0), "saliency": dict(signal="saliency", batches=16, steps=0),
            "microprobe": dict(signal="microprobe", batches=4, steps=4)}
 
@@ -109,6 +110,9 @@ def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str]) -> dict[st
 
     native, rnd = scored("target-lf", "target", "lf", "row"), scored("target-random", "target", "random", "row")
     src_rows, src_tensor = scored("source-lf", "source", "lf", "row"), scored("source-lf-tensor", "source", "lf", "tensor")
+    # transfer-tensor's controls: at tensor granularity the comparison is with whole-tensor cores too.
+    native_tensor = scored("target-lf-tensor", "target", "lf", "tensor")
+    rnd_tensor = scored("target-random-tensor", "target", "random", "tensor")
 
     lm_path = work / "layer_map.json"
     if not done(lm_path):
@@ -131,6 +135,9 @@ def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str]) -> dict[st
         costs.setdefault("trace-lf", {})[key] = native_passes
         costs.setdefault("trace-random", {})[key] = 0
         costs.setdefault("native", {})[key] = native_passes
+        files["trace-lf-tensor"][t], files["trace-random-tensor"][t] = native_tensor / fname, rnd_tensor / fname
+        costs.setdefault("trace-lf-tensor", {})[key] = native_passes
+        costs.setdefault("trace-random-tensor", {})[key] = 0
         # Budgets from the source's row core; the tensor core and the profile ablation as CoreSets.
         bpath = work / "cores" / "budgets" / f"{key}.budgets.json"
         if not done(bpath):
