@@ -19,6 +19,9 @@ exists under ``--work`` is reused.
 
     python bench/transfer_frontier.py --work runs/frontier --seeds 0,1,2
     python bench/transfer_frontier.py --work runs/frontier-large --seeds 0 --source-size 192x4 --target-size 256x6
+    # the same pretrained pair, every probe / CKA / refine pass redone at probe seed 1:
+    python bench/transfer_frontier.py --work runs/frontier-large-p1 --models-from runs/frontier-large --probe-seed 1 \
+        --seeds 0 --source-size 192x4 --target-size 256x6
 
 Writes ``<work>/frontier.json``, ``<work>/frontier.md`` and ``<work>/cost_accuracy.png``.
 """
@@ -51,10 +54,12 @@ def done(path: Path) -> bool:
     return path.exists()
 
 
-def models(work: Path, cfg: dict, sizes: dict) -> dict[str, str]:
+def models(work: Path, cfg: dict, sizes: dict, models_from: Path | None = None) -> dict[str, str]:
     from trace_transfer.models import build_tiny_model
     from trace_transfer.train.pretrain import pretrain
 
+    if models_from is not None and not (work / "models").exists():
+        (work / "models").symlink_to((models_from / "models").resolve(), target_is_directory=True)
     out = {}
     for side in ("source", "target"):
         b = {**cfg[side]["build"], **sizes.get(side, {})}
@@ -70,7 +75,7 @@ def models(work: Path, cfg: dict, sizes: dict) -> dict[str, str]:
     return out
 
 
-def probes(work: Path, cfg: dict, m: dict, tasks: list[str]) -> dict[str, dict[str, Path]]:
+def probes(work: Path, cfg: dict, m: dict, tasks: list[str], seed: int = 0) -> dict[str, dict[str, Path]]:
     from trace_transfer.probe import ProbeConfig, probe
 
     p = cfg["probe"]
@@ -83,12 +88,12 @@ def probes(work: Path, cfg: dict, m: dict, tasks: list[str]) -> dict[str, dict[s
                 make = getattr(ProbeConfig, "from_flat", ProbeConfig)  # ProbeConfig may nest a TrainConfig
                 probe(m[side], task, d, make(max_steps=p["max_steps"], lr=p["lr"], batch_size=p["batch_size"],
                                              seq_len=p["seq_len"], fisher_batches=p["fisher_batches"],
-                                             max_examples=p["max_examples"], seed=0))
+                                             max_examples=p["max_examples"], seed=seed))
             out.setdefault(side, {})[task] = d
     return out
 
 
-def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str]) -> dict[str, dict[str, Path]]:
+def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str], seed: int = 0) -> dict[str, dict[str, Path]]:
     """Per method, per task: the CoreSet file, plus its target cost in passes (in ``costs.json``)."""
     from trace_transfer.cka import compute_cka, load_probe_texts
     from trace_transfer.cka.layermap import LayerMap, map_layers
@@ -105,7 +110,7 @@ def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str]) -> dict[st
         d = work / "cores" / name
         if not all(done(d / coreset_filename(t.split(":")[-1])) for t in tasks):
             log(f"score {name}")
-            score([pr[side][t] for t in tasks], strategy, ratio, d, granularity=granularity, budget="params")
+            score([pr[side][t] for t in tasks], strategy, ratio, d, granularity=granularity, budget="params", seed=seed)
         return d
 
     native, rnd = scored("target-lf", "target", "lf", "row"), scored("target-random", "target", "random", "row")
@@ -154,7 +159,7 @@ def cores(work: Path, cfg: dict, m: dict, pr: dict, tasks: list[str]) -> dict[st
             costs.setdefault(name, {})[key] = 0
         p = cfg["probe"]
         common = dict(lr=p["lr"], batch_size=p["batch_size"], seq_len=p["seq_len"], max_examples=p["max_examples"],
-                      ratio=ratio)
+                      ratio=ratio, seed=seed)
         for name, sig, budgets in [*((f"transfer-{s}", s, bpath) for s in SIGNALS), ("cheap-lf", "microprobe", None)]:
             out = work / "cores" / name / fname
             if not done(out):
@@ -243,6 +248,9 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, help="override eval.limit (a quick check)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny pretraining, probes and training")
     ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument("--probe-seed", type=int, default=0,
+                    help="seed of every probe, random core and refine pass (the fine-tuning seeds are --seeds)")
+    ap.add_argument("--models-from", type=Path, help="reuse the pretrained pair of another --work directory")
     args = ap.parse_args()
     cfg = yaml.safe_load(PRESET.read_text())
     if args.quick:
@@ -268,9 +276,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        m = models(args.work, cfg, sizes)
-        pr = probes(args.work, cfg, m, tasks)
-        files = cores(args.work, cfg, m, pr, tasks)
+        m = models(args.work, cfg, sizes, args.models_from)
+        pr = probes(args.work, cfg, m, tasks, args.probe_seed)
+        files = cores(args.work, cfg, m, pr, tasks, args.probe_seed)
         finetune(args.work, cfg, m, files, tasks, seeds, methods)
     write(args.work, aggregate(args.work, methods, seeds))
 
