@@ -1,6 +1,7 @@
 """Sequential runner: every method on a tiny model (2–3 stages, a few steps), the on-disk contract,
 what each method may and may not change, and resume after a hard kill mid-stage."""
 
+import dataclasses
 import json
 import math
 import os
@@ -175,6 +176,10 @@ def test_existing_run_needs_resume_and_same_settings(tiny_llama, cores, tmp_path
                      resume=True)
     again = run_sequence(tiny_llama, [Stage(MATH)], "full", out, CFG, eval_limit=2, resume=True)
     assert again.R == first.R  # nothing left to do: the same results
+    # How a stage runs is not part of what it is: checkpointing may be switched on for the resume.
+    again = run_sequence(tiny_llama, [Stage(MATH)], "full", out, dataclasses.replace(CFG, gradient_checkpointing=True),
+                         eval_limit=2, resume=True)
+    assert again.R == first.R
 
 
 _CHILD = textwrap.dedent("""
