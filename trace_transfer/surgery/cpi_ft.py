@@ -234,8 +234,8 @@ def cpi_ft(
     names = _task_names(refs)
     out = Path(out_dir)
     ds = str(deepspeed_config) if deepspeed_config else None
-    identity = {"model": str(model), "tasks": refs, "config": cfg.to_dict(), "ft": ft_cfg.to_dict(),
-                "sft": sft_cfg.to_dict(), "eval_limit": eval_limit, "deepspeed_config": ds}
+    identity = {"model": str(model), "tasks": refs, "config": cfg.to_dict(), "ft": ft_cfg.identity(),
+                "sft": sft_cfg.identity(), "eval_limit": eval_limit, "deepspeed_config": ds}
     if ds and not Path(ds).is_file():  # before joining a process group: a typo should fail fast, not hang peers
         raise ConfigError(f"DeepSpeed config not found: {ds}")
     _check_identity(out, identity, resume)

@@ -7,7 +7,7 @@ options derived from them) load without torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from trace_transfer.config import field_problems
@@ -42,7 +42,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute each decoder layer's activations in the backward pass instead of keeping them "
                 "(HF models, non-reentrant): activation memory of about one layer for ~1/3 more compute; "
-                "losses and gradients unchanged"})
+                "losses and gradients unchanged", "execution_only": True})
 
     def __post_init__(self) -> None:
         problems = field_problems(self)
@@ -51,6 +51,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def execution_only(cls) -> frozenset[str]:
+        """Fields that change how training runs, not what it computes (``execution_only`` in their
+        metadata): left out of run identities and step hashes, so switching one (checkpointing to fit a
+        smaller GPU) resumes a run instead of refusing it, and runs from before the field stay valid."""
+        return frozenset(f.name for f in fields(cls) if f.metadata.get("execution_only"))
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the :meth:`execution_only` fields: what a resumed run must match."""
+        return {k: v for k, v in asdict(self).items() if k not in self.execution_only()}
 
 
 @dataclass

@@ -104,11 +104,6 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-# Settings that change how a stage runs, not what it computes: a run may resume with them changed (e.g.
-# checkpointing turned on to fit a smaller GPU), and runs started before they existed stay resumable.
-_NOT_IDENTITY = frozenset({"gradient_checkpointing"})
-
-
 def _identity(model_ref: str, stages: Sequence[Stage], method: str, options: MethodOptions, cfg: TrainConfig,
               eval_limit: int | None, deepspeed_config: str | None, monitor: Sequence[str]) -> dict[str, Any]:
     return {
@@ -117,7 +112,7 @@ def _identity(model_ref: str, stages: Sequence[Stage], method: str, options: Met
         "stages": [{"task": s.task, "coreset": s.coreset} for s in stages],
         "method": method,
         "method_options": options.to_dict(),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY},
+        "config": cfg.identity(),  # without execution-only settings (checkpointing): a resume may change them
         "eval_limit": eval_limit,
         "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
         "input_sha256": _input_hashes(stages, options, monitor),
