@@ -5,8 +5,8 @@ Every rank calls :func:`probe_deepspeed` (under ``torchrun`` / ``deepspeed``). H
 
 - **Warm start**: :func:`trace_transfer.train.ds.deepspeed_train` — rank r takes micro-batches
   r, r+W, ..., so one optimizer step sees ``W × batch_size × grad_accum`` examples (``batch_size`` is
-  the micro-batch per rank). DeepSpeed averages the ranks' micro-batch mean losses: equal to the
-  single-process global-batch mean when the ranks hold equally many response tokens.
+  the micro-batch per rank). Each micro-step's loss is weighted by the global response-token count,
+  as below, so it equals the single-process global-batch mean even for answers of different lengths.
 - **Batch Fisher**: one Fisher batch is W consecutive micro-batches, one per rank (the global batch).
   Each rank backpropagates ``Σ token losses × W / N`` (N = the global batch's response tokens, summed
   over ranks), so DeepSpeed's averaged, reduce-scattered gradient is exactly the gradient of the global
@@ -51,6 +51,7 @@ from trace_transfer.errors import ConfigError, TaskError, TraceTransferError
 from trace_transfer.probe.config import FISHER_MODES, TRACE_COMPATIBLE_MODE, ProbeConfig
 from trace_transfer.probe.fisher import FisherAccumulator
 from trace_transfer.probe.warmstart import FORMAT, FORMAT_VERSION, Progress, ProbeResult, _artifact_name, _config_dict
+from trace_transfer.train.ds import response_tokens as _response_tokens
 
 __all__ = ["probe_deepspeed", "require_single_process"]
 
@@ -306,10 +307,6 @@ def _local_grad(p: torch.nn.Parameter, start: int, numel: int) -> torch.Tensor |
     if g.numel() == p.numel():  # bf16 keeps a full accumulation buffer per rank; the fragment is ours
         g = g.narrow(0, start, numel)
     return g
-
-
-def _response_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][..., 1:] != IGNORE).sum())
 
 
 def _partition_fisher(engine, micro_batches, n_batches: int, elements: bool, on_batch) -> tuple[FisherAccumulator, dict]:

@@ -44,11 +44,11 @@ from typing import Any
 import torch
 
 from trace_transfer.coreset import CoreSet
+from trace_transfer.data.batching import IGNORE_INDEX
 from trace_transfer.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from trace_transfer.train.loop import (
     TrainConfig,
     TrainResult,
-    causal_lm_loss,
     enable_gradient_checkpointing,
     make_optimizer,
     make_scheduler,
@@ -58,7 +58,8 @@ from trace_transfer.train.masking import _ACTIVE_ATTR, apply_coreset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["deepspeed_train", "load_ds_config", "consolidated_state_dict", "save_consolidated"]
+__all__ = ["deepspeed_train", "load_ds_config", "consolidated_state_dict", "save_consolidated",
+           "response_tokens", "causal_lm_token_sum", "global_token_scale"]
 
 
 def _dist() -> tuple[int, int]:
@@ -162,6 +163,9 @@ def deepspeed_train(
 
     Every rank calls this with the same ``batches``; rank r trains on batches r, r+W, r+2W, ... (W =
     world size), so one optimizer step sees ``W × batch_size × grad_accum`` examples.
+    Each micro-step's loss is the mean over all ranks' response tokens (see :func:`_loop`), so W ranks
+    take the step one process takes with micro-batch ``W × batch_size``, also for answers of
+    different lengths.
 
     Args:
         model: the bare module (not yet wrapped). On return it is a plain, unsharded module on every
@@ -175,7 +179,8 @@ def deepspeed_train(
         coreset, mode, masking: see :func:`trace_transfer.train.masking.apply_coreset`. With sparse
             masking (the default for small cores) each partly-core tensor is frozen — under ZeRO-3
             partitioned with no optimizer state — and only its delta over the core is trained.
-        on_step: ``(step, loss)`` after every optimizer step; the loss is averaged over ranks.
+        on_step: ``(step, loss)`` after every optimizer step; the loss is the global batch's mean token
+            loss (averaged over accumulation micro-steps), the same on every rank.
         after_step: called after every optimizer step.
         on_engine: called with the DeepSpeed engine after the last step, before it is torn down
             (inspection: optimizer state, partitions).
@@ -248,7 +253,48 @@ def deepspeed_train(
     return result
 
 
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens whose next-token loss counts: labels other than ``IGNORE_INDEX``, after the causal shift."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_token_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The SUM of token cross-entropies over response tokens (fp32), where
+    :func:`trace_transfer.train.loop.causal_lm_loss` takes their mean: a sum can be weighted by the
+    global token count, a per-rank mean cannot."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    logits = logits[:, :-1].float()  # HF's own loss upcasts too
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def global_token_scale(batch: dict[str, torch.Tensor], device: torch.device) -> float:
+    """``W / N``: the factor that turns this rank's token-loss sum into its share of the global mean,
+    N = response tokens in the global micro-batch (summed over ranks, one all_reduce of a count).
+    DeepSpeed averages gradients over the W ranks, so ``Σ_r sum_r × W / N / W`` is the global token
+    mean's gradient, whatever the ranks' token counts. 0 when no rank holds a response token (the
+    micro-step then adds nothing; one process would get a NaN mean there)."""
+    import torch.distributed as dist
+
+    total = torch.tensor([response_tokens(batch)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dist.get_world_size() / float(total) if float(total) > 0 else 0.0
+
+
 def _loop(engine, local, steps, cfg, on_step, after_step) -> TrainResult:
+    """The optimisation loop, weighted as one process at the global batch would be.
+
+    One process (``train.loop.train`` with micro-batch ``W × batch_size``) takes, per micro-step, the
+    mean token loss of that whole micro-batch and averages the ``grad_accum`` micro-steps equally. Here
+    rank r holds one W-th of that micro-batch, so each rank backpropagates its token-loss SUM × W / N
+    (N: the micro-step's response tokens over all ranks); ``engine.backward`` divides by
+    ``grad_accum`` and DeepSpeed averages over ranks — the same gradient, up to reduction order, also
+    when ranks hold different numbers of response tokens (a per-rank mean weighs a rank's few tokens
+    as much as another's many). The reported loss is that same global token mean, averaged over the
+    accumulation micro-steps, identical on every rank.
+    """
     import time
 
     import torch.distributed as dist
@@ -260,8 +306,9 @@ def _loop(engine, local, steps, cfg, on_step, after_step) -> TrainResult:
     while step < steps:
         for batch in local(epoch):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = causal_lm_loss(engine, batch)
-            engine.backward(loss)
+            scale = global_token_scale(batch, engine.device)
+            loss = causal_lm_token_sum(engine, batch) * scale  # this rank's share × W of the global mean
+            engine.backward(loss)  # scales by 1 / grad_accum, as train.loop does
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()  # steps the optimizer and the schedule only at accumulation boundaries
             acc += float(loss.detach()) / cfg.grad_accum
@@ -270,7 +317,7 @@ def _loop(engine, local, steps, cfg, on_step, after_step) -> TrainResult:
             if after_step is not None:
                 after_step()
             mean = torch.tensor([acc], dtype=torch.float64)
-            dist.all_reduce(mean)
+            dist.all_reduce(mean)  # Σ_r share_r × W = W × the global token mean
             value = float(mean) / dist.get_world_size()
             losses.append(value)
             if on_step is not None:
