@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from trace_transfer.errors import ConfigError
 
 __all__ = ["StrictModel", "parse_yaml", "read_yaml", "line_of", "loc_text", "located", "validation_problems", "validate_tree",
-           "help_of", "field_problems", "spec_model", "click_options"]
+           "help_of", "field_problems", "spec_model", "click_options", "click_args"]
 
 
 class StrictModel(BaseModel):
@@ -374,3 +374,17 @@ def click_options(cls: Any, names: list[str], *, defaults: dict[str, Any] | None
         return fn
 
     return decorate
+
+
+def click_args(values: dict[str, Any]) -> list[str]:
+    """The command-line arguments that the options of :func:`click_options` parse back into ``values``
+    (field name -> value): ``--max-steps 5``, a bool as ``--x`` / ``--no-x``. A launched command gets its
+    settings this way, so they are spelt once, as the dataclass fields, on both sides."""
+    args: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args

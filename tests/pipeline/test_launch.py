@@ -195,3 +195,92 @@ def test_torchrun_passes_every_launched_argument_through_unchanged(tmp_path):
         params = main.commands[script[0]].make_context(script[0], script[1:]).params
         if script[0] == "finetune":
             assert list(params["monitor"]) == ["synthetic:general"]
+
+
+def _probe_launches(lines: list[str]) -> dict[str, list[str]]:
+    """The dry run's torchrun probe lines, by step (the step directory is the probe's --out)."""
+    out = {}
+    for ln in (ln for ln in lines if ln.startswith("torchrun ")):
+        argv = shlex.split(ln)
+        if argv[argv.index("-m") + 2] == "probe" and argv[argv.index("-m") + 2] == "probe":
+            out[argv[argv.index("--out") + 1].split("runs/x/", 1)[1]] = argv
+    return out
+
+
+def test_probe_steps_launch_under_deepspeed_with_the_in_process_settings(tmp_path):
+    """launch.deepspeed: every probe step (source and target) is a torchrun `probe --deepspeed` line whose
+    arguments parse in `trace-transfer probe` to the in-process probe's ProbeConfig, its batch split over
+    the ranks, and pass unchanged through torchrun's own parser; `run --check` accepts the config."""
+    from torch.distributed.run import get_args_parser
+
+    from trace_transfer.probe import ProbeConfig
+
+    probe = {**SMALL["probe"], "batch_size": 8, "lr": 3e-4, "epochs": 2.0}
+    cfg = _config(tmp_path, methods=["trace-lf", "transfer-lf"], probe=probe,
+                  launch={"deepspeed": "ds.json", "nproc_per_node": 2})
+    res = CliRunner().invoke(main, ["run", cfg, "--check"])
+    assert res.exit_code == 0 and "valid" in res.output, res.output
+    lines = _dry([cfg, "--out", "runs/x"])
+    launches = _probe_launches(lines)
+    assert sorted(launches) == ["probe/source/math", "probe/target/math"]
+    for step, argv in launches.items():
+        i = lines.index(shlex.join(argv))
+        assert lines[i - 2].startswith("printf %s ") and lines[i + 2].endswith(f"--only {step}")
+        parsed = get_args_parser().parse_args(argv[1:])
+        module, *script = argv[argv.index("-m") + 1:]
+        assert (parsed.training_script, parsed.training_script_args, parsed.nproc_per_node) == (module, script, "2")
+        params = main.commands["probe"].make_context("probe", script[1:]).params
+        assert params["deepspeed_config"] == str(tmp_path / "ds.json") and params["force"] and params["task"] == "synthetic:math"
+        assert params["model"] == f"runs/x/models/{step.split('/')[1]}/model"
+        launched = ProbeConfig.from_flat(**{k: params[k] for k in (
+            "epochs", "max_steps", "lr", "batch_size", "seq_len", "precision", "gradient_checkpointing", "fisher",
+            "fisher_at", "fisher_batches", "fisher_elements", "max_examples", "device", "seed")})
+        in_process = ProbeConfig.from_flat(**probe, seed=0, device="auto")
+        # The same probe, but each of the 2 ranks takes half of the global batch (DS: global = world x micro).
+        assert launched.train.batch_size == 4
+        assert launched == ProbeConfig.from_flat(**{**probe, "batch_size": 4}, seed=0, device="auto")
+        assert in_process.train.batch_size == 8
+
+
+def test_probe_launch_hashes_and_refusals(tmp_path):
+    """A launched probe's hash holds the launch (as a fine-tuning step's does); a run without DeepSpeed keeps
+    the hash it always had; a probe batch the ranks cannot split evenly is refused by `run --check`, and a
+    config that probes nothing is not."""
+    from trace_transfer.pipeline.launch import DryRunner, launch_world
+    from trace_transfer.pipeline.run import run_pipeline
+
+    def hashes(**over):
+        runner = DryRunner(tmp_path / "run")
+        run_pipeline(load_pipeline(_config(tmp_path, **over)), tmp_path / "run", runner=runner, base_dir=tmp_path)
+        return {n: r.hash for n, r in runner.records.items()}
+
+    plain, launched = hashes(), hashes(launch={"deepspeed": "ds.json", "nproc_per_node": 2})
+    assert plain["models/target"] == launched["models/target"]
+    assert plain["probe/target/math"] != launched["probe/target/math"]
+    assert hashes(launch={"device": "cpu"})["probe/target/math"] == plain["probe/target/math"]
+
+    odd = _config(tmp_path, probe={**SMALL["probe"], "fisher": "per-sample"},
+                  launch={"deepspeed": "ds.json", "nproc_per_node": 3})
+    res = CliRunner().invoke(main, ["run", odd, "--check"])
+    assert res.exit_code == 1 and "probe.batch_size: 4 does not split evenly over the launch's 3 processes" in res.output
+    assert "probe.fisher: 'per-sample' is not supported under launch.deepspeed" in res.output
+    res = CliRunner().invoke(main, ["run", _config(tmp_path, methods=["full"], launch={"deepspeed": "ds.json",
+                                                                                        "nproc_per_node": 3}), "--check"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "hosts").write_text("# two nodes\nnode0 slots=2\nnode1 slots=2\n")
+    cfg = load_pipeline(_config(tmp_path, launch={"deepspeed": "ds.json", "nproc_per_node": 2, "hostfile": "hosts"}))
+    assert launch_world(cfg.launch, tmp_path) == 4
+
+
+def test_a_finished_probe_launch_is_recorded_not_relaunched(tmp_path):
+    """The relaunch of a probe step whose launch finished (probe.json, written last) only records it; across
+    nodes an unfinished one is the cluster's to launch."""
+    from trace_transfer.pipeline.run import _probe_done
+
+    cfg = load_pipeline(_config(tmp_path, launch={"deepspeed": "ds.json", "nnodes": 2, "rdzv_endpoint": "h:1"}))
+    d = tmp_path / "probe"
+    d.mkdir()
+    with pytest.raises(TraceTransferError, match="this probe runs across 2 node"):
+        _launch_distributed(d, ["-m", "trace_transfer", "probe"], cfg, print, done=_probe_done, what="probe")
+    (d / "probe.json").write_text(json.dumps({"task": "math", "train": {"steps": 1}}))
+    assert _launch_distributed(d, [], cfg, print, done=_probe_done, what="probe")["task"] == "math"

@@ -153,7 +153,8 @@ class LaunchSpec(StrictModel):
     """Where and how the steps run. ``device``/``dtype`` apply to every step that runs a model (the
     ``--device``/``--dtype`` of the commands, declared once in :class:`~trace_transfer.devices.DeviceConfig`).
     With ``deepspeed`` set, each method x seed step is launched as
-    ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``; the rest of the
+    ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``, and each probe as
+    ``... probe --deepspeed CONFIG`` (``probe.batch_size`` split over the ranks); the rest of the
     pipeline runs in the calling process. Across nodes (``nnodes`` > 1 with ``rdzv_endpoint``, or a
     DeepSpeed ``hostfile``) the launches are the cluster's to start: ``trace-transfer run CONFIG --dry-run``
     prints them (see ``examples/slurm``)."""
@@ -292,6 +293,9 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     if cfg.launch.deepspeed and not _resolve(cfg.launch.deepspeed, base_dir).exists():
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
     problems += _multi_node_problems(cfg.launch, base_dir)
+    from trace_transfer.pipeline.launch import probe_launch_problems  # launch builds on this module's specs
+
+    problems += probe_launch_problems(cfg, base_dir)
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(
         cfg.layer_map.probes, base_dir
     ).exists() and not cfg.layer_map.probes.startswith("hf:"):

@@ -1,7 +1,8 @@
 """The launch lines of a pipeline: how its multi-process steps start, and ``run --dry-run``.
 
 A fine-tuning step under DeepSpeed runs as ``trace-transfer finetune --deepspeed`` (``cpi-ft --deepspeed`` for
-CPI-FT) under a launcher:
+CPI-FT), and a probe step as ``trace-transfer probe --deepspeed`` (source and target probes alike), under a
+launcher:
 
 * one node: ``torchrun`` on ``launch.nproc_per_node`` local processes (the pipeline starts it itself);
 * several nodes: ``torchrun --nnodes N --node_rank R --rdzv_endpoint HOST:PORT`` on *every* node, or
@@ -27,7 +28,8 @@ from typing import Any
 
 from trace_transfer.pipeline.steps import StepRecord, step_hash
 
-__all__ = ["Command", "DryRunner", "finetune_args", "cpi_ft_args", "launch_argv", "dry_run", "format_commands"]
+__all__ = ["Command", "DryRunner", "finetune_args", "cpi_ft_args", "probe_args", "launch_world", "probe_launch_problems",
+           "launch_argv", "dry_run", "format_commands"]
 
 # Left unquoted in a printed command, so the cluster script's shell fills in this node's rank.
 NODE_RANK_VAR = "${NODE_RANK:?}"  # the shell refuses an unset NODE_RANK (SLURM: NODE_RANK=$SLURM_NODEID)
@@ -83,6 +85,56 @@ def cpi_ft_args(d: Path, target: str, tasks: list[str], train_cfg: Any, ds: str,
     for task in tasks:
         args += ["--task", task]
     return args
+
+
+def probe_args(d: Path, model: str, task: str, settings: dict[str, Any], ds: str, world: int) -> list[str]:
+    """``-m trace_transfer probe ...``: what every rank of a probe launch runs. ``settings`` are the
+    ``ProbeConfig.from_flat`` keywords of the in-process probe, as the probe's own flags; its
+    ``batch_size`` is the global batch and becomes the per-rank micro-batch ``batch_size / world`` (the
+    DeepSpeed probe's global batch is ``world x micro``), so a probe means the same batches launched or not
+    (:func:`probe_launch_problems` refuses a batch the ranks cannot share evenly). ``--force``: the step
+    directory is the pipeline's (its ``.attempt`` and launch log are in it, a stale attempt is cleared
+    by the step runner), and the probe writes ``probe.json`` last, so a complete probe is never relaunched."""
+    from trace_transfer.config import click_args
+
+    micro = {**settings, "batch_size": settings["batch_size"] // world}
+    return ["-m", "trace_transfer", "probe", "--model", model, "--task", task, "--out", str(d), "--force",
+            "--deepspeed", ds, *click_args(micro)]
+
+
+def launch_world(launch: Any, base_dir: Path | None = None) -> int:
+    """The processes of one launch: ``nnodes x nproc_per_node``; with a hostfile and no ``nnodes`` the
+    DeepSpeed launcher uses every host the file lists."""
+    nodes = launch.nnodes
+    if launch.hostfile and nodes == 1:
+        hostfile = Path(launch.hostfile)
+        hostfile = base_dir / hostfile if base_dir is not None and not hostfile.is_absolute() else hostfile
+        if hostfile.is_file():
+            hosts = [ln for ln in (s.split("#")[0].strip() for s in hostfile.read_text().splitlines()) if ln]
+            nodes = max(1, len(hosts))
+    return nodes * launch.nproc_per_node
+
+
+def probe_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
+    """Why the probes of ``cfg`` cannot be launched under ``launch.deepspeed`` (``run --check``): the
+    probe's ``batch_size`` is its global batch and must split evenly over the ranks, and the DeepSpeed
+    probe takes the batch Fisher only."""
+    from trace_transfer.pipeline.methods import resolve
+
+    probes = any(m.cores in ("target", "transfer") or m.general_core for _, m in resolve(cfg.methods))
+    if not cfg.launch.deepspeed or not probes:  # e.g. full fine-tuning alone probes nothing
+        return []
+    from trace_transfer.probe.config import TRACE_COMPATIBLE_MODE
+
+    problems = []
+    world, batch = launch_world(cfg.launch, base_dir), cfg.probe.batch_size
+    if batch % world:
+        problems.append(f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes "
+                        f"(each rank probes batch_size / {world} examples per step); set it to a multiple of {world}")
+    if cfg.probe.fisher != TRACE_COMPATIBLE_MODE:  # probe_deepspeed's own refusal, before any launch
+        problems.append(f"probe.fisher: {cfg.probe.fisher!r} is not supported under launch.deepspeed (the engine "
+                        f"reduces the ranks' gradients together); use fisher: {TRACE_COMPATIBLE_MODE}")
+    return problems
 
 
 def _common_args(d: Path, train_cfg: Any, ds: str, cfg: Any) -> list[str]:

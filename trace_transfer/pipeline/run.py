@@ -137,8 +137,14 @@ class _Plan:
 
 
 def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
+    """One probe per side x task. Under ``launch.deepspeed`` each is launched like a fine-tuning step
+    (``trace-transfer probe --deepspeed`` on every rank): its hash then holds the launch, as theirs does
+    (runs without DeepSpeed keep their hashes), and a partial launch is kept for its relaunch."""
     cfg, runner = plan.cfg, plan.runner
     probe_params = cfg.probe.model_dump()
+    launched = bool(cfg.launch.deepspeed)
+    if launched:
+        probe_params["launch"] = cfg.launch.step_params()
     sides = []
     if plan.strategies_for("source"):
         sides.append(("source", plan.source))
@@ -152,7 +158,8 @@ def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
         for task in tasks:
             name = f"probe/{side}/{_task_key(task)}"
             runner.step(name, {"task": task, "model": model_ref, **probe_params},
-                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0], say=runner.say), depends=_deps(model_step))
+                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0], say=runner.say, base_dir=plan.base_dir),
+                        depends=_deps(model_step), resumable=launched)
             probe_steps.setdefault(side, []).append(name)
     return probe_steps
 
@@ -331,16 +338,45 @@ def _every_tenth(say: Callable[[str], None], quiet_for: float = 0.0) -> Callable
 _QUIET_SECONDS = 5.0
 
 
-def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Callable[[str], None] = logger.info):
+def _probe_settings(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+    """The ``ProbeConfig.from_flat`` keywords of a pipeline probe, in process or launched."""
+    return {**cfg.probe.model_dump(), "seed": seed, "device": cfg.launch.device}
+
+
+def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Callable[[str], None] = logger.info,
+              base_dir: Path | None = None):
+    ds = str(Path(base_dir or Path.cwd()) / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
+
     def fn(d: Path) -> dict[str, Any]:
+        if ds:
+            # The target may not fit one device: every rank runs `probe --deepspeed` (probe_deepspeed).
+            info = _launch_distributed(d, fn.launch_args(d), cfg, say, done=_probe_done, what="probe")
+            train = info.get("train", {})
+            return {"task": info["task"], "steps": train.get("steps"), "first_loss": train.get("first_loss"),
+                    "final_loss": train.get("last_loss"), "launched": "torchrun"}
         from trace_transfer.probe import ProbeConfig, probe
 
-        p = cfg.probe
-        res = probe(model_ref, task, d, ProbeConfig.from_flat(**p.model_dump(), seed=seed, device=cfg.launch.device),
+        res = probe(model_ref, task, d, ProbeConfig.from_flat(**_probe_settings(cfg, seed)),
                     progress=_every_tenth(say, quiet_for=_QUIET_SECONDS))
         return {"task": res.task, "steps": res.steps, "first_loss": res.first_loss, "final_loss": res.final_loss}
 
+    if ds:
+        def launch_args(d: Path) -> list[str]:
+            """What every rank runs (the dry run prints it behind its launcher)."""
+            from trace_transfer.pipeline.launch import launch_world, probe_args
+
+            return probe_args(d, model_ref, task, _probe_settings(cfg, seed), ds, launch_world(cfg.launch, base_dir))
+
+        fn.launch_args = launch_args  # type: ignore[attr-defined]
     return fn
+
+
+def _probe_done(d: Path) -> dict[str, Any] | None:
+    """A launched probe's ``probe.json``: written last, so present only when the probe is complete."""
+    import json
+
+    f = d / "probe.json"
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def _score_fn(probe_dirs: list[Path], strategy: str, cfg: PipelineConfig, granularity: str | None = None):
@@ -580,8 +616,19 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
     return fn
 
 
-def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    """Run ``trace-transfer finetune --deepspeed`` (``args``) on ``launch.nproc_per_node`` local processes.
+def _finetune_done(d: Path) -> dict[str, Any] | None:
+    """A launched fine-tuning's ``results.json`` once it says ``complete`` (a partial one resumes)."""
+    import json
+
+    done = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+    return done if done.get("complete") else None
+
+
+def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Callable[[str], None],
+                        done: Callable[[Path], dict[str, Any] | None] = _finetune_done,
+                        what: str = "fine-tuning") -> dict[str, Any]:
+    """Run ``trace-transfer finetune --deepspeed`` (``args``; or ``probe``, with its ``done`` reader) on
+    ``launch.nproc_per_node`` local processes and return what ``done(d)`` reads once it has finished.
 
     The command line is written to ``.launch.sh`` and the ranks' output to ``.launch.log`` in the step
     directory (hidden: ``finetune`` refuses an --out holding files it did not write), so a failed launch
@@ -589,7 +636,6 @@ def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Call
     after its last complete stage. A launch across nodes is the cluster's (``run --dry-run`` prints
     it): this only records its finished results.
     """
-    import json
     import shlex
     import socket
     import subprocess
@@ -598,11 +644,11 @@ def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Call
     from trace_transfer.errors import TraceTransferError
     from trace_transfer.pipeline.launch import launch_argv
 
-    done = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
-    if done.get("complete"):  # launched already (by the cluster, or before an interruption)
-        return done
+    finished = done(d)
+    if finished is not None:  # launched already (by the cluster, or before an interruption)
+        return finished
     if cfg.launch.multi_node():
-        raise TraceTransferError(f"{d.name}: this fine-tuning runs across {cfg.launch.nnodes} node(s); start its "
+        raise TraceTransferError(f"{d.name}: this {what} runs across {cfg.launch.nnodes} node(s); start its "
                                  f"launch on the cluster with the commands `trace-transfer run CONFIG --dry-run` "
                                  f"prints (see examples/slurm), then rerun to record it")
     with socket.socket() as sock:  # a free port for the rendezvous of this launch
@@ -616,9 +662,13 @@ def _launch_distributed(d: Path, args: list[str], cfg: PipelineConfig, say: Call
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log_file.read_text()[-3000:]
-        raise TraceTransferError(f"distributed fine-tuning failed (exit {proc.returncode}); command in "
+        raise TraceTransferError(f"distributed {what} failed (exit {proc.returncode}); command in "
                                  f"{script}, log {log_file}; its end:\n{tail}")
-    return json.loads((d / "results.json").read_text())
+    finished = done(d)
+    if finished is None:
+        raise TraceTransferError(f"distributed {what} exited 0 but left no complete result in {d}; see {log_file} "
+                                 f"and rerun the step")
+    return finished
 
 
 def _prune_checkpoints(run_dir: Path) -> None:
