@@ -125,24 +125,24 @@ def aggregate_stream(work: Path, sizes: list[tuple[int, int]]) -> dict:
     out = {}
     for hidden, layers in sizes:
         d = size_dir(work, hidden, layers)
-        # One file per seed: the full run's, else a subset run's (``--only``: ``*.Nconfigs.json``).
-        by_seed: dict[str, Path] = {}
-        for f in sorted(d.glob("stream_comparison*.json")):
+        # Per seed: the full run's file and every subset run's (``--only``: ``*.Nconfigs.json``), merged by
+        # configuration; a configuration in several files is taken from the full run, else the last subset.
+        by_seed: dict[str, dict[str, dict]] = {}
+        seeds, params, stream = [], None, None
+        for f in sorted(d.glob("stream_comparison*.json"), key=lambda f: ("configs" not in f.name, f.name)):
             parts = f.name.removesuffix(".json").split(".")
             seed_key = next((p for p in parts if p.startswith("seed")), "seed0")
-            if seed_key not in by_seed or "configs" in by_seed[seed_key].name:
-                by_seed[seed_key] = f
-        files = list(by_seed.values())
-        if not files:
+            data = json.loads(f.read_text())
+            if seed_key not in by_seed:
+                seeds.append(data["settings"]["seed"])
+            by_seed.setdefault(seed_key, {}).update(data["matrices"])
+            params = params or (data.get("base_provenance") or {}).get("num_parameters")
+            stream = stream or data["stream"]
+        if not by_seed:
             continue
         per_config: dict[str, list[dict]] = {}
-        seeds, params = [], None
-        for f in files:
-            data = json.loads(f.read_text())
-            seeds.append(data["settings"]["seed"])
-            prov = data.get("base_provenance") or {}
-            params = params or prov.get("num_parameters")
-            for name, m in data["matrices"].items():
+        for matrices in by_seed.values():
+            for name, m in matrices.items():
                 per_config.setdefault(name, []).append(per_run_figures(m))
         table = {}
         for name, runs in per_config.items():
@@ -151,7 +151,7 @@ def aggregate_stream(work: Path, sizes: list[tuple[int, int]]) -> dict:
             T = len(runs[0]["final"])
             table[name]["final"] = [_mean_std([r["final"][j] for r in runs]) for j in range(T)]
         out[f"d{hidden}-L{layers}"] = {"seeds": sorted(seeds), "num_parameters": params, "table": table,
-                                       "tasks": json.loads(files[0].read_text())["stream"]}
+                                       "tasks": stream}
     return out
 
 
