@@ -30,6 +30,7 @@ from typing import Any
 from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, resolve_monitor
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
+from trace_transfer.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -235,13 +236,12 @@ def _finetune_steps(plan: _Plan) -> None:
 # Settings only one runner method reads: they stay out of the other methods' step hashes, so adding
 # them changed no existing run's hashes and changing them reruns only that method.
 _METHOD_ONLY_TRAINING = {"lisa_layers": "lisa", "lisa_interval": "lisa"}
-# How a step runs, not what it computes: left out of every step hash, so turning it on reruns nothing.
-_NOT_HASHED = {"gradient_checkpointing"}
 
 
 def _training_params(cfg: PipelineConfig, spec: PipelineMethod) -> dict[str, Any]:
     only_others = {k for k, runner in _METHOD_ONLY_TRAINING.items() if spec.runner != runner}
-    return cfg.training.model_dump(exclude=only_others | _NOT_HASHED)
+    # How a step runs, not what it computes (checkpointing): out of every step hash, so switching it reruns nothing.
+    return cfg.training.model_dump(exclude=only_others | TrainConfig.execution_only())
 
 
 def _monitors(cfg: PipelineConfig, spec: PipelineMethod) -> list[str]:
