@@ -114,7 +114,8 @@ def test_more_gpus_when_nothing_else_fits(shapes):
 def test_cli_json_on_the_tiny_pipeline():
     # --examples for the 80k-example general task: counting it takes seconds; the stream tasks are counted.
     res = CliRunner().invoke(cli, ["plan", str(PIPELINES / "tiny.yaml"), "--json", "--gpus", "2", "--gpu-mem", "24GiB",
-                                   "--examples", "synthetic:general=80000", "--set", "scoring.granularity=element"])
+                                   "--examples", "synthetic:general=80000", "--set", "scoring.granularity=element",
+                                   "--set", "training.gradient_checkpointing=true"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["format"] == "trace-transfer/plan" and out["hardware"]["gpus_per_node"] == 2
@@ -125,6 +126,10 @@ def test_cli_json_on_the_tiny_pipeline():
     ft = next(s for s in out["steps"] if s["name"].startswith("ft full"))
     assert ft["seconds"] is not None  # synthetic tasks are counted offline
     assert any(n.startswith("ft element 10% sparse") for n in names)  # --set reached the plan
+    # the JSON carries, per step, what the config runs and the key that sets it
+    assert all(s["gradient_checkpointing"] and s["checkpointing_key"] == "training.gradient_checkpointing"
+               for s in out["steps"] if s["name"].startswith("ft "))
+    assert not any(s["gradient_checkpointing"] for s in out["steps"] if not s["name"].startswith("ft "))
 
 
 def test_cli_table_fits_80_columns_and_hub_ids_need_configs():
@@ -212,3 +217,49 @@ def test_activation_formula_matches_what_autograd_saves():
     measured = sum(seen.values())
     estimated = activation_bytes(shape, ids.numel(), 64, 4, 4, False)
     assert 0.85 < measured / estimated < 1.1, (measured, estimated)
+
+
+def test_verdict_follows_the_configs_gradient_checkpointing(shapes):
+    # The paper's fine-tuning setup on 8 x 80 GB: ZeRO-3, micro-batch 4 x 1024 (ds_zero3.json's defaults).
+    from trace_transfer.plan.estimate import with_
+    from trace_transfer.plan.planner import CKPT_KEY, _train_step
+
+    s, hw = shapes["Qwen/Qwen3-32B"], Hardware(gpus_per_node=8, gpu_memory=80 * GiB)
+    z3 = Setup("deepspeed", zero=3, world=8, micro_batch=4, seq_len=1024)
+    core = core_trainable(s, 0.1, "tensor", "tensors", "dense")
+    off = _train_step("ft core", s, core, z3, hw, None, 1, ckpt_key=CKPT_KEY)
+    on = _train_step("ft core", s, core, with_(z3, checkpointing=True), hw, None, 1,
+                     ckpt_key=CKPT_KEY)
+    # off: the one change is a key of the same config, named exactly
+    assert not off.fits_as_configured and off.verdict == "fits only with training.gradient_checkpointing: true"
+    assert off.suggestion_memory["total"] == on.memory["total"]
+    # on: the verdict uses the checkpointed activations; both figures stay available
+    assert on.fits_as_configured and on.verdict == "fits" and on.gradient_checkpointing
+    assert on.memory["per_gpu"]["activations"] == on.memory["activations_ckpt"] < on.memory["activations_no_ckpt"]
+    assert "grad ckpt" in on.setup and "grad ckpt" not in off.setup
+    # full fine-tuning needs offload either way: the ladder names checkpointing only when it is off
+    full = Trainable("full", s.params, s.matmul_params)
+    full_off = _train_step("ft full", s, full, z3, hw, None, 1, ckpt_key=CKPT_KEY)
+    full_on = _train_step("ft full", s, full, with_(z3, checkpointing=True), hw, None, 1,
+                          ckpt_key=CKPT_KEY)
+    assert full_off.verdict == "needs grad ckpt + offload opt" and f"grad ckpt: set {CKPT_KEY}: true" in full_off.notes
+    assert full_on.verdict == "needs offload opt"
+
+
+@pytest.mark.parametrize("name", ["paper-llama3-8b-to-qwen2.5-14b", "paper-llama3-8b-to-qwen3-32b"])
+def test_paper_pipelines_turn_checkpointing_on_and_their_core_steps_fit(name):
+    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.plan import plan
+
+    path = PIPELINES / f"{name}.yaml"
+    cfg = load_pipeline(path)
+    assert cfg.training.gradient_checkpointing  # docs/PLANNER.md: without it no fine-tuning step fits
+    p = plan(cfg, Hardware(gpus_per_node=8, gpu_memory=80 * GiB), base_dir=path.parent, configs=[PAPER_MODELS],
+             default_examples=1000)
+    ft = {s.name.split(" x")[0]: s for s in p.steps if s.name.startswith("ft ")}
+    assert all(s.gradient_checkpointing and s.checkpointing_key == "training.gradient_checkpointing"
+               for s in ft.values())
+    assert ft["ft lora r8"].verdict == "fits" and ft["ft tensor 10%"].verdict == "fits"
+    assert not any("grad ckpt" in s.verdict or s.verdict.startswith("fits only") for s in ft.values())
+    # inference steps know nothing of it
+    assert all(not s.gradient_checkpointing for s in p.steps if s.kind != "train")

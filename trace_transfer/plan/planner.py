@@ -10,6 +10,11 @@ The verdict tries, in order, what a user would try: the step as configured; ZeRO
 given; + gradient checkpointing; + optimizer offload; + parameter offload; then more GPUs. The first
 that fits is the verdict ("fits", "needs ZeRO-3", "needs grad ckpt", "needs offload (optimizer)",
 "needs offload (optimizer+params)", "needs N more GPUs").
+
+"As configured" includes the config's gradient checkpointing (``training.gradient_checkpointing`` for
+fine-tuning): with it on, the verdict uses the checkpointed activations; with it off, a step that fits
+once it is on says "fits only with training.gradient_checkpointing: true" (the key to set). Steps the
+config has no such key for (probes, pretraining) run without it, and the ladder suggests it as a change.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from trace_transfer.plan.shapes import ModelShape, config_roots, find_config, mo
 if TYPE_CHECKING:
     from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
 
+CKPT_KEY = "training.gradient_checkpointing"  # the pipeline key that turns checkpointing on for fine-tuning
 SCOPE = ("layers",)  # the pipeline scores the decoder layers' tensors (scoring's default scope)
 MAX_GPUS = 4096
 CKA_MAX_LENGTH = 512  # capture's truncation: an upper bound on a probe text's tokens
@@ -54,6 +60,8 @@ class StepPlan:
     model: str
     setup: str
     trains: str = "-"
+    gradient_checkpointing: bool = False  # what the config runs the step with (train steps)
+    checkpointing_key: str | None = None  # the config key that sets it; None: the step has none
     trainable_params: int | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     fits_as_configured: bool = True
@@ -194,26 +202,28 @@ def method_trainable(entry: Any, shape: ModelShape, cfg: PipelineConfig, masking
 
 
 def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware) -> tuple[str, Setup, dict]:
-    """The first rung of the ladder that fits; the verdict names every change it took."""
+    """The first rung of the ladder that fits; the verdict names every change it took (checkpointing
+    only where the config does not already run with it)."""
     changes: list[str] = []
     base = configured
     if configured.engine == "single" or configured.zero < 3:
         base = Setup("deepspeed", zero=3, world=hw.world, bf16=True, micro_batch=configured.micro_batch,
-                     seq_len=configured.seq_len, buffers=configured.buffers)
+                     seq_len=configured.seq_len, buffers=configured.buffers, checkpointing=configured.checkpointing)
         changes.append(f"ZeRO-3 x{hw.world}")
+    ckpt = [] if configured.checkpointing else ["grad ckpt"]
     ladder = [(list(changes), base),
-              ([*changes, "grad ckpt"], with_(base, checkpointing=True)),
-              ([*changes, "grad ckpt", "offload opt"], with_(base, checkpointing=True, offload_optimizer=True)),
-              ([*changes, "grad ckpt", "offload opt+param"], with_(base, checkpointing=True, offload_optimizer=True,
-                                                                   offload_param=True))]
+              ([*changes, *ckpt], with_(base, checkpointing=True)),
+              ([*changes, *ckpt, "offload opt"], with_(base, checkpointing=True, offload_optimizer=True)),
+              ([*changes, *ckpt, "offload opt+param"], with_(base, checkpointing=True, offload_optimizer=True,
+                                                             offload_param=True))]
     for needed, setup in ladder:
         mem = train_memory(shape, tr, setup, hw)
         if needed and fits(mem, hw):
             return "needs " + " + ".join(needed), setup, mem
-    for ckpt in (False, True):
+    for on in ((True,) if configured.checkpointing else (False, True)):
         # Per-GPU memory under ZeRO-3 only falls as GPUs are added: bisect for the fewest that fit.
         def attempt(n: int) -> tuple[Setup, dict, bool]:
-            setup, more = with_(base, world=n, checkpointing=ckpt), hw.with_world(n)
+            setup, more = with_(base, world=n, checkpointing=on), hw.with_world(n)
             mem = train_memory(shape, tr, setup, more)
             return setup, mem, fits(mem, more)
 
@@ -224,22 +234,39 @@ def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hard
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if attempt(mid)[2] else (mid + 1, hi)
         setup, mem, _ = attempt(lo)
-        needed = [f"ZeRO-3 x{lo}", *(["grad ckpt"] if ckpt else [])]
+        needed = [f"ZeRO-3 x{lo}", *(ckpt if on else [])]
         return f"needs {lo - hw.world} more GPUs ({' + '.join(needed)})", setup, mem
     setup = ladder[-1][1]
     return "does not fit: lower micro-batch or seq_len", setup, train_memory(shape, tr, setup, hw)
 
 
 def _train_step(name: str, shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware,
-                tokens: float | None, count: int, methods: list[str] | None = None) -> StepPlan:
+                tokens: float | None, count: int, methods: list[str] | None = None,
+                ckpt_key: str | None = None) -> StepPlan:
+    """``configured.checkpointing`` is what the config runs; ``ckpt_key`` the key that turns it on (None:
+    the step has no such key, so checkpointing can only be a suggested change)."""
     mem = train_memory(shape, tr, configured, hw)
     ok = fits(mem, hw)
-    verdict, chosen, chosen_mem = ("fits", configured, mem) if ok else _train_verdict(shape, tr, configured, hw)
-    step = StepPlan(name, "train", shape.ref, configured.describe(), trains=tr.label, trainable_params=tr.grad_params,
+    with_ckpt = with_(configured, checkpointing=True)
+    ckpt_mem = train_memory(shape, tr, with_ckpt, hw)
+    if ok:
+        verdict, chosen, chosen_mem = "fits", configured, mem
+    elif ckpt_key and not configured.checkpointing and fits(ckpt_mem, hw):
+        # The only change is a key in the same config: say which, not a generic "needs grad ckpt".
+        verdict, chosen, chosen_mem = f"fits only with {ckpt_key}: true", with_ckpt, ckpt_mem
+    else:
+        verdict, chosen, chosen_mem = _train_verdict(shape, tr, configured, hw)
+    setup = configured.describe() + (" + grad ckpt" if configured.checkpointing else "")
+    step = StepPlan(name, "train", shape.ref, setup, trains=tr.label, trainable_params=tr.grad_params,
+                    gradient_checkpointing=configured.checkpointing, checkpointing_key=ckpt_key,
                     memory=mem, fits_as_configured=ok, verdict=verdict, count=count, methods=list(methods or []))
     if not ok:
         step.suggestion = chosen.describe() + (" + grad ckpt" if chosen.checkpointing else "")
         step.suggestion_memory = chosen_mem
+        if chosen.checkpointing and not configured.checkpointing and not verdict.startswith("fits only"):
+            step.notes.append(f"grad ckpt: set {ckpt_key}: true" if ckpt_key else
+                              "grad ckpt: the config has no key for this step; run it by hand with "
+                              "--gradient-checkpointing")
     if tr.note:
         step.notes.append(tr.note)
     step.options = _zero_options(shape, tr, configured, hw)
@@ -488,6 +515,7 @@ def _finetune_steps(ctx: _Context, masking: str, exact: Trainable | None, base_d
         configured = _deepspeed_setup(ds_path, ctx.hw.world, t.batch_size, t.seq_len, t.precision)
     else:
         configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
+    configured = with_(configured, checkpointing=t.gradient_checkpointing)
     rows: dict[str, tuple[Trainable, list[str]]] = {}
     for name, entry in ctx.methods:
         if exact is not None and entry.strategy is not None:
@@ -507,7 +535,7 @@ def _finetune_steps(ctx: _Context, masking: str, exact: Trainable | None, base_d
         tokens = t.epochs * sum(stage_examples) * t.seq_len
     else:
         tokens = None
-    return [_train_step(f"ft {label}", tgt, tr, configured, ctx.hw, tokens, len(cfg.seeds), names)
+    return [_train_step(f"ft {label}", tgt, tr, configured, ctx.hw, tokens, len(cfg.seeds), names, CKPT_KEY)
             for label, (tr, names) in rows.items()]
 
 

@@ -43,6 +43,8 @@ def _gib(x: float | None) -> str:
 def _verdict_short(s: StepPlan) -> str:
     """The verdict in the table's width; the full text follows the table."""
     v = s.verdict
+    if v.startswith("fits only with "):
+        return "fits w/ ckpt:true"
     if v.startswith("needs ") and "more GPUs" in v:
         return "+" + v.split()[1] + " GPUs"
     v = v.removeprefix("needs ")
@@ -67,10 +69,11 @@ def rows(plan: Plan) -> list[list[str]]:
         mem = s.memory
         per_gpu = mem.get("total") if s.kind in ("train", "inference") else None
         ckpt = None
-        if s.kind == "train":
-            ckpt = mem["total"] - mem["per_gpu"]["activations"] + mem["activations_ckpt"]
+        if s.kind == "train":  # both figures whatever the config runs: the columns keep their meaning
+            states = mem["total"] - mem["per_gpu"]["activations"]
+            per_gpu, ckpt = states + mem["activations_no_ckpt"], states + mem["activations_ckpt"]
         out.append([s.name + (f" x{s.count}" if s.count > 1 and s.kind == "train" and " x" not in s.name else ""),
-                    _trains(s), _gib(per_gpu), _gib(ckpt),
+                    _trains(s), _gib(per_gpu), ("*" if s.gradient_checkpointing else "") + _gib(ckpt),
                     _gib(mem.get("host_per_node")), fmt_seconds(s.seconds), _verdict_short(s)])
     return out
 
@@ -91,8 +94,9 @@ def render(plan: Plan) -> str:
         lines.append(" ".join(cells).rstrip())
         if r is head:
             lines.append(" ".join("-" * w for _, w, _ in COLUMNS))
-    lines.append("GiB/GPU: as configured; ckpt: the same with gradient checkpointing; host: GiB")
-    lines.append("per node; time: one run of the step (xN: N runs); /d dense, /s sparse masking.")
+    lines.append("GiB/GPU: as configured, without gradient checkpointing; ckpt: the same with it")
+    lines.append("(the verdict follows the config's training.gradient_checkpointing; *: it is on);")
+    lines.append("host: GiB per node; time: one run of the step (xN: N runs); /d dense, /s sparse.")
     for s in plan.steps:
         for text in _details(s):
             lines += _wrap(text, indent="    ")
