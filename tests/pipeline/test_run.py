@@ -95,7 +95,10 @@ def test_demo_quick_end_to_end_through_the_cli(tmp_path):
 @pytest.mark.distributed
 def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     """launch.deepspeed: each fine-tuning step runs as `torchrun -m trace_transfer finetune --deepspeed`
-    (2 CPU ranks over gloo, ZeRO-3), the rest of the pipeline in this process."""
+    (2 CPU ranks over gloo, ZeRO-3), the rest of the pipeline in this process. `full` needs no probe, so
+    this is one launch (~60 s of DeepSpeed start-up each); the probe's own launch is checked by its
+    arguments (tests/pipeline/test_launch.py) and run on 2 ranks through the CLI in
+    tests/probe/test_probe_distributed.py."""
     import os
     import shutil
     from pathlib import Path
@@ -104,7 +107,7 @@ def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("needs a C++ compiler (DeepSpeed builds a small CPU op)")
     ds = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_zero3.json"
-    conf = {**TINY, "methods": ["trace-lf"], "launch": {"deepspeed": str(ds), "nproc_per_node": 2},
+    conf = {**TINY, "methods": ["full"], "launch": {"deepspeed": str(ds), "nproc_per_node": 2},
             "tasks": ["synthetic:math", "synthetic:code"]}
     p = tmp_path / "ds.yaml"
     p.write_text(yaml.safe_dump(conf))
@@ -117,11 +120,11 @@ def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    step = tmp_path / "run" / "finetune" / "trace-lf" / "seed0"
+    step = tmp_path / "run" / "finetune" / "full" / "seed0"
     launch = (step / ".launch.sh").read_text()  # hidden: finetune refuses an --out holding others' files
     assert "torch.distributed.run" in launch and "--nproc_per_node=2" in launch
     res = json.loads((step / "results.json").read_text())
     assert res["complete"] and len(res["R"]) == 3
     assert res["provenance"]["deepspeed_config"] == str(ds)
     assert json.loads((step / "step.json").read_text())["result"]["launched"] == "torchrun"
-    assert set(result.summary["methods"]) == {"trace-lf"}
+    assert set(result.summary["methods"]) == {"full"}

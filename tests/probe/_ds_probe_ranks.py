@@ -14,8 +14,9 @@ SINGLE_BATCH, WORLD = 4, 2
 
 def write_task(folder: Path) -> Path:
     """A task YAML of sums with zero-padded answers: every sequence has the same number of tokens and
-    of response tokens, so each rank's micro-batch mean loss weighs its tokens as the global-batch mean
-    does (the warm start under DeepSpeed averages the ranks' means; the Fisher is exact regardless)."""
+    of response tokens. Both the warm start and the Fisher weight ranks by their response tokens (exact
+    for uneven answers too: tests/train/test_ds_token_loss.py); equal lengths keep this test about the
+    probe, not about padding."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
