@@ -79,8 +79,10 @@ def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, exam
     Each model is built on the meta device from its config.json (no weights are read or
     downloaded). For every step (probe, score, CKA, transfer, fine-tuning per method, evaluation)
     it prints per-GPU and host memory with and without gradient checkpointing, a time range at the
-    given MFU, and a verdict: fits / needs ZeRO-3 / needs grad ckpt / needs offload / needs N more
-    GPUs. The formulas and a hand check are in docs/PLANNER.md.
+    given MFU, and a verdict for what the config will run (training steps follow its
+    training.gradient_checkpointing): fits / fits only with training.gradient_checkpointing: true /
+    needs ZeRO-3 / needs grad ckpt / needs offload / needs N more GPUs. The formulas and a hand check
+    are in docs/PLANNER.md.
 
     \b
     Examples:
