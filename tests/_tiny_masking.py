@@ -17,6 +17,11 @@ from trace_transfer.coreset import ELEMENT, CoreSet, UnitLayout
 VOCAB, HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 32, 4, 2, 2
 HEAD_DIM = HIDDEN // HEADS
 GRANULARITIES = ("tensor", "row", "column", "head", "element")
+# ZeRO-3 for the 2-rank CPU scripts: every parameter partitioned (no persistence threshold), no prefetch.
+ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                               "stage3_prefetch_bucket_size": 0},
+         "steps_per_print": 1000, "wall_clock_breakdown": False}
 
 
 def tiny_llama(seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32):

@@ -38,19 +38,16 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trace_transfer._version import versions
 from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, fingerprint_of, open_checkpoint, write_json_atomic
 from trace_transfer.errors import ConfigError, TaskError, TraceTransferError
-from trace_transfer.probe.config import FISHER_MODES, TRACE_COMPATIBLE_MODE, ProbeConfig
+from trace_transfer.probe.config import ProbeConfig
 from trace_transfer.probe.fisher import FisherAccumulator
-from trace_transfer.probe.warmstart import FORMAT, FORMAT_VERSION, Progress, ProbeResult, _artifact_name, _config_dict
+from trace_transfer.probe.warmstart import Progress, ProbeResult, _config_dict, _probe_record, _write_tensor_stats
 from trace_transfer.train.ds import response_tokens as _response_tokens
 
 __all__ = ["probe_deepspeed", "require_single_process"]
@@ -206,45 +203,18 @@ def probe_deepspeed(
                              unshard=False)
     del net
 
-    n_response = sum(int((torch.as_tensor(f["labels"])[1:] != IGNORE).sum()) for f in features)
-    info = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "task": task_obj.name,
-        "task_ref": str(task) if isinstance(task, (str, Path)) else task_obj.name,
-        "model": model_ref,
-        "model_path": model_path,
-        "model_config": model_config,
-        "config": asdict(cfg),
-        "seed": cfg.train.seed,
-        "device": "deepspeed",
-        "autocast": "bf16" if conf.get("bf16", {}).get("enabled") else "fp32",
-        "deepspeed": {"stage": stage, "world_size": world, "micro_batch": micro,
-                      "global_batch": micro * world, "grad_accum": cfg.train.grad_accum},
-        "data": {"examples": len(examples), "sequences": len(features), "response_tokens": n_response,
-                 "batches_per_epoch": n_global},
-        "train": result.to_dict(),
-        "fisher": {"mode": cfg.fisher, "at": cfg.fisher_at, "estimator": FISHER_MODES[cfg.fisher],
-                   "trace_compatible": cfg.fisher == TRACE_COMPATIBLE_MODE, "batches": fisher_n,
-                   "observations": fisher_obs[0], "elements": cfg.fisher_elements,
-                   "accumulation": "float32, per rank partition"},
-        "artifacts": {},
-        "tensors": [name for name, _ in params],  # model order: scoring breaks ties by it
-        "fingerprint": fingerprint,
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "seconds": 0.0,
-    }
+    info = _probe_record(
+        out, cfg, task_obj=task_obj, task=task, model_ref=model_ref, model_path=model_path,
+        model_config=model_config, device="deepspeed", autocast="bf16" if conf.get("bf16", {}).get("enabled") else "fp32",
+        extra={"deepspeed": {"stage": stage, "world_size": world, "micro_batch": micro,
+                             "global_batch": micro * world, "grad_accum": cfg.train.grad_accum}},
+        examples=examples, features=features, batches_per_epoch=n_global, train=result,
+        fisher_batches=fisher_n, fisher_observations=fisher_obs[0], accumulation="float32, per rank partition",
+        tensors=[name for name, _ in params], fingerprint=fingerprint, t_start=t_start)
 
     def finish() -> None:
         shutil.rmtree(snap, ignore_errors=True)
-        write_json_atomic(out / "fisher_tensor.json", {
-            "format": "trace-transfer/tensor-stats", "task": task_obj.name, "fisher_mode": cfg.fisher,
-            "fisher_at": cfg.fisher_at, "tensors": stats})
-        info["artifacts"] = {"delta": _artifact_name(out, "delta"),
-                             "fisher": _artifact_name(out, "fisher") if cfg.fisher_elements else None,
-                             "tensor_stats": "fisher_tensor.json"}
-        info["seconds"] = round(time.time() - t_start, 3)
+        _write_tensor_stats(out, task_obj.name, cfg, stats)
         write_json_atomic(out / "probe.json", info)  # last: its presence marks a complete probe
 
     _on_rank0(rank, finish)

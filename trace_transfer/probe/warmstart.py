@@ -175,38 +175,14 @@ def probe(
             w.add(name, d)
             tick("delta", i + 1, len(params))
     shutil.rmtree(snap, ignore_errors=True)
-    write_json_atomic(out / "fisher_tensor.json", {
-        "format": "trace-transfer/tensor-stats", "task": task_obj.name, "fisher_mode": cfg.fisher,
-        "fisher_at": cfg.fisher_at, "tensors": stats})
-
-    n_response = sum(int((torch.as_tensor(f["labels"])[1:] != -100).sum()) for f in features)
-    info = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "task": task_obj.name,
-        "task_ref": str(task) if isinstance(task, (str, Path)) else task_obj.name,
-        "model": model_ref,
-        "model_path": model_path,
-        "model_config": _config_dict(net),
-        "config": asdict(cfg),
-        "seed": cfg.train.seed,
-        "device": str(device),
-        "autocast": "bf16" if _bf16_active(cfg.train.precision, device) else "fp32",
-        "data": {"examples": len(examples), "sequences": len(features), "response_tokens": n_response,
-                 "batches_per_epoch": n_batches},
-        "train": result.to_dict(),
-        "fisher": {"mode": cfg.fisher, "at": cfg.fisher_at, "estimator": FISHER_MODES[cfg.fisher],
-                   "trace_compatible": cfg.fisher == TRACE_COMPATIBLE_MODE, "batches": fisher_n,
-                   "observations": fisher_obs, "elements": cfg.fisher_elements, "accumulation": "float32"},
-        "artifacts": {"delta": _artifact_name(out, "delta"),
-                      "fisher": _artifact_name(out, "fisher") if cfg.fisher_elements else None,
-                      "tensor_stats": "fisher_tensor.json"},
-        "tensors": [name for name, _ in params],  # model order: scoring breaks ties by it
-        "fingerprint": fingerprint_of(net),
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "seconds": round(time.time() - t_start, 3),
-    }
+    _write_tensor_stats(out, task_obj.name, cfg, stats)
+    info = _probe_record(
+        out, cfg, task_obj=task_obj, task=task, model_ref=model_ref, model_path=model_path,
+        model_config=_config_dict(net), device=str(device),
+        autocast="bf16" if _bf16_active(cfg.train.precision, device) else "fp32", extra={},
+        examples=examples, features=features, batches_per_epoch=n_batches, train=result,
+        fisher_batches=fisher_n, fisher_observations=fisher_obs, accumulation="float32",
+        tensors=[name for name, _ in params], fingerprint=fingerprint_of(net), t_start=t_start)
     write_json_atomic(out / "probe.json", info)
     return ProbeResult(out, task_obj.name, result.steps, result.losses, info)
 
@@ -227,6 +203,51 @@ def _write_fisher(acc: FisherAccumulator, out: Path, cfg: ProbeConfig, meta: dic
             stats[name].update(fisher_min=float(f.min()) if f.numel() else 0.0,
                                fisher_max=float(f.max()) if f.numel() else 0.0)
             w.add(name, f)
+
+
+def _write_tensor_stats(out: Path, task_name: str, cfg: ProbeConfig, stats: dict) -> None:
+    write_json_atomic(out / "fisher_tensor.json", {
+        "format": "trace-transfer/tensor-stats", "task": task_name, "fisher_mode": cfg.fisher,
+        "fisher_at": cfg.fisher_at, "tensors": stats})
+
+
+def _probe_record(out: Path, cfg: ProbeConfig, *, task_obj, task, model_ref, model_path, model_config,
+                  device: str, autocast: str, extra: dict, examples, features, batches_per_epoch: int, train,
+                  fisher_batches: int, fisher_observations: int, accumulation: str, tensors: list[str],
+                  fingerprint, t_start: float) -> dict[str, Any]:
+    """The ``probe.json`` record, once the outputs are written (the caller writes it last: its presence
+    marks a complete probe). Shared by the single-process and the DeepSpeed probe, whose records differ
+    only in ``device``/``autocast``, ``extra`` keys and how the Fisher was accumulated."""
+    n_response = sum(int((torch.as_tensor(f["labels"])[1:] != -100).sum()) for f in features)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": task_obj.name,
+        "task_ref": str(task) if isinstance(task, (str, Path)) else task_obj.name,
+        "model": model_ref,
+        "model_path": model_path,
+        "model_config": model_config,
+        "config": asdict(cfg),
+        "seed": cfg.train.seed,
+        "device": device,
+        "autocast": autocast,
+        **extra,
+        "data": {"examples": len(examples), "sequences": len(features), "response_tokens": n_response,
+                 "batches_per_epoch": batches_per_epoch},
+        "train": train.to_dict(),
+        "fisher": {"mode": cfg.fisher, "at": cfg.fisher_at, "estimator": FISHER_MODES[cfg.fisher],
+                   "trace_compatible": cfg.fisher == TRACE_COMPATIBLE_MODE, "batches": fisher_batches,
+                   "observations": fisher_observations, "elements": cfg.fisher_elements,
+                   "accumulation": accumulation},
+        "artifacts": {"delta": _artifact_name(out, "delta"),
+                      "fisher": _artifact_name(out, "fisher") if cfg.fisher_elements else None,
+                      "tensor_stats": "fisher_tensor.json"},
+        "tensors": tensors,  # model order: scoring breaks ties by it
+        "fingerprint": fingerprint,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "seconds": round(time.time() - t_start, 3),
+    }
 
 
 def _artifact_name(out: Path, prefix: str) -> str:

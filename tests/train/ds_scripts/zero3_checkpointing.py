@@ -12,16 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for _tin
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _tiny_masking import batches_fn, coreset_at, tiny_llama  # noqa: E402
+from _tiny_masking import ZERO3, batches_fn, coreset_at, tiny_llama  # noqa: E402
 
 from trace_transfer.train.ds import deepspeed_train, save_consolidated  # noqa: E402
 from trace_transfer.train.loop import TrainConfig  # noqa: E402
 from trace_transfer.train.masking import apply_coreset  # noqa: E402
 
-ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                               "stage3_prefetch_bucket_size": 0},
-         "steps_per_print": 1000, "wall_clock_breakdown": False}
 
 
 def main(out: Path) -> None:

@@ -27,16 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for _tin
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _tiny_masking import coreset_at  # noqa: E402
+from _tiny_masking import ZERO3, coreset_at  # noqa: E402
 
 from trace_transfer.train.ds import consolidated_state_dict, deepspeed_train, save_consolidated  # noqa: E402
 from trace_transfer.train.loop import TrainConfig  # noqa: E402
 from trace_transfer.train.masking import apply_coreset  # noqa: E402
 
-ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                               "stage3_prefetch_bucket_size": 0},
-         "steps_per_print": 1000, "wall_clock_breakdown": False}
 VOCAB, HIDDEN, LAYERS = 8192, 512, 8
 
 
