@@ -284,3 +284,41 @@ def test_a_finished_probe_launch_is_recorded_not_relaunched(tmp_path):
         _launch_distributed(d, ["-m", "trace_transfer", "probe"], cfg, print, done=_probe_done, what="probe")
     (d / "probe.json").write_text(json.dumps({"task": "math", "train": {"steps": 1}}))
     assert _launch_distributed(d, [], cfg, print, done=_probe_done, what="probe")["task"] == "math"
+
+
+def test_probe_gradient_checkpointing_reaches_every_probe_and_no_step_hash(tmp_path):
+    """probe.gradient_checkpointing (TrainConfig's execution-only field): the in-process probe's ProbeConfig and
+    the launched probe's argv carry it, and it enters no step hash (probe, refine-based cores), so runs from
+    before the key keep their hashes and switching it reruns nothing."""
+    from trace_transfer.pipeline.config import probe_hash_params
+    from trace_transfer.pipeline.launch import DryRunner
+    from trace_transfer.pipeline.run import _probe_settings, run_pipeline
+    from trace_transfer.probe import ProbeConfig
+
+    methods = ["trace-lf", "transfer-lf", "cheap-lf"]
+    ds = {"deepspeed": "ds.json", "nproc_per_node": 2}
+
+    def hashes(**over):
+        runner = DryRunner(tmp_path / "run")
+        run_pipeline(load_pipeline(_config(tmp_path, methods=methods, **over)), tmp_path / "run", runner=runner,
+                     base_dir=tmp_path)
+        return {n: r.hash for n, r in runner.records.items()}
+
+    on = {**SMALL["probe"], "gradient_checkpointing": True}
+    for launch in ({}, ds):
+        before, after = hashes(launch=launch), hashes(launch=launch, probe=on)
+        assert before == after and any(n.startswith("cores/cheap") for n in before)
+    cfg = load_pipeline(_config(tmp_path, methods=methods, probe=on))
+    assert cfg.probe.gradient_checkpointing
+    # The keys the probe section always had: a probe step's hash is the one it had before the key existed.
+    assert list(probe_hash_params(cfg.probe)) == ["max_steps", "epochs", "lr", "batch_size", "seq_len", "fisher",
+                                                  "fisher_batches", "max_examples"]
+    assert ProbeConfig.from_flat(**_probe_settings(cfg, 0)).train.gradient_checkpointing  # in process
+    launches = _probe_launches(_dry([_config(tmp_path, methods=methods, probe=on, launch=ds), "--out", "runs/x"]))
+    assert sorted(launches) == ["probe/source/math", "probe/target/math"]
+    for argv in launches.values():
+        script = argv[argv.index("-m") + 2:]
+        assert "--gradient-checkpointing" in script
+        assert main.commands["probe"].make_context("probe", script[1:]).params["gradient_checkpointing"]
+    plain = _probe_launches(_dry([_config(tmp_path, methods=methods, launch=ds), "--out", "runs/x"]))
+    assert all("--no-gradient-checkpointing" in argv for argv in plain.values())

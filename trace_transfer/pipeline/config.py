@@ -69,11 +69,19 @@ class ModelSpec(StrictModel):
 
 
 # The keys (and so the step hashes of existing runs) stay those the pipeline always had; only where
-# they are declared moved.
+# they are declared moved. gradient_checkpointing is TrainConfig.execution_only(): how a probe runs, not
+# what it computes, so probe_hash_params leaves it out of every step hash that holds the probe section.
 ProbeSpec = spec_model("ProbeSpec", [
     (TrainConfig, ["max_steps", "epochs", "lr", "batch_size", "seq_len"]),
     (ProbeConfig, ["fisher", "fisher_batches", "max_examples"]),
+    (TrainConfig, ["gradient_checkpointing"]),
 ], doc="The warm-start probe of every task (``ProbeConfig``; its ``train`` part flattened).")
+
+
+def probe_hash_params(probe: Any) -> dict[str, Any]:
+    """The ``probe:`` section as step hashes hold it: without the execution-only keys (checkpointing),
+    so switching one reruns nothing and runs from before the key keep their hashes."""
+    return probe.model_dump(exclude=TrainConfig.execution_only())
 
 
 class ScoringSpec(StrictModel):

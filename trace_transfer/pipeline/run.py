@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, resolve_monitor
+from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, probe_hash_params, resolve_monitor
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
 from trace_transfer.train.config import TrainConfig
@@ -142,7 +142,7 @@ def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
     (``trace-transfer probe --deepspeed`` on every rank): its hash then holds the launch, as theirs does
     (runs without DeepSpeed keep their hashes), and a partial launch is kept for its relaunch."""
     cfg, runner = plan.cfg, plan.runner
-    probe_params = cfg.probe.model_dump()
+    probe_params = probe_hash_params(cfg.probe)  # checkpointing left out: how it runs
     launched = bool(cfg.launch.deepspeed)
     if launched:
         probe_params["launch"] = cfg.launch.step_params()
@@ -202,13 +202,13 @@ def _transfer_steps(plan: _Plan) -> None:
             src_cores = plan.core_dirs[f"source-{key}"]
             runner.step(name, {"ratio": cfg.scoring.ratio, "source_rules": cfg.source.rules,
                                "target_rules": cfg.target.rules,
-                               **({"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump()} if spec.refine else {})},
+                               **({"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe)} if spec.refine else {})},
                         _transfer_fn(runner.records[src_cores].dir, cfg, source[0], target[0],
                                      runner.records["layermap"].dir / "layer_map.json", plan.base_dir, spec.refine),
                         depends=[src_cores, "layermap"] + _deps(target[1]))
             plan.core_dirs[f"transfer-{key}"] = name
     for key in cheap:  # source-free: the same cheap pass, top ratio over the whole target
-        runner.step(f"cores/{key}", {"refine": cfg.refine.model_dump(), "probe": cfg.probe.model_dump(),
+        runner.step(f"cores/{key}", {"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe),
                                      **cfg.scoring.model_dump(exclude_none=True)},
                     _cheap_fn(cfg, target[0]), depends=_deps(target[1]))
         plan.core_dirs[key] = f"cores/{key}"

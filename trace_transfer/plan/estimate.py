@@ -57,6 +57,7 @@ twice the attention forward. Gradient checkpointing adds one more forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,12 +107,22 @@ class Setup:
     seq_len: int = 1024
     checkpointing: bool = False
     buffers: dict[str, int] = field(default_factory=lambda: dict(DS_DEFAULTS))
+    # > 0: the batch is global and the ranks share it (the launched probe: micro = batch / world), so
+    # a setup with more ranks also holds fewer activations per rank; 0: micro_batch is per rank.
+    global_batch: int = 0
+
+    def per_rank_batch(self) -> int:
+        """Examples per micro-batch on one rank."""
+        if not self.global_batch:
+            return self.micro_batch
+        return self.global_batch if self.engine == "single" else max(1, math.ceil(self.global_batch / self.world))
 
     def describe(self) -> str:
         if self.engine == "single":
             return f"1 process, {'fp32 + bf16 autocast' if self.bf16 else 'fp32'}"
         off = "+".join(x for x, on in (("opt", self.offload_optimizer), ("param", self.offload_param)) if on)
-        return f"ZeRO-{self.zero}{f' offload {off}' if off else ''} x{self.world}"
+        micro = f", micro-batch {self.per_rank_batch()}/rank" if self.global_batch else ""
+        return f"ZeRO-{self.zero}{f' offload {off}' if off else ''} x{self.world}{micro}"
 
 
 def activation_bytes(shape: ModelShape, tokens: int, seq_len: int, e: int, residual: int,
@@ -130,7 +141,7 @@ def train_memory(shape: ModelShape, trainable: Trainable, setup: Setup, hw: Hard
                  ranks_per_node: int | None = None) -> dict[str, Any]:
     """Per-GPU bytes by term, the total, and host bytes per node, for one training step."""
     psi, g, n = shape.params + trainable.extra_params, trainable.grad_params, setup.world
-    tokens = setup.micro_batch * setup.seq_len
+    tokens = setup.per_rank_batch() * setup.seq_len
     out: dict[str, int] = {}
     host = 0
     if setup.engine == "single":
@@ -182,6 +193,74 @@ def train_memory(shape: ModelShape, trainable: Trainable, setup: Setup, hw: Hard
     total = sum(out.values())
     return {"per_gpu": out, "total": total, "activations_no_ckpt": act, "activations_ckpt": act_ckpt,
             "host_per_node": host}
+
+
+# What one DeepSpeed rank holds on the host while ``from_pretrained`` loads a checkpoint under
+# ``zero.Init`` (file by file, each tensor straight into its partitions): one checkpoint file, at most
+# Hugging Face's default ``max_shard_size`` (the paper models' files are 3.9-5.0 GB).
+HF_SHARD_BYTES = 5 * 10**9
+# Host bytes per element of the largest tensor while rank 0 forms Δ (probe/warmstart.py and
+# probe/distributed.py): θ0 read back (4) + θ* on the host (4) + Δ (4) + its float64 copy for the
+# norm (8) + |Δ| (4).
+DELTA_HOST_BYTES = 24
+PROBE_PHASES = ("warm start", "fisher", "write")
+
+
+def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elements: bool = True,
+                 shard_bytes: int = 2 * GiB, ranks_per_node: int | None = None) -> dict[str, Any]:
+    """One warm-start probe of every parameter (``probe/warmstart.py``, or ``probe/distributed.py``
+    when ``setup.engine == "deepspeed"``): the peak of its three phases, per GPU by term (``fisher``
+    added), host bytes per node and disk bytes.
+
+    * **warm start**: full fine-tuning as :func:`train_memory` counts it, with the setup's checkpointing.
+    * **fisher**: the accumulator keeps an fp32 sum per element (``fisher_elements``; else float64 per
+      tensor: nothing), 4Ψ in one process, 4Ψ/N under ZeRO-1/2/3 (each rank squares only its gradient
+      partition). The pass runs the model in eval mode, where HF's checkpointing is off, so its
+      activations are never checkpointed. In one process ``train()`` has returned and freed AdamW
+      (weights, gradients, autocast copies stay); under DeepSpeed the pass runs inside the engine's
+      ``on_engine`` callback, so every model state stays.
+    * **write**: the per-element Fisher and Δ go out one tensor at a time: a gathered fp32 copy of the
+      largest tensor on the GPU next to the states and the accumulator, no activations.
+
+    Host: one process loads the model in fp32 on the CPU before moving it (4Ψ); under ZeRO-3 each rank
+    loads one checkpoint file at a time into its partitions (:data:`HF_SHARD_BYTES`); under ZeRO-1/2
+    each rank loads the whole model in fp32 on the CPU. Then rank 0 (or the one process) buffers one
+    output shard (``shard_bytes``) and forms Δ of one tensor (:data:`DELTA_HOST_BYTES` per element).
+    Offloaded state adds as in :func:`train_memory`. Disk while it runs: θ0 (4Ψ, deleted at the end),
+    Δ (4Ψ) and the per-element Fisher (4Ψ).
+    """
+    psi, n, largest = shape.params, setup.world, shape.largest_tensor
+    full = Trainable("full", psi, shape.matmul_params)
+    ds = setup.engine == "deepspeed"
+    fisher = (4 * psi // (n if ds else 1)) if fisher_elements else 0
+    plain = train_memory(shape, full, with_(setup, checkpointing=False), hw, ranks_per_node)
+    pass_terms = {**plain["per_gpu"], "fisher": fisher} if ds else \
+        {**plain["per_gpu"], "optimizer": 0, "fisher": fisher}
+    write_terms = {**pass_terms, "activations": 0, "buffers": pass_terms["buffers"] + 4 * largest}
+
+    def peak(ckpt: bool) -> tuple[str, dict[str, int], dict[str, int]]:
+        warm = train_memory(shape, full, with_(setup, checkpointing=ckpt), hw, ranks_per_node)
+        phases = {"warm start": {**warm["per_gpu"], "fisher": 0}, "fisher": pass_terms, "write": write_terms}
+        totals = {k: sum(v.values()) for k, v in phases.items()}
+        name = max(PROBE_PHASES, key=lambda k: totals[k])
+        return name, phases[name], totals
+
+    plain_peak, ckpt_peak = peak(False), peak(True)
+    phase, terms, totals = ckpt_peak if setup.checkpointing else plain_peak
+    rpn = ranks_per_node or (min(n, hw.gpus_per_node) if ds else 1)
+    loaded = shape.checkpoint_bytes * psi * rpn if ds else 4 * psi  # what train_memory's host holds for the load
+    offloaded = plain["host_per_node"] - loaded if ds else 0
+    if not ds:
+        load = 4 * psi
+    elif setup.zero >= 3:
+        load = rpn * (min(HF_SHARD_BYTES, shape.checkpoint_bytes * psi) + 4 * largest)
+    else:
+        load = rpn * 4 * psi
+    host = offloaded + max(load, shard_bytes + DELTA_HOST_BYTES * largest)
+    return {"per_gpu": terms, "total": totals[phase], "phase": phase, "phases": totals,
+            "activations_no_ckpt": plain["activations_no_ckpt"], "activations_ckpt": plain["activations_ckpt"],
+            "total_no_ckpt": plain_peak[2][plain_peak[0]], "total_ckpt": ckpt_peak[2][ckpt_peak[0]],
+            "host_per_node": host, "disk": 4 * psi * (3 if fisher_elements else 2)}
 
 
 def train_flops(shape: ModelShape, trainable: Trainable, tokens: float, seq_len: int, checkpointing: bool = False) -> float:

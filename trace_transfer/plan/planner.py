@@ -1,7 +1,9 @@
 """``plan(...)``: every step of a pipeline config, with its memory, FLOPs, time range and verdict.
 
 The steps are the ones ``trace-transfer run`` executes (``pipeline/run.py``): warm-start probes of the
-source and/or target per task (one process, fp32 + AdamW), scoring (host), CKA capture of both models
+source and/or target per task (launched under ``launch.deepspeed`` like fine-tuning, the global batch
+split over the ranks, else one process in fp32 + AdamW; plus the Fisher pass and its accumulator:
+:func:`~trace_transfer.plan.estimate.probe_memory`), scoring (host), CKA capture of both models
 (inference), transfer (configs only), fine-tuning per method (DeepSpeed as ``launch:`` says, else one
 process) and the evaluation after each stage (inference). What a method trains comes from the
 pipeline's method table (``pipeline/methods.py``) and the ``scoring:`` section.
@@ -12,9 +14,11 @@ that fits is the verdict ("fits", "needs ZeRO-3", "needs grad ckpt", "needs offl
 "needs offload (optimizer+params)", "needs N more GPUs").
 
 "As configured" includes the config's gradient checkpointing (``training.gradient_checkpointing`` for
-fine-tuning): with it on, the verdict uses the checkpointed activations; with it off, a step that fits
-once it is on says "fits only with training.gradient_checkpointing: true" (the key to set). Steps the
-config has no such key for (probes, pretraining) run without it, and the ladder suggests it as a change.
+fine-tuning, ``probe.gradient_checkpointing`` for the probes): with it on, the verdict uses the
+checkpointed activations; with it off, a step that fits once it is on says "fits only with
+training.gradient_checkpointing: true" (the key to set). Pretraining has no such key: it runs without,
+and the ladder suggests it as a change. The ladder suggests checkpointing only where it lowers the
+peak (a probe's Fisher pass runs in eval mode, where HF's checkpointing is off).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trace_transfer.errors import ConfigError
@@ -33,6 +38,7 @@ from trace_transfer.plan.estimate import (
     fits,
     forward_flops,
     inference_memory,
+    probe_memory,
     time_range,
     train_flops,
     train_memory,
@@ -45,10 +51,15 @@ if TYPE_CHECKING:
     from trace_transfer.pipeline.config import ModelSpec, PipelineConfig
 
 CKPT_KEY = "training.gradient_checkpointing"  # the pipeline key that turns checkpointing on for fine-tuning
+PROBE_CKPT_KEY = "probe.gradient_checkpointing"  # ... and for the warm-start probes
 SCOPE = ("layers",)  # the pipeline scores the decoder layers' tensors (scoring's default scope)
 MAX_GPUS = 4096
 CKA_MAX_LENGTH = 512  # capture's truncation: an upper bound on a probe text's tokens
 EVAL_NEW_TOKENS = 256  # generation budget assumed per evaluation item (an upper bound for most tasks)
+
+
+# How a step's memory is counted: (shape, what it trains, setup, hardware) -> train_memory's dict.
+Memory = Callable[[ModelShape, Trainable, Setup, Hardware], dict[str, Any]]
 
 
 @dataclass
@@ -201,30 +212,36 @@ def method_trainable(entry: Any, shape: ModelShape, cfg: PipelineConfig, masking
 # --------------------------------------------------------------------------------------------------
 
 
-def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware) -> tuple[str, Setup, dict]:
+def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware,
+                   memory: Memory = train_memory) -> tuple[str, Setup, dict]:
     """The first rung of the ladder that fits; the verdict names every change it took (checkpointing
-    only where the config does not already run with it)."""
+    only where the config does not already run with it). ``memory`` counts a setup (a probe's phases)."""
     changes: list[str] = []
     base = configured
     if configured.engine == "single" or configured.zero < 3:
         base = Setup("deepspeed", zero=3, world=hw.world, bf16=True, micro_batch=configured.micro_batch,
-                     seq_len=configured.seq_len, buffers=configured.buffers, checkpointing=configured.checkpointing)
+                     seq_len=configured.seq_len, buffers=configured.buffers, checkpointing=configured.checkpointing,
+                     global_batch=configured.global_batch)
         changes.append(f"ZeRO-3 x{hw.world}")
     ckpt = [] if configured.checkpointing else ["grad ckpt"]
+    # Checkpointing is only suggested where it lowers the peak: a probe's Fisher pass never checkpoints.
+    helps = configured.checkpointing or memory(shape, tr, with_(base, checkpointing=True), hw)["total"] < \
+        memory(shape, tr, base, hw)["total"]
+    ckpt = ckpt if helps else []
     ladder = [(list(changes), base),
-              ([*changes, *ckpt], with_(base, checkpointing=True)),
-              ([*changes, *ckpt, "offload opt"], with_(base, checkpointing=True, offload_optimizer=True)),
-              ([*changes, *ckpt, "offload opt+param"], with_(base, checkpointing=True, offload_optimizer=True,
+              ([*changes, *ckpt], with_(base, checkpointing=helps)),
+              ([*changes, *ckpt, "offload opt"], with_(base, checkpointing=helps, offload_optimizer=True)),
+              ([*changes, *ckpt, "offload opt+param"], with_(base, checkpointing=helps, offload_optimizer=True,
                                                              offload_param=True))]
     for needed, setup in ladder:
-        mem = train_memory(shape, tr, setup, hw)
+        mem = memory(shape, tr, setup, hw)
         if needed and fits(mem, hw):
             return "needs " + " + ".join(needed), setup, mem
     for on in ((True,) if configured.checkpointing else (False, True)):
         # Per-GPU memory under ZeRO-3 only falls as GPUs are added: bisect for the fewest that fit.
         def attempt(n: int) -> tuple[Setup, dict, bool]:
             setup, more = with_(base, world=n, checkpointing=on), hw.with_world(n)
-            mem = train_memory(shape, tr, setup, more)
+            mem = memory(shape, tr, setup, more)
             return setup, mem, fits(mem, more)
 
         if not attempt(MAX_GPUS)[2]:
@@ -237,25 +254,27 @@ def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hard
         needed = [f"ZeRO-3 x{lo}", *(ckpt if on else [])]
         return f"needs {lo - hw.world} more GPUs ({' + '.join(needed)})", setup, mem
     setup = ladder[-1][1]
-    return "does not fit: lower micro-batch or seq_len", setup, train_memory(shape, tr, setup, hw)
+    return "does not fit: lower micro-batch or seq_len", setup, memory(shape, tr, setup, hw)
 
 
 def _train_step(name: str, shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware,
                 tokens: float | None, count: int, methods: list[str] | None = None,
-                ckpt_key: str | None = None) -> StepPlan:
+                ckpt_key: str | None = None, memory: Memory = train_memory,
+                flops: Callable[[Setup], float] | None = None) -> StepPlan:
     """``configured.checkpointing`` is what the config runs; ``ckpt_key`` the key that turns it on (None:
-    the step has no such key, so checkpointing can only be a suggested change)."""
-    mem = train_memory(shape, tr, configured, hw)
+    the step has no such key, so checkpointing can only be a suggested change). ``memory`` counts a
+    setup and ``flops`` the step's FLOPs under the chosen one (default: training on ``tokens``)."""
+    mem = memory(shape, tr, configured, hw)
     ok = fits(mem, hw)
     with_ckpt = with_(configured, checkpointing=True)
-    ckpt_mem = train_memory(shape, tr, with_ckpt, hw)
+    ckpt_mem = memory(shape, tr, with_ckpt, hw)
     if ok:
         verdict, chosen, chosen_mem = "fits", configured, mem
     elif ckpt_key and not configured.checkpointing and fits(ckpt_mem, hw):
         # The only change is a key in the same config: say which, not a generic "needs grad ckpt".
         verdict, chosen, chosen_mem = f"fits only with {ckpt_key}: true", with_ckpt, ckpt_mem
     else:
-        verdict, chosen, chosen_mem = _train_verdict(shape, tr, configured, hw)
+        verdict, chosen, chosen_mem = _train_verdict(shape, tr, configured, hw, memory)
     setup = configured.describe() + (" + grad ckpt" if configured.checkpointing else "")
     step = StepPlan(name, "train", shape.ref, setup, trains=tr.label, trainable_params=tr.grad_params,
                     gradient_checkpointing=configured.checkpointing, checkpointing_key=ckpt_key,
@@ -269,27 +288,28 @@ def _train_step(name: str, shape: ModelShape, tr: Trainable, configured: Setup, 
                               "--gradient-checkpointing")
     if tr.note:
         step.notes.append(tr.note)
-    step.options = _zero_options(shape, tr, configured, hw)
+    step.options = _zero_options(shape, tr, configured, hw, memory)
     if tokens:
-        step.flops = train_flops(shape, tr, tokens, configured.seq_len, chosen.checkpointing)
+        step.flops = flops(chosen) if flops else train_flops(shape, tr, tokens, configured.seq_len, chosen.checkpointing)
         step.seconds = time_range(step.flops, chosen.world if chosen.engine == "deepspeed" else 1, hw)
     else:
         step.notes.append("time: the number of training examples is unknown offline (pass --examples)")
     return step
 
 
-def _zero_options(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware) -> dict[str, dict[str, Any]]:
+def _zero_options(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hardware,
+                  memory: Memory = train_memory) -> dict[str, dict[str, Any]]:
     """Per-GPU and host memory of every ZeRO stage and offload variant on ``hw``, with and without
     gradient checkpointing (the JSON's ``options``: pick your own trade-off)."""
     base = Setup("deepspeed", world=hw.world, micro_batch=configured.micro_batch, seq_len=configured.seq_len,
-                 buffers=configured.buffers)
+                 buffers=configured.buffers, global_batch=configured.global_batch)
     variants = {f"zero{z}": with_(base, zero=z) for z in (0, 1, 2, 3)}
     variants["zero3+offload_opt"] = with_(base, zero=3, offload_optimizer=True)
     variants["zero3+offload_opt+param"] = with_(base, zero=3, offload_optimizer=True, offload_param=True)
     out = {}
     for name, setup in variants.items():
         for ckpt in (False, True):
-            mem = train_memory(shape, tr, with_(setup, checkpointing=ckpt), hw)
+            mem = memory(shape, tr, with_(setup, checkpointing=ckpt), hw)
             out[name + ("+ckpt" if ckpt else "")] = {"per_gpu": mem["total"], "host_per_node": mem["host_per_node"],
                                                      "fits": fits(mem, hw)}
     return out
@@ -353,6 +373,11 @@ def _deepspeed_setup(path: Path, world: int, micro_batch: int, seq_len: int, pre
                  seq_len=seq_len, buffers=buffers)
 
 
+def _ds_path(cfg: PipelineConfig, base_dir: Path) -> Path:
+    path = Path(cfg.launch.deepspeed)
+    return path if path.is_absolute() else base_dir / path
+
+
 def count_examples(task: str, examples: dict[str, int], default: int | None) -> int | None:
     """Training examples of ``task``: ``--examples`` first, then a synthetic task's own count."""
     key = Path(task).stem if not task.startswith("synthetic:") else task
@@ -406,7 +431,8 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
               "target": resolve_shape(cfg.target, "target", base_dir, roots)}
     methods = resolve(cfg.methods)
     tasks = [*cfg.tasks, *([cfg.general_task] if any(m.general_core for _, m in methods) else [])]
-    ctx = _Context(cfg, hw, shapes, methods, {t: count_examples(t, examples, default_examples) for t in tasks})
+    ctx = _Context(cfg, hw, shapes, methods, {t: count_examples(t, examples, default_examples) for t in tasks},
+                   base_dir)
     exact = max((coreset_trainable(shapes["target"], c, requested) for c in coresets), key=lambda t: t.grad_params,
                 default=None)
     steps = [*_pretrain_steps(ctx), *_probe_steps(ctx), *_score_steps(ctx), *_transfer_steps(ctx),
@@ -432,6 +458,7 @@ class _Context:
     shapes: dict[str, ModelShape]
     methods: list[tuple[str, Any]]  # (name, PipelineMethod)
     examples: dict[str, int | None]  # training examples per task, None where unknown
+    base_dir: Path = field(default_factory=Path.cwd)  # resolves launch.deepspeed and launch.hostfile
 
     def needs(self, what: str) -> bool:
         if what == "general":
@@ -462,18 +489,57 @@ def _probe_sides(ctx: _Context) -> list[tuple[str, list[str]]]:
                                               ("target", target)) if tasks]
 
 
+def _probe_setup(ctx: _Context) -> tuple[Setup, list[str]]:
+    """How the pipeline runs a probe: under ``launch.deepspeed`` launched on ``nnodes x nproc_per_node``
+    ranks (``probe --deepspeed``), the ZeRO stage read from its JSON as for fine-tuning, each rank taking
+    ``probe.batch_size / world`` of the global batch; else one process, fp32 weights + AdamW, bf16 autocast
+    where the GPU has it. ``probe.gradient_checkpointing`` either way."""
+    from trace_transfer.pipeline.launch import launch_world
+
+    cfg, pr = ctx.cfg, ctx.cfg.probe
+    notes = []
+    if cfg.launch.deepspeed:
+        world = launch_world(cfg.launch, ctx.base_dir)
+        # The probe's precision is TrainConfig's default ("auto": bf16 where the GPU has it).
+        setup = _deepspeed_setup(_ds_path(cfg, ctx.base_dir), world, pr.batch_size, pr.seq_len, "auto")
+        if world != ctx.hw.world:
+            notes.append(f"launched on the config's {world} ranks (launch.nnodes x nproc_per_node), not the "
+                         f"{ctx.hw.world} GPUs planned for")
+    else:
+        setup = Setup("single", micro_batch=pr.batch_size, seq_len=pr.seq_len, bf16=True)
+    # global_batch: the ranks share probe.batch_size, also in the ZeRO-3 setups the ladder suggests.
+    return with_(setup, checkpointing=pr.gradient_checkpointing, global_batch=pr.batch_size), notes
+
+
 def _probe_steps(ctx: _Context) -> list[StepPlan]:
-    """Warm-start probes: one process, fp32 weights + AdamW, bf16 autocast where the GPU has it."""
+    """Warm-start probes of every parameter, then the Fisher pass and the writes (:func:`probe_memory`)."""
     pr = ctx.cfg.probe
-    setup = Setup("single", micro_batch=pr.batch_size, seq_len=pr.seq_len, bf16=True)
+    setup, notes = _probe_setup(ctx)
+
+    def memory(shape: ModelShape, tr: Trainable, s: Setup, hw: Hardware) -> dict[str, Any]:
+        return probe_memory(shape, s, hw)  # the pipeline's probes keep the per-element Fisher (the default)
+
     out = []
     for side, tasks in _probe_sides(ctx):
-        shape = ctx.shapes[side]
-        token_counts = [_probe_tokens(pr, ctx.examples[t]) for t in tasks]
-        tokens = max(token_counts) if all(token_counts) else None
-        step = _train_step(f"probe {side} x{len(tasks)}", shape, _full(shape), setup, ctx.hw, tokens, len(tasks))
-        step.notes.append(f"disk per probe: delta + Fisher {8 * shape.params / 2**30:.0f} GiB "
-                          f"(+ {4 * shape.params / 2**30:.0f} GiB θ0 while it runs)")
+        shape, full = ctx.shapes[side], _full(ctx.shapes[side])
+        counts = [_probe_tokens(pr, ctx.examples[t]) for t in tasks]
+        tokens = max(counts, key=sum) if all(counts) else None
+
+        def flops(chosen: Setup, shape=shape, full=full, tokens=tokens) -> float:
+            # The warm start recomputes under checkpointing; the Fisher pass (eval mode) never does.
+            return train_flops(shape, full, tokens[0], pr.seq_len, chosen.checkpointing) + \
+                train_flops(shape, full, tokens[1], pr.seq_len, False)
+
+        step = _train_step(f"probe {side} x{len(tasks)}", shape, full, setup, ctx.hw, sum(tokens) if tokens else None,
+                           len(tasks), ckpt_key=PROBE_CKPT_KEY, memory=memory, flops=flops)
+        mem = step.memory
+        phases = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem["phases"].items())
+        peak = f"peak in the {mem['phase']} phase ({phases} GiB/GPU)"
+        if mem["phase"] == "fisher":
+            peak += (f": the Fisher pass keeps a {mem['per_gpu']['fisher'] / 2**30:.1f} GiB fp32 accumulator and runs "
+                     "in eval mode, where checkpointing is off")
+        step.notes += [*notes, peak, f"disk per probe: delta + Fisher {8 * shape.params / 2**30:.0f} GiB "
+                       f"(+ {4 * shape.params / 2**30:.0f} GiB θ0 while it runs)"]
         out.append(step)
     return out
 
@@ -510,9 +576,7 @@ def _finetune_steps(ctx: _Context, masking: str, exact: Trainable | None, base_d
     """One row per distinct trainable set (methods training the same thing share it)."""
     cfg, t, tgt = ctx.cfg, ctx.cfg.training, ctx.shapes["target"]
     if cfg.launch.deepspeed:
-        ds_path = Path(cfg.launch.deepspeed)
-        ds_path = ds_path if ds_path.is_absolute() else base_dir / ds_path
-        configured = _deepspeed_setup(ds_path, ctx.hw.world, t.batch_size, t.seq_len, t.precision)
+        configured = _deepspeed_setup(_ds_path(cfg, base_dir), ctx.hw.world, t.batch_size, t.seq_len, t.precision)
     else:
         configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
     configured = with_(configured, checkpointing=t.gradient_checkpointing)
@@ -550,7 +614,8 @@ def _eval_step(ctx: _Context, eval_items: int | None) -> StepPlan:
     return ev
 
 
-def _probe_tokens(pr: Any, n_examples: int | None) -> float | None:
+def _probe_tokens(pr: Any, n_examples: int | None) -> tuple[float, float] | None:
+    """Tokens of the warm start and of the Fisher pass (one forward + backward per token each)."""
     if pr.max_steps:
         steps = pr.max_steps
     elif n_examples:
@@ -559,7 +624,7 @@ def _probe_tokens(pr: Any, n_examples: int | None) -> float | None:
     else:
         return None
     fisher = pr.fisher_batches or steps
-    return (steps + fisher) * pr.batch_size * pr.seq_len
+    return steps * pr.batch_size * pr.seq_len, fisher * pr.batch_size * pr.seq_len
 
 
 def _score_host(shape: ModelShape, granularity: str, n_tasks: int) -> int:

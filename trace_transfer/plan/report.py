@@ -71,7 +71,9 @@ def rows(plan: Plan) -> list[list[str]]:
         ckpt = None
         if s.kind == "train":  # both figures whatever the config runs: the columns keep their meaning
             states = mem["total"] - mem["per_gpu"]["activations"]
-            per_gpu, ckpt = states + mem["activations_no_ckpt"], states + mem["activations_ckpt"]
+            # A probe's peak is the largest of its phases (probe_memory), which gives both totals itself.
+            per_gpu = mem.get("total_no_ckpt", states + mem["activations_no_ckpt"])
+            ckpt = mem.get("total_ckpt", states + mem["activations_ckpt"])
         out.append([s.name + (f" x{s.count}" if s.count > 1 and s.kind == "train" and " x" not in s.name else ""),
                     _trains(s), _gib(per_gpu), ("*" if s.gradient_checkpointing else "") + _gib(ckpt),
                     _gib(mem.get("host_per_node")), fmt_seconds(s.seconds), _verdict_short(s)])
@@ -95,7 +97,7 @@ def render(plan: Plan) -> str:
         if r is head:
             lines.append(" ".join("-" * w for _, w, _ in COLUMNS))
     lines.append("GiB/GPU: as configured, without gradient checkpointing; ckpt: the same with it")
-    lines.append("(the verdict follows the config's training.gradient_checkpointing; *: it is on);")
+    lines.append("(verdicts follow the config's training./probe.gradient_checkpointing; *: on);")
     lines.append("host: GiB per node; time: one run of the step (xN: N runs); /d dense, /s sparse.")
     for s in plan.steps:
         for text in _details(s):
