@@ -45,6 +45,7 @@ __all__ = [
     "input_device",
     "inference_device_map",
     "planned_model_bytes",
+    "INFERENCE_OVERHEAD",
     "check_model_dir",
     "read_model_config",
     "load_tokenizer",
@@ -531,8 +532,9 @@ def input_device(model: Any):
 
 
 # Inference needs more than the weights: activations, the KV cache of generation, allocator slack.
-# 20 % on top of the weights is the margin the decision below keeps free on the GPU.
-_INFERENCE_OVERHEAD = 1.2
+# 20 % on top of the weights is the margin the decision below keeps free on the GPU (and the one the
+# per-stage evaluation's placement rule uses, trace_transfer.evaluation.distributed.choose_placement).
+INFERENCE_OVERHEAD = 1.2
 
 
 def planned_model_bytes(name_or_path: str | os.PathLike, dtype: Any = None) -> int | None:
@@ -586,12 +588,12 @@ def inference_device_map(name_or_path: str | os.PathLike, device: str | None = "
         return None
     torch.cuda.empty_cache()  # a model just deleted (CKA loads source, then target) is free again
     free = torch.cuda.mem_get_info(0)[0]
-    if need * _INFERENCE_OVERHEAD <= free:
+    if need * INFERENCE_OVERHEAD <= free:
         return None
     total_free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    where = "the visible GPUs" if need * _INFERENCE_OVERHEAD <= total_free else "the GPUs and the CPU (offload: slow)"
+    where = "the visible GPUs" if need * INFERENCE_OVERHEAD <= total_free else "the GPUs and the CPU (offload: slow)"
     logger.info("%s needs %.1f GiB with margin, cuda:0 has %.1f GiB free: spreading it over %s (device_map='auto')",
-                name_or_path, need * _INFERENCE_OVERHEAD / 2**30, free / 2**30, where)
+                name_or_path, need * INFERENCE_OVERHEAD / 2**30, free / 2**30, where)
     return "auto"
 
 

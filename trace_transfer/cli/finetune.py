@@ -41,17 +41,20 @@ from trace_transfer.train.config import MethodOptions, TrainConfig
               help="Task evaluated after every stage but never trained (e.g. synthetic:general); repeatable. "
                    "--monitor-task is the same option, for torchrun command lines (see pipeline/launch.py).")
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--eval-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="Generation backend of the evaluation after each stage: hf (HF generate, KV cache) | vllm "
+                   "(optional: pip install vllm; reads each stage's checkpoint directory; not under --deepspeed).")
 @click.option("--resume", is_flag=True, help="Continue after the last complete stage of --out.")
 @click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,
               help="DeepSpeed JSON config (launch with torchrun / deepspeed).")
 @click.option("--plot", is_flag=True, help="Also write accuracy_matrix.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Stage k uses seed + k.")
-@click_options(DeviceConfig, ["device"])
+@click_options(DeviceConfig, ["device", "dtype"])  # --dtype: the per-stage evaluation's weights
 @allow_code_exec_option
 def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, replay_share, general_coreset, masking, lora_r,
             lora_alpha, lisa_layers, lisa_interval, eval_limit, monitor, eval_batch_size, resume, deepspeed_config, plot, seed, device,
-            gradient_checkpointing):
+            gradient_checkpointing, dtype, eval_backend):
     """Fine-tune MODEL on a stream of tasks; checkpoint and evaluate every task after each stage.
 
     \b
@@ -86,7 +89,8 @@ def command(model, stage_specs, method, out_dir, isolation, epochs, max_steps, l
         result = run_sequence(model, stages, method, out_dir, cfg, eval_limit=eval_limit, resume=resume,
                               deepspeed_config=deepspeed_config, options=options,
                               eval_batch_size=eval_batch_size, monitor=list(monitor),
-                              progress=lambda m: click.echo(m, err=True), device=device)
+                              progress=lambda m: click.echo(m, err=True), device=device, dtype=dtype,
+                              eval_backend=eval_backend)
     if result.rank == 0:  # under torchrun every rank returns here; one table is enough
         if plot:  # training returns results; the report draws them
             from trace_transfer.report.plots import plot_run

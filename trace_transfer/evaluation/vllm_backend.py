@@ -16,6 +16,14 @@ What differs from ``hf``:
   token ids decoded with our tokenizer and cut at EOS and stop strings the same way. Greedy decoding
   in vLLM's kernels can still differ from HF's in the last bits, so scores agree closely, not bit for bit.
 * Log-likelihood metrics (``multiple_choice``, ``perplexity``) always use the HF model.
+
+In the fine-tuning runner (``finetune --eval-backend vllm``, the pipeline's ``eval: backend:``) each
+stage's evaluation hands vLLM that stage's saved checkpoint directory (the base model's directory for
+row 0), and the engine is released (:func:`release_engines`) before the next stage trains. Under a
+torchrun/DeepSpeed launch it is refused (``check_backend(..., distributed=True)``): ``vllm.LLM`` built
+inside a process group larger than its own tensor parallelism stops with "world size does not match",
+and running it on rank 0 alone would need a separate process this package does not manage. Score the
+saved stages afterwards with ``trace-transfer eval --backend vllm`` instead.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 
 from trace_transfer.errors import ConfigError
 
-__all__ = ["BACKENDS", "INSTALL_HINT", "check_backend", "generate_vllm"]
+__all__ = ["BACKENDS", "INSTALL_HINT", "check_backend", "generate_vllm", "release_engines"]
 
 BACKENDS = ("hf", "vllm")
 INSTALL_HINT = "pip install vllm"
@@ -38,18 +46,41 @@ _DEFAULT_GPU_MEMORY = 0.5
 _engine: dict[str, Any] = {}  # the last engine, by checkpoint directory: starting vLLM costs seconds
 
 
-def check_backend(name: str | None) -> str:
+def check_backend(name: str | None, *, distributed: bool = False) -> str:
     """``hf`` | ``vllm`` -> the backend name, importing vLLM only when it is asked for.
 
+    ``distributed``: the caller runs under a multi-process launch (torchrun/DeepSpeed), where vLLM is
+    refused (see the module docstring).
+
     Raises:
-        ConfigError: an unknown backend, or ``vllm`` where vLLM is not installed.
+        ConfigError: an unknown backend, ``vllm`` under a multi-process launch, or ``vllm`` where vLLM
+            is not installed.
     """
     name = (name or "hf").strip().lower()
     if name not in BACKENDS:
         raise ConfigError(f"generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "vllm" and distributed:
+        raise ConfigError("the vllm evaluation backend does not run inside a torchrun/DeepSpeed launch (vLLM refuses "
+                          "a process group larger than its own tensor parallelism); use the hf backend there, and "
+                          "score the saved stages afterwards with trace-transfer eval --backend vllm")
     if name == "vllm":
         _import_vllm()
     return name
+
+
+def release_engines() -> None:
+    """Drop the cached vLLM engine and return its GPU memory to the allocator (the fine-tuning runner
+    calls it after each stage's evaluation, before the next stage trains). A no-op when none is held."""
+    if not _engine:
+        return
+    import gc
+
+    _engine.clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _import_vllm():

@@ -191,8 +191,31 @@ class LaunchSpec(StrictModel):
 
 
 class EvalSpec(StrictModel):
+    """The evaluation after every stage of every fine-tuning step (``finetune --eval-limit/--eval-batch-size/
+    --eval-backend``). Its weights load in ``launch.dtype``."""
+
     limit: int | None = Field(200, description="evaluation examples per task; null = all")
     batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+    backend: Literal["hf", "vllm"] = Field("hf", description=(
+        "generation backend of the finetune steps' evaluation: hf | vllm (optional, pip install vllm; reads each "
+        "stage's checkpoint; not under launch.deepspeed; the cpi-ft method evaluates with hf)"))
+
+    def step_params(self) -> dict[str, Any]:
+        """The keys in a fine-tuning step's hash: the backend is left out, as ``launch`` leaves out device
+        and dtype (how a step is scored, not what it trains), so existing step hashes stay what they were."""
+        return self.model_dump(exclude={"backend"})
+
+    def problems(self, launch: LaunchSpec) -> list[str]:
+        """Why this evaluation cannot run under ``launch`` (``run --check``): vLLM absent, or under DeepSpeed."""
+        if self.backend == "hf":
+            return []
+        from trace_transfer.evaluation.vllm_backend import check_backend
+
+        try:
+            check_backend(self.backend, distributed=bool(launch.deepspeed))
+        except ConfigError as exc:
+            return [f"eval.backend: {exc}"]
+        return []
 
 
 class PipelineConfig(StrictModel):
@@ -304,6 +327,7 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
     from trace_transfer.pipeline.launch import probe_launch_problems  # launch builds on this module's specs
 
     problems += probe_launch_problems(cfg, base_dir)
+    problems += cfg.eval.problems(cfg.launch)
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(
         cfg.layer_map.probes, base_dir
     ).exists() and not cfg.layer_map.probes.startswith("hf:"):

@@ -66,7 +66,10 @@ def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, tr
     a relaunch continues after the last complete stage)."""
     args = ["-m", "trace_transfer", "finetune", "--model", target, "--method", method,
             *_common_args(d, train_cfg, ds, cfg),
-            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
+            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share),
+            "--dtype", cfg.launch.dtype]  # the per-stage evaluation's weights, as in-process steps get them
+    if cfg.eval.backend != "hf":  # refused under a launch (run --check says so first); passed to be refused clearly
+        args += ["--eval-backend", cfg.eval.backend]
     if opts.general_coreset:
         args += ["--general-coreset", opts.general_coreset]
     for m in getattr(cfg, "monitor", ()):  # evaluated at every row, never trained (pipeline `monitor:`)

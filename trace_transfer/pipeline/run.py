@@ -226,7 +226,7 @@ def _finetune_steps(plan: _Plan) -> None:
             for seed in cfg.seeds:
                 name = f"finetune/{label}/seed{seed}"
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
-                          "training": _training_params(cfg, spec), "eval": cfg.eval.model_dump(),
+                          "training": _training_params(cfg, spec), "eval": cfg.eval.step_params(),
                           "launch": cfg.launch.step_params(), **_monitor_params(cfg, spec)}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
                                                              plan.base_dir), depends=deps, resumable=True)
@@ -598,7 +598,8 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
                 res = run_sequence(target, stages, spec.runner, d, train_cfg, eval_limit=cfg.eval.limit,
                                    deepspeed_config=ds, options=opts, eval_batch_size=cfg.eval.batch_size,
                                    resume=True, progress=lambda msg: runner.say(f"       {msg}"),
-                                   device=cfg.launch.device, monitor=_monitors(cfg, spec))
+                                   device=cfg.launch.device, dtype=cfg.launch.dtype,
+                                   eval_backend=cfg.eval.backend, monitor=_monitors(cfg, spec))
         _prune_checkpoints(d)
         return {"aa": res.results["metrics"]["aa"] if res.results.get("metrics") else None}
 

@@ -13,11 +13,17 @@ writes ``OUT/accuracy_matrix.png`` from ``results.json`` (``finetune --plot`` ca
 
 Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
 file above, while the other ranks wait for it (an error on rank 0 is raised on every rank rather than
-leaving them at the next collective). Every rank evaluates: each loads the base model or the stage's
-saved checkpoint on its own device and scores a share of every task's batches, merged into the
-single-process scores (``trace_transfer.evaluation.distributed``). Without ``deepspeed_config`` the runner is
+leaving them at the next collective). Every rank takes part in the evaluation after each stage, of the
+base model or the stage's saved checkpoint, loaded in the evaluation dtype (``dtype``: bf16 on GPUs
+that support it, else fp32): when it fits every rank's GPU (weights x 1.2 against the free memory),
+each rank loads it whole and scores a share of every task's batches, merged into the single-process
+scores; otherwise rank 0 alone loads it across the visible GPUs (``device_map="auto"``) and scores
+everything while the others wait for the scores (``trace_transfer.evaluation.distributed.evaluate_checkpoint``;
+each stage's eval.json records the placement). Without ``deepspeed_config`` the runner is
 single-process and refuses to start under a multi-process launcher, where every rank would train its
-own copy and write the same files.
+own copy and write the same files; it evaluates on ``device`` (the base model spread over the GPUs
+like the ``eval`` command when it does not fit one), optionally generating with vLLM
+(``eval_backend="vllm"``, reading each stage's checkpoint directory).
 
 A stage is *complete* only when its checkpoint, its eval row and — written last, atomically — its
 ``COMPLETE`` marker exist. ``resume=True`` discards anything after the last complete stage and
@@ -106,6 +112,10 @@ def _seed_everything(seed: int) -> None:
 
 def _identity(model_ref: str, stages: Sequence[Stage], method: str, options: MethodOptions, cfg: TrainConfig,
               eval_limit: int | None, deepspeed_config: str | None, monitor: Sequence[str]) -> dict[str, Any]:
+    # Left out on purpose: device, the evaluation dtype and backend. They say how a stage is run and
+    # scored, not what is trained; runs written before --dtype existed hold no such key and must still
+    # resume, and a run may resume on another machine (a CPU fp32 run continued on a bf16 GPU). Each
+    # stage's eval.json records the dtype, placement and backend it was scored with.
     return {
         "monitor": list(monitor),
         "model": str(model_ref),
@@ -242,19 +252,19 @@ def _batch_fn(features: list[dict[str, Any]], batch_size: int, pad_id: int, seed
     return batches
 
 
-def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size, spread: bool = False) -> dict[str, Any]:
-    """``{task: {score, metric, n, higher_is_better}}``. ``spread`` is collective: every rank calls it with
-    the same weights, scores its share of each task's batches and gets the single-process scores back."""
-    if spread:
-        from trace_transfer.evaluation.distributed import evaluate_tasks
+def _evaluate_all(model, tokenizer, tasks, eval_limit, eval_batch_size, **extra: Any) -> dict[str, Any]:
+    """``{task: {score, metric, n, higher_is_better}}`` from this process alone (``extra``: the vLLM
+    backend's ``backend``/``checkpoint``)."""
+    from trace_transfer.evaluation.metrics import evaluate
 
-        results = evaluate_tasks(model, tokenizer, tasks, limit=eval_limit, batch_size=eval_batch_size)
-    else:
-        from trace_transfer.evaluation.metrics import evaluate
+    return _score_rows({t.name: evaluate(model, tokenizer, t, limit=eval_limit, batch_size=eval_batch_size, **extra)
+                        for t in tasks}, tasks)
 
-        results = {t.name: evaluate(model, tokenizer, t, limit=eval_limit, batch_size=eval_batch_size) for t in tasks}
-    return {name: {"score": r.score, "metric": r.metric, "n": r.n, "higher_is_better": r.higher_is_better}
-            for name, r in results.items()}
+
+def _score_rows(results: dict[str, Any], tasks) -> dict[str, Any]:
+    """eval.json's ``{task: {score, metric, n, higher_is_better}}`` for ``tasks`` out of ``{name: EvalResult}``."""
+    return {t.name: {"score": results[t.name].score, "metric": results[t.name].metric, "n": results[t.name].n,
+                     "higher_is_better": results[t.name].higher_is_better} for t in tasks}
 
 
 def _stage_extras(tmp: Path, k: int, stage_info: dict[str, Any]) -> None:
@@ -334,6 +344,19 @@ def _validate(meth, method: str, stages: list[Stage], options: MethodOptions,
         raise ConfigError(f"cannot run method {method!r}", problems)
 
 
+def _check_eval_backend(name: str, model_ref: str | os.PathLike, deepspeed_config) -> str:
+    """The per-stage evaluation's generation backend, refused (one ConfigError line) before anything is
+    claimed: vLLM absent, under DeepSpeed, or handed a base model it cannot read from a directory."""
+    from trace_transfer.evaluation.vllm_backend import check_backend
+
+    name = check_backend(name, distributed=deepspeed_config is not None)
+    if name == "vllm" and not Path(model_ref).is_dir():
+        raise ConfigError(f"--eval-backend vllm reads the weights from a directory, and the base model {str(model_ref)!r} "
+                          f"is not a local directory; save it to one first (trace-transfer build-model or "
+                          f"save_pretrained), or use --eval-backend hf")
+    return name
+
+
 def _open_out_dir(out: Path, identity: dict[str, Any], resume: bool, ranks: _Ranks,
                   n_stages: int) -> tuple[list[int], str]:
     """Check ``out`` against ``identity``; on rank 0 write run.json (fresh run) or drop a killed stage's leftovers.
@@ -386,6 +409,11 @@ class _Run:
     stage_records: list[dict[str, Any]] = field(default_factory=list)
     # Where models load: the resolved --device without DeepSpeed (DeepSpeed places them itself).
     device: str = "cpu"
+    device_spec: str = "auto"  # --device as given: inference_device_map spreads a big model only under auto
+    # The per-stage evaluation: the dtype its weights load in (resolved --dtype; training keeps fp32
+    # weights) and the generation backend (hf | vllm). Neither is in the run's identity (see _identity).
+    eval_dtype: str = "float32"
+    eval_backend: str = "hf"
 
     @property
     def task_names(self) -> list[str]:
@@ -413,23 +441,45 @@ class _Run:
         then its COMPLETE marker, and keep its row.
 
         ``spread=False``: this process scores ``model`` alone (single-process runs, or rank 0 inside
-        ``on_main``). ``spread=True`` is collective, for DeepSpeed runs where every rank calls it:
-        ``model`` is ignored, each rank loads stage k's checkpoint on its own device (its LOCAL_RANK GPU,
-        else the CPU) and scores its share of every task's batches (``evaluation/distributed.py``);
-        every rank gets the single-process scores and rank 0 writes them.
+        ``on_main``), first cast in place to the evaluation dtype (the caller is done with it: stage
+        k+1 starts from the checkpoint on disk). ``spread=True`` is collective, for DeepSpeed runs where
+        every rank calls it: ``model`` is ignored and stage k's checkpoint is loaded in the evaluation
+        dtype, either whole on every rank, each scoring a share of every task's batches, or by rank 0
+        alone across the visible GPUs when it does not fit one
+        (:func:`trace_transfer.evaluation.distributed.evaluate_checkpoint`). eval.json records which
+        (``evaluation``: placement, dtype, backend).
         """
+        checkpoint = self.model_ref if k == 0 else str(_stage_dir(self.out, k))
         if spread:
-            from trace_transfer.evaluation.distributed import local_device
-            from trace_transfer.models import load_model
+            from trace_transfer.evaluation.distributed import evaluate_checkpoint
 
-            model = load_model(self.model_ref if k == 0 else str(_stage_dir(self.out, k)), device=local_device())
-        scores = _evaluate_all(model, self.tokenizer, self.tasks, self.eval_limit, self.eval_batch_size, spread)
-        watched = _evaluate_all(model, self.tokenizer, self.monitored, self.eval_limit, self.eval_batch_size, spread)
-        del model  # a spread evaluation's copy goes now, before the next stage loads its own
+            results, placement = evaluate_checkpoint(checkpoint, self.tokenizer, [*self.tasks, *self.monitored],
+                                                     dtype=self.eval_dtype, limit=self.eval_limit,
+                                                     batch_size=self.eval_batch_size)
+            scores, watched = _score_rows(results, self.tasks), _score_rows(results, self.monitored)
+            dtype = self.eval_dtype
+        else:
+            if self.eval_dtype and next(model.parameters()).dtype != getattr(torch, self.eval_dtype):
+                # The same values as loading the saved (fp32) stage in that dtype, without a second copy.
+                model = model.to(getattr(torch, self.eval_dtype))
+            placement = "device-map" if getattr(model, "hf_device_map", None) else "whole"
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            # vLLM reads the weights from disk: the stage's saved checkpoint holds exactly these.
+            extra = {"backend": "vllm", "checkpoint": checkpoint} if self.eval_backend == "vllm" else {}
+            scores = _evaluate_all(model, self.tokenizer, self.tasks, self.eval_limit, self.eval_batch_size, **extra)
+            watched = _evaluate_all(model, self.tokenizer, self.monitored, self.eval_limit, self.eval_batch_size,
+                                    **extra)
+        del model  # this copy goes now, before the next stage loads its own
+        if self.eval_backend == "vllm":
+            from trace_transfer.evaluation.vllm_backend import release_engines
+
+            release_engines()  # the engine would otherwise hold its GPU share through the next stage's training
+        how = {"placement": placement, "dtype": dtype, "backend": self.eval_backend}
 
         def write() -> None:
             _stage_dir(self.out, k).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(_stage_dir(self.out, k) / "eval.json", {"stage": k, "scores": scores, "monitor": watched})
+            write_json_atomic(_stage_dir(self.out, k) / "eval.json",
+                              {"stage": k, "scores": scores, "monitor": watched, "evaluation": how})
             # The marker goes last: only now is the stage complete for --resume.
             marker = "stage 0 (base) evaluated\n" if k == 0 else f"stage {k} complete\n"
             write_text_atomic(_stage_dir(self.out, k) / MARKER, marker)
@@ -443,19 +493,23 @@ class _Run:
         self.directions.update({n: scores[n]["higher_is_better"] for n in self.task_names})
 
     def evaluate_base(self) -> None:
-        """Row 0. Under DeepSpeed a collective (every rank scores a share of the base model's batches)."""
-        from trace_transfer.models import load_model
+        """Row 0. Under DeepSpeed a collective (every rank scores a share of the base model's batches, or
+        rank 0 alone across the GPUs); alone, loaded as the ``eval`` command does (spread over the
+        visible GPUs under ``--device auto`` when it does not fit one)."""
+        from trace_transfer.models import inference_device_map, load_model
 
         _seed_everything(self.cfg.seed)
         self.say("evaluating the base model on every task")
         if self.ranks.distributed:
             self.evaluate_into(None, 0, spread=True)
         else:
-            self.evaluate_into(load_model(self.model_ref, device=self.device), 0)
+            spread = inference_device_map(self.model_ref, self.device_spec, self.eval_dtype)
+            self.evaluate_into(load_model(self.model_ref, dtype=self.eval_dtype, device=self.device,
+                                          device_map=spread), 0)
 
     def evaluate_saved_stage(self, k: int) -> None:
-        """Collective (DeepSpeed): every rank scores a share of stage k's saved checkpoint; rank 0 writes
-        its eval row and results.json."""
+        """Collective (DeepSpeed): every rank takes part in scoring stage k's saved checkpoint (see
+        :meth:`evaluate_into`); rank 0 writes its eval row and results.json."""
         self.evaluate_into(None, k, spread=True)
         self.ranks.on_main(f"writing the results of stage {k}", self.write_results)
 
@@ -546,15 +600,20 @@ class _Run:
 
 def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path, cfg: TrainConfig,
                options: MethodOptions, resume: bool, deepspeed_config, progress, monitor: Sequence[str],
-               eval_limit: int | None, eval_batch_size: int, device: str = "cpu") -> tuple[_Run, list[int]]:
+               eval_limit: int | None, eval_batch_size: int, device: str = "cpu", dtype: str = "auto",
+               eval_backend: str = "hf") -> tuple[_Run, list[int]]:
     """Join the process group (DeepSpeed), claim ``out`` and load the tasks: the run's context and its done stages."""
     from trace_transfer.data import load_task
     from trace_transfer.evaluation.code_exec import check_tasks_consent
     from trace_transfer.models import check_model_dir, load_tokenizer
 
-    from trace_transfer.devices import resolve_device
+    from trace_transfer.devices import resolve_device, resolve_dtype
 
     where = resolve_device(device) if deepspeed_config is None else "cpu"  # refused before OUT is claimed
+    # The evaluation dtype: auto is bf16 where the evaluation runs on a GPU that supports it, else fp32
+    # (CPU runs keep scoring the fp32 weights training leaves, bit for bit as before --dtype existed).
+    eval_where = where if deepspeed_config is None else ("cuda" if torch.cuda.is_available() else "cpu")
+    eval_dtype = resolve_dtype(dtype, eval_where)
     ranks = _Ranks(deepspeed_config is not None)
     say = (progress or (lambda msg: logger.info(msg))) if ranks.main else _quiet
     identity = _identity(model_ref, stages, method, options, cfg, eval_limit,
@@ -573,6 +632,7 @@ def _start_run(model_ref: str, stages: list[Stage], method: str, meth, out: Path
     run = _Run(model_ref, stages, method, meth, out, cfg, options, identity, started, deepspeed_config, ranks,
                say, eval_limit, eval_batch_size)
     run.tasks, run.monitored, run.tokenizer, run.device = tasks, monitored, tokenizer, where
+    run.device_spec, run.eval_dtype, run.eval_backend = device, eval_dtype, eval_backend
     return run, done
 
 
@@ -591,6 +651,8 @@ def run_sequence(
     progress: Callable[[str], None] | None = None,
     monitor: Sequence[str] = (),
     device: str = "auto",
+    dtype: str = "auto",
+    eval_backend: str = "hf",
 ) -> RunResult:
     """Train ``stages`` in order with ``method``; checkpoint and evaluate every task after each stage.
 
@@ -611,14 +673,22 @@ def run_sequence(
         device: ``auto`` (CUDA when available) | ``cpu`` | ``cuda[:i]``: where every stage trains and
             evaluates without DeepSpeed (fp32 weights, bf16 autocast per ``cfg.precision``); ignored
             under DeepSpeed, which places each rank's shard on its own GPU.
+        dtype: ``auto`` | ``bf16`` | ``fp16`` | ``fp32``: the dtype the evaluation after each stage loads
+            (or casts) the weights in; ``auto`` is bf16 on a CUDA device that supports it, else fp32.
+            Training is unaffected (fp32 weights). Recorded in each stage's eval.json, not part of the
+            run's identity: a resume may change it (e.g. on another machine).
+        eval_backend: ``hf`` | ``vllm``: the generation backend of the per-stage evaluation. vLLM (not
+            installed by any extra) reads stage k's checkpoint directory, so ``model_ref`` must then be
+            a local directory; refused under DeepSpeed (see ``evaluation/vllm_backend.py``).
 
     Returns:
         :class:`RunResult` with ``R`` and the continual metrics (also in ``out_dir/results.json``).
         Figures are the report's job: ``trace_transfer.report.plots.plot_run(out_dir)``.
 
     Raises:
-        ConfigError: unknown method, missing CoreSets, a task repeated, or ``out_dir`` holding a
-            different run (or any run without ``resume``).
+        ConfigError: unknown method, missing CoreSets, a task repeated, ``out_dir`` holding a
+            different run (or any run without ``resume``), an unknown dtype, or ``eval_backend="vllm"``
+            where vLLM is absent, under DeepSpeed or with a hub id as the model.
         ModelMismatchError: a CoreSet does not fit the model.
 
     Example:
@@ -631,9 +701,11 @@ def run_sequence(
     stages = [_as_stage(s) for s in stages]
     meth = get_method(method)
     _validate(meth, method, stages, options, deepspeed_config)
+    eval_backend = _check_eval_backend(eval_backend, model_ref, deepspeed_config)
 
     run, done = _start_run(str(model_ref), stages, method, meth, Path(out_dir), cfg, options, resume,
-                           deepspeed_config, progress, monitor, eval_limit, eval_batch_size, device)
+                           deepspeed_config, progress, monitor, eval_limit, eval_batch_size, device, dtype,
+                           eval_backend)
     ranks, out = run.ranks, run.out
     plans = meth.plan(stages)
 
