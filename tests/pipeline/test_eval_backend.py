@@ -70,6 +70,21 @@ def test_launched_finetune_steps_get_the_dtype(tmp_path):
     assert "--dtype fp16" in launch and "--eval-backend" not in launch  # hf, the default, is left implicit
 
 
+def test_launched_cpi_ft_gets_the_dtype_and_its_cli_takes_it(tmp_path):
+    from click.testing import CliRunner
+
+    from trace_transfer.cli import main
+    from trace_transfer.pipeline.launch import cpi_ft_args
+
+    (tmp_path / "ds.json").write_text("{}")
+    cfg = _load(tmp_path, {**TINY, "launch": {"deepspeed": "ds.json", "nproc_per_node": 2, "dtype": "fp16"}})
+    from trace_transfer.train.config import TrainConfig
+
+    args = cpi_ft_args(tmp_path / "d", "target", ["synthetic:math", "synthetic:code"], TrainConfig(), "ds.json", cfg)
+    assert args[args.index("--dtype") + 1] == "fp16"
+    assert "--dtype [auto|bf16|fp16|fp32]" in CliRunner().invoke(main, ["cpi-ft", "--help"]).output
+
+
 def test_check_refuses_vllm_where_it_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ConfigError) as err:

@@ -51,12 +51,12 @@ from trace_transfer.train.config import TrainConfig
 @click.option("--deepspeed", "deepspeed_config", type=click.Path(dir_okay=False), default=None,
               help="DeepSpeed JSON config for steps 1 and 5 (launch with torchrun / deepspeed).")
 @click.option("--plot", is_flag=True, help="Also write overlap.png and accuracy_matrix.png.")
-@click_options(DeviceConfig, ["device"])
+@click_options(DeviceConfig, ["device", "dtype"])  # --dtype: the evaluations' weights
 @allow_code_exec_option
 def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_method, collision, per_row, sft, freeze,
             keep_deltas, epochs, max_steps, lr, sft_epochs, sft_max_steps, sft_lr, batch_size, grad_accum, seq_len,
             weight_decay, scheduler, warmup_ratio, precision, seed, eval_limit, eval_batch_size, resume,
-            deepspeed_config, plot, device, gradient_checkpointing) -> None:
+            deepspeed_config, plot, device, dtype, gradient_checkpointing) -> None:
     """CPI-FT: per-task fine-tuning -> core regions -> clustering -> transplant + SLERP -> pipeline SFT.
 
     Evaluated like `trace-transfer finetune` (OUT/results.json with R, AA, BWT, FWT; row 0 = MODEL).
@@ -83,7 +83,7 @@ def command(model, tasks, out_dir, ratio, granularity, scope, tau, cluster_metho
                       collision=collision, per_row=per_row, sft=sft, freeze=freeze, keep_deltas=keep_deltas)
     result = cpi_ft(model, list(tasks), out_dir, cfg, ft_cfg=ft_cfg, sft_cfg=sft_cfg, eval_limit=eval_limit,
                     eval_batch_size=eval_batch_size, resume=resume, progress=lambda m: click.echo(m, err=True),
-                    device=device, deepspeed_config=deepspeed_config)
+                    device=device, dtype=dtype, deepspeed_config=deepspeed_config)
     if result.rank != 0:  # under torchrun every rank returns here; one table is enough
         return
     if plot:  # training returns results; the report draws them

@@ -66,8 +66,7 @@ def finetune_args(d: Path, target: str, stages: list, method: str, opts: Any, tr
     a relaunch continues after the last complete stage)."""
     args = ["-m", "trace_transfer", "finetune", "--model", target, "--method", method,
             *_common_args(d, train_cfg, ds, cfg),
-            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share),
-            "--dtype", cfg.launch.dtype]  # the per-stage evaluation's weights, as in-process steps get them
+            "--isolation", opts.isolation, "--replay-share", repr(opts.replay_share)]
     if cfg.eval.backend != "hf":  # refused under a launch (run --check says so first); passed to be refused clearly
         args += ["--eval-backend", cfg.eval.backend]
     if opts.general_coreset:
@@ -148,7 +147,8 @@ def _common_args(d: Path, train_cfg: Any, ds: str, cfg: Any) -> list[str]:
             "--batch-size", str(train_cfg.batch_size), "--grad-accum", str(train_cfg.grad_accum),
             "--warmup-ratio", repr(train_cfg.warmup_ratio), "--weight-decay", repr(train_cfg.weight_decay),
             "--precision", train_cfg.precision, "--seq-len", str(train_cfg.seq_len),
-            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size)]
+            "--seed", str(train_cfg.seed), "--eval-batch-size", str(cfg.eval.batch_size),
+            "--dtype", cfg.launch.dtype]  # the evaluations' weights, as in-process steps get them
     if getattr(train_cfg, "gradient_checkpointing", False):
         args.append("--gradient-checkpointing")
     if cfg.eval.limit is not None:

@@ -582,7 +582,8 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
 
             res = cpi_ft(target, list(cfg.tasks), d, CpiFtConfig(), ft_cfg=train_cfg, eval_limit=cfg.eval.limit,
                          eval_batch_size=cfg.eval.batch_size, resume=True,
-                         progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device)
+                         progress=lambda msg: runner.say(f"       {msg}"), device=cfg.launch.device,
+                         dtype=cfg.launch.dtype)
         elif ds:
             # DeepSpeed needs one process per GPU: launch the fine-tuning step (finetune, or the whole of
             # cpi-ft) under torchrun, while the pipeline itself (probes, scoring, CKA, transfer, report)

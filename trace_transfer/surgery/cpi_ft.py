@@ -199,6 +199,7 @@ def cpi_ft(
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
     device: str = "auto",
+    dtype: str = "auto",
     deepspeed_config: str | Path | None = None,
 ) -> CpiFtResult:
     """Run CPI-FT end to end (see the module docstring) and evaluate it like the sequential runner.
@@ -213,6 +214,8 @@ def cpi_ft(
         resume: continue an interrupted run in ``out_dir`` (steps already complete are kept).
         progress: called with one-line status messages.
         device: where steps 1 and 5 train and evaluate (``auto``/``cpu``/``cuda[:i]``, as ``run_sequence``).
+        dtype: the weights' dtype when steps 1 and 5 evaluate (``auto``/``bf16``/``fp16``/``fp32``, as
+            ``run_sequence``; auto = bf16 on CUDA, else fp32). Training keeps fp32 weights.
         deepspeed_config: a DeepSpeed JSON config: steps 1 and 5 train under it on every rank of a
             ``torchrun``/``deepspeed`` launch (collective: call this on every rank); ``device`` is then ignored.
 
@@ -248,7 +251,8 @@ def cpi_ft(
     ranks.on_main("writing cpi_ft.json", lambda: write_json_atomic(
         out / "cpi_ft.json", {"identity": identity, "started": started, "versions": versions()}))
     base = Path(_on_main_shared(ranks, "saving the base model", lambda: str(_local_base(model, out, say))))
-    common = {"eval_limit": eval_limit, "eval_batch_size": eval_batch_size, "device": device, "deepspeed_config": ds}
+    common = {"eval_limit": eval_limit, "eval_batch_size": eval_batch_size, "device": device, "dtype": dtype,
+              "deepspeed_config": ds}
 
     # Step 1: independent fine-tuning per task (collective under DeepSpeed), then core regions.
     for ref, name in zip(refs, names):
