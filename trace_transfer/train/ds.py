@@ -17,9 +17,13 @@ Order matters, and is why this module exists:
    from its ZeRO-3 partitions, its sparse delta folded, written straight into its safetensors shard on
    rank 0 (:class:`trace_transfer.checkpoint.StreamingShardWriter`), dropped on every rank before the
    next — so a rank's memory during the save is its shard plus one tensor (two on rank 0 while
-   folding; ``tests/train/test_ds_save.py`` measures it). The runner saves each stage this way from
-   the still-sharded engine (``unshard=False`` + ``before_teardown``), releases the shards, and
-   evaluates and continues from the checkpoint on disk. Library callers get today's default,
+   folding; ``tests/train/test_ds_save.py`` measures it). A PEFT LoRA model is saved the same way,
+   merged: each LoRA-wrapped base weight is gathered with only its own adapter factors and written as
+   ``W + ΔW`` (PEFT's ``get_delta_weight``) under its merged name, the adapters themselves skipped —
+   bit-equal to ``merge_and_unload()`` + ``save_pretrained`` (``tests/train/test_lora_stream_save.py``).
+   The runner saves each stage of every method this way from the still-sharded engine
+   (``unshard=False`` + ``before_teardown``), releases the shards, and evaluates and continues from the
+   checkpoint on disk. Library callers get today's default,
    ``unshard=True``: the model handed back whole on every rank (gathered one tensor at a time,
    DeepSpeed's hooks removed) — the whole model per rank, so avoid it for models near host memory.
 
@@ -357,22 +361,113 @@ def _tied_targets(model: torch.nn.Module) -> list[str]:
     return list(tied)
 
 
+class _SparseFold:
+    """A partly-core tensor's sparse delta, folded in: ``W0 + scatter(δ)``."""
+
+    def __init__(self, entry: Any):
+        self.entry = entry
+        self.tensors = [entry.delta]
+
+    def value(self, t: torch.Tensor) -> torch.Tensor:
+        return self.entry.effective(t.data, self.entry.delta.data)
+
+
+class _LoraFold:
+    """A LoRA layer's adapters, merged into its base weight as PEFT's ``merge()`` does (unsafe merge,
+    the default of ``merge_and_unload``): ``W += layer.get_delta_weight(a)`` for each active adapter not
+    yet merged, in order. ``get_delta_weight`` is PEFT's own (``B @ A``, transposed for
+    ``fan_in_fan_out``, times the adapter's scaling, in the adapter's dtype with the fp32 detour PEFT
+    takes for bf16/fp16 on CPU), and the in-place add is the same op on a copy, so the result is
+    bit-equal to ``merge_and_unload()``. Only the adapters' own tensors are gathered with the weight."""
+
+    def __init__(self, layer: torch.nn.Module, adapters: list[str]):
+        self.layer, self.adapters = layer, adapters
+        self.tensors = [t for a in adapters for t in _adapter_tensors(layer, a)]
+
+    def value(self, t: torch.Tensor) -> torch.Tensor:
+        merged = t.data.clone()
+        for adapter in self.adapters:
+            merged += self.layer.get_delta_weight(adapter)
+        return merged
+
+
+def _adapter_tensors(layer: torch.nn.Module, adapter: str) -> list[torch.Tensor]:
+    if adapter in layer.lora_A:  # Linear, Conv
+        return [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    return [layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]]  # Embedding
+
+
+def _peft_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The model ``merge_and_unload()`` would return (a PeftModel's base), else ``model`` itself."""
+    peft = getattr(model, "peft_config", None) is not None and hasattr(model, "get_base_model")
+    return model.get_base_model() if peft else model
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
+    """``{module path: _LoraFold}`` for every PEFT tuner layer in ``model``; refuses the ones whose
+    merge is not a plain ``W + ΔW`` of the base weight (DoRA and other variants, LoRA biases,
+    non-LoRA tuners). Empty without PEFT."""
+    import sys
+
+    if "peft" not in sys.modules:  # no PEFT layer can exist unless peft was imported: skip its import cost
+        return {}
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+    out: dict[str, Any] = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, BaseTunerLayer):
+            continue
+        if not isinstance(mod, LoraLayer) or hasattr(mod, "unload_and_optionally_merge_module"):
+            raise ConfigError(f"{path}: {type(mod).__name__} adapters cannot be merged while streaming the "
+                              f"checkpoint (only plain LoRA layers); merge_and_unload() the model and save that")
+        adapters = [a for a in check_adapters_to_merge(mod) if a in mod.lora_A or a in mod.lora_embedding_A]
+        odd = [a for a in adapters if a in mod.lora_variant or mod.lora_bias.get(a)]
+        if odd:
+            raise ConfigError(f"{path}: adapter {odd[0]!r} uses DoRA, a LoRA variant or a LoRA bias, whose merge "
+                              f"is not W + B·A; merge_and_unload() the model and save that, or use plain LoRA")
+        out[path] = _LoraFold(mod, adapters)
+    return out
+
+
+def _merged_module_name(mod_name: str, tuners: dict[str, Any]) -> str | None:
+    """``mod_name`` as it is after ``merge_and_unload()`` (a tuner's ``base_layer`` takes the tuner's
+    place); None for a module inside an adapter (lora_A, lora_B, dropout), which the merge drops."""
+    parts = mod_name.split(".") if mod_name else []
+    for i in range(len(parts)):
+        if ".".join(parts[:i]) in tuners:
+            if parts[i] != "base_layer":
+                return None
+            return ".".join(parts[:i] + parts[i + 1:])
+    return mod_name
+
+
 def _save_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, Any]]:
-    """``(name, tensor, sparse entry or None)`` for every tensor a checkpoint of ``model`` holds, in
-    state-dict order: parameters and persistent buffers, a tied tensor once under the name HF keeps
-    (not a declared tied copy), sparse deltas of an active CoreSet left out (they are folded into
-    their tensors). Reads no weights, so it works on a ZeRO-3-sharded module."""
+    """``(name, tensor, fold or None)`` for every tensor a checkpoint of ``model`` holds, in state-dict
+    order: parameters and persistent buffers, a tied tensor once under the name HF keeps (not a
+    declared tied copy). A fold turns the stored tensor into the value to write, gathering its
+    ``tensors`` with it: sparse deltas of an active CoreSet are folded into their tensors, and LoRA
+    adapters merged into their base weights, under the names ``merge_and_unload()`` +
+    ``save_pretrained`` give (a PeftModel is saved as its merged base model); the deltas and adapters
+    are not written themselves. Reads no weights, so it works on a ZeRO-3-sharded module."""
     import re
 
     handle = getattr(model, _ACTIVE_ATTR, None)
     sparse = {id(e.param): e for e in handle.sparse.values()} if handle is not None and not handle._removed else {}
+    model = _peft_base(model)
+    tuners = _lora_layers(model)
+    folds: dict[int, Any] = {pid: _SparseFold(e) for pid, e in sparse.items()}
+    folds.update({id(fold.layer.get_base_layer().weight): fold for fold in tuners.values()})
     skip = {id(e.delta) for e in sparse.values()}
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     by_name: dict[str, torch.Tensor] = {}
     names: dict[int, list[str]] = {}
     # state_dict()'s names and order, without calling it: its hooks would fold every sparse tensor at once
     for mod_name, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
+        merged_name = _merged_module_name(mod_name, tuners) if tuners else mod_name
+        if merged_name is None:
+            continue  # an adapter's own module: merged, not written
+        prefix = f"{merged_name}." if merged_name else ""
         own = list(mod._parameters.items()) + [
             (n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
         for attr, t in own:
@@ -386,22 +481,22 @@ def _save_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, Any]]
         kept = [n for n in group if not any(re.search(pat, n) for pat in targets)]
         name = kept[0] if kept else sorted(group)[-1]
         t = by_name[name]
-        out.append((name, t, sparse.get(id(t))))
+        out.append((name, t, folds.get(id(t))))
     return out
 
 
-def _gathered(t: torch.Tensor, entry: Any):
-    """Context holding ``t`` (and its sparse delta) whole on every rank if ZeRO-3 partitioned it; on
-    exit DeepSpeed re-partitions, so every rank drops the full copy at once."""
+def _gathered(t: torch.Tensor, fold: Any):
+    """Context holding ``t`` (and what its fold reads: a sparse delta, LoRA factors) whole on every rank
+    if ZeRO-3 partitioned it; on exit DeepSpeed re-partitions, so every rank drops the full copies at once."""
     import deepspeed
 
-    group = [t] if entry is None else [t, entry.delta]
+    group = [t] if fold is None else [t, *fold.tensors]
     return deepspeed.zero.GatheredParameters(group, modifier_rank=None,
                                              enabled=any(hasattr(x, "ds_id") for x in group))
 
 
-def _full_value(t: torch.Tensor, entry: Any) -> torch.Tensor:
-    return t.data if entry is None else entry.effective(t.data, entry.delta.data)
+def _full_value(t: torch.Tensor, fold: Any) -> torch.Tensor:
+    return t.data if fold is None else fold.value(t)
 
 
 def _release(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) -> None:
@@ -417,8 +512,8 @@ def _release(engine, model: torch.nn.Module, before_attrs: dict[int, set[str]]) 
 def consolidated_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """Full CPU tensors of every parameter and persistent buffer (tied tensors once, under the name HF
     keeps), gathered one at a time if the module is ZeRO-3-sharded. Sparse deltas of an active
-    CoreSet are folded into their tensors (and not written themselves). All ranks must call it; with
-    ``rank0_only`` the others get ``{}``.
+    CoreSet are folded into their tensors, LoRA adapters merged into their base weights (neither
+    written themselves). All ranks must call it; with ``rank0_only`` the others get ``{}``.
 
     This holds the whole model on rank 0 (every rank, without ``rank0_only``): to write a
     checkpoint use :func:`save_consolidated`, which streams tensor by tensor instead."""
@@ -464,15 +559,18 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, tokeni
                       max_shard_bytes: int | None = None,
                       before_publish: Callable[[Path], None] | None = None) -> Path | None:
     """Write ``model`` as one HF directory (config, safetensors shards + index, tokenizer) from rank 0,
-    streaming: each tensor is gathered (if ZeRO-3 partitioned it), has its sparse delta folded, goes
-    straight into its shard file on rank 0, and is dropped on every rank before the next one. No rank
-    ever holds more than one full tensor (two on rank 0 while folding), so a sharded engine is saved
-    without gathering the model. The directory is written into a temp directory that replaces
+    streaming: each tensor is gathered (if ZeRO-3 partitioned it), has its sparse delta folded (or its
+    LoRA adapters merged), goes straight into its shard file on rank 0, and is dropped on every rank
+    before the next one. No rank ever holds more than one full tensor (two on rank 0 while folding or
+    merging, plus the adapter's small factors), so a sharded engine is saved without gathering the
+    model. The directory is written into a temp directory that replaces
     ``out_dir`` only when complete. All ranks must call it; an error on rank 0 is raised on every rank
     (after the gathers, so no rank is left waiting at a collective).
 
     Args:
         model: a plain or ZeRO-3-sharded module (an HF model gets config.json and HF's shard names).
+            A PEFT LoRA model is written merged, as ``merge_and_unload()`` + ``save_pretrained`` would
+            write it (same names, bit-equal tensors, the base model's config), without gathering it.
         out_dir: the directory to write (replaced if it exists).
         tokenizer: saved alongside when given.
         max_shard_bytes: shard size cap (default: HF's 50 GB for HF models, else 2 GiB).
@@ -489,6 +587,7 @@ def save_consolidated(model: torch.nn.Module, out_dir: str | os.PathLike, tokeni
     rank, world = _dist()
     out = Path(out_dir)
     entries = _save_entries(model)
+    model = _peft_base(model)  # a LoRA model is written as its merged base: that model's config and class
     layout = [(name, _shape(t), t.dtype) for name, t, _ in entries]
     hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -329,7 +329,8 @@ class Lora:
         info.update({"lora_r": o.lora_r, "lora_alpha": o.lora_alpha, "merged_after_stage": True})
 
         def finish(m):
-            # Merge so the checkpoint is a plain model and the next stage starts from W + BA.
+            # Merge so the checkpoint is a plain model and the next stage starts from W + BA (one
+            # process; under DeepSpeed the streaming save writes the same merged tensors instead).
             return m.merge_and_unload()
 
         return Prepared(model=peft_model, finish=finish, info=info)

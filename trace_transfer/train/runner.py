@@ -13,7 +13,10 @@ writes ``OUT/accuracy_matrix.png`` from ``results.json`` (``finetune --plot`` ca
 
 Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
 file above, while the other ranks wait for it (an error on rank 0 is raised on every rank rather than
-leaving them at the next collective). Every rank takes part in the evaluation after each stage, of the
+leaving them at the next collective). Each stage, of every method, is saved by streaming it from the
+still-sharded engine (``train.ds.save_consolidated``; LoRA adapters merged into their weights tensor by
+tensor), so no rank holds the whole model while saving. Every rank takes part in the evaluation after
+each stage, of the
 base model or the stage's saved checkpoint, loaded in the evaluation dtype (``dtype``: bf16 on GPUs
 that support it, else fp32): when it fits every rank's GPU (weights x 1.2 against the free memory),
 each rank loads it whole and scores a share of every task's batches, merged into the single-process
@@ -556,11 +559,12 @@ class _Run:
             self.say(f"stage {k}: loss {record['train']['first_loss']:.4f} -> {record['train']['last_loss']:.4f}; "
                      f"evaluating")
 
-        if self.deepspeed_config is not None and not _finish_merges_weights(prepared):
+        if self.deepspeed_config is not None:
             # Collective, and no rank ever holds the whole model: every rank trains its shard, the stage
             # is streamed to disk from the still-sharded engine (rank 0 writes, tensor by tensor), the
             # shards are released, and the stage is evaluated from its checkpoint, which is also where
-            # stage k+1 starts. The method's finish() is not needed: the save folds sparse deltas itself.
+            # stage k+1 starts. The method's finish() is not needed: the save folds sparse deltas and
+            # merges LoRA adapters into their base weights itself, one tensor at a time.
             def save(engine, result) -> None:
                 _save_checkpoint_streaming(prepared.model, self.tokenizer, self.out, k, stage_record(result))
 
@@ -572,12 +576,8 @@ class _Run:
             self.evaluate_saved_stage(k)
             return
 
-        if self.deepspeed_config is not None:
-            # LoRA: merging adapters needs the weights whole, so every rank gets the model back unsharded.
-            result = _train_deepspeed(prepared, batches, stage_cfg, self.deepspeed_config, _kill_hook(k))
-        else:
-            result = train(prepared.model, batches, stage_cfg, params=prepared.params,
-                           on_step=_kill_hook(k), after_step=prepared.after_step)
+        result = train(prepared.model, batches, stage_cfg, params=prepared.params,
+                       on_step=_kill_hook(k), after_step=prepared.after_step)
         model = prepared.finish(prepared.model)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -796,11 +796,6 @@ class _Ranks:
         if error is not None:
             raise error
         return value
-
-
-def _finish_merges_weights(prepared) -> bool:
-    """LoRA's finish() merges its adapters into the weights, which needs them whole on a rank."""
-    return hasattr(prepared.model, "merge_and_unload")
 
 
 def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step, save=None):
