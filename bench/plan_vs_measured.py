@@ -15,8 +15,19 @@ project's own loop (fp32 on CPU, as ``trace-transfer finetune`` runs there) and 
 Ratios are measured/estimated in the same run. CPU runs exercise fp32 (no autocast), i.e. the formulas
 with e = 4; bf16 on GPU is the same count with e = 2 (see docs/PLANNER.md).
 
+``--probe`` measures the launched probe instead: ``torchrun`` starts 2 CPU ranks (DeepSpeed on CPU,
+gloo) that each run ``probe_deepspeed`` under ZeRO-3 on a saved model, as a pipeline probe step does
+under ``launch.deepspeed``, with every sequence exactly ``--seq`` tokens long. A thread on each rank
+samples its RSS every 5 ms (after a warm-up probe of a 2-layer model
+loads the imports, the process group and DeepSpeed's ops) and keeps the peak of each phase (load: ``zero.Init`` + θ0 snapshot; warm
+start: engine + steps; fisher: the Fisher pass; write: per-element Fisher and Δ out), as growth over
+the RSS before the call, against :func:`trace_transfer.plan.estimate.probe_memory` for the same setup
+(its per-GPU phase totals less the fixed GPU overhead; load: its host term for one rank). It runs once
+with and once without the per-element Fisher, so the accumulator's term is measured apart.
+
     python bench/plan_vs_measured.py                    # ~1-2 min on 2 CPU cores
     python bench/plan_vs_measured.py --hidden 512 --layers 8 --json out.json
+    python bench/plan_vs_measured.py --probe --hidden 512 --layers 8 --seq 256 --batch 4   # ~2-4 min
 """
 
 from __future__ import annotations
@@ -25,8 +36,14 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 ARCHS = ("llama", "qwen3")
 VARIANTS = ("full", "tensor")
@@ -43,7 +60,7 @@ def worker(a: argparse.Namespace) -> dict:
     from trace_transfer.models import tiny_config
     from trace_transfer.plan import Setup, activation_bytes, core_trainable, model_shape, train_memory
     from trace_transfer.plan.hardware import Hardware
-    from trace_transfer.train.loop import TrainConfig, causal_lm_loss, train
+    from trace_transfer.train.loop import TrainConfig, train
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -132,6 +149,154 @@ def worker(a: argparse.Namespace) -> dict:
     }
 
 
+# ZeRO-3 as the pipeline's ds_zero3.json, on CPU in fp32 (no bf16 there); tiny tensors partitioned too.
+PROBE_DS = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  "stage3_prefetch_bucket_size": 0},
+            "steps_per_print": 1000, "wall_clock_breakdown": False}
+PROBE_WORLD = 2
+
+
+def probe_worker(a: argparse.Namespace) -> None:
+    """One rank of the launched probe: peak RSS growth per phase, printed as one JSON line."""
+    import torch
+
+    torch.set_num_threads(1)
+    import trace_transfer.probe.distributed as dist_probe
+    import trace_transfer.train.ds as ds
+    from trace_transfer.probe import ProbeConfig
+
+    phase, peaks, done = ["load"], {}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            r = _rss()
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), r)
+            time.sleep(0.005)
+
+    def label(name: str, fn):
+        def wrapped(*args, **kw):
+            phase[0] = name
+            return fn(*args, **kw)
+        return wrapped
+
+    # The phases, marked where the probe enters them (the sampler files each RSS reading under one).
+    import deepspeed
+
+    ds.deepspeed_train = label("warm start", ds.deepspeed_train)
+    init = deepspeed.initialize
+
+    def initialize(*args, **kw):  # the engine's own allocations, apart from the steps that follow
+        phase[0] = "engine init"
+        try:
+            return init(*args, **kw)
+        finally:
+            phase[0] = "warm start"
+
+    deepspeed.initialize = initialize
+    dist_probe._partition_fisher = label("fisher", dist_probe._partition_fisher)
+    dist_probe._write_fisher = label("write", dist_probe._write_fisher)
+    dist_probe._write_delta = label("write", dist_probe._write_delta)
+    work = Path(a.work)
+    # Warm-up on a 2-layer model first: imports, the process group and DeepSpeed's ops stay resident, so
+    # the measured probe's growth is its tensors (large freed tensors go back to the OS: glibc unmaps them).
+    warm = ProbeConfig.from_flat(max_steps=1, batch_size=1, seq_len=16, precision="fp32", fisher_batches=1, seed=0)
+    dist_probe.probe_deepspeed(str(work / "warmup"), str(work / "task.yaml"), work / "probe-warmup", warm,
+                               ds_config=PROBE_DS)
+    phase[0] = "load"
+    cfg = ProbeConfig.from_flat(max_steps=a.steps, lr=1e-4, batch_size=a.batch // PROBE_WORLD, seq_len=a.seq,
+                                precision="fp32", fisher_batches=a.steps, fisher_elements=a.fisher_elements, seed=0)
+    rss0 = _rss()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    dist_probe.probe_deepspeed(str(work / "model"), str(work / "task.yaml"), work / f"probe-{a.fisher_elements}",
+                               cfg, ds_config=PROBE_DS)
+    done.set()
+    thread.join()
+    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "fisher_elements": a.fisher_elements,
+                      "growth": {k: v - rss0 for k, v in peaks.items()}}))
+
+
+def _probe_task(work: Path, tokenizer, seq: int, n: int) -> int:
+    """A task whose every sequence is exactly ``seq`` tokens (the planner counts full sequences):
+    prompts longer than that lose their oldest tokens and keep the response (``tokenize_examples``)."""
+    from trace_transfer.data import load_task, tokenize_examples
+
+    pad = "0123456789" * (seq // 10 + 2)
+    rows = [{"prompt": f"{i:03d}:" + pad, "response": f"{i % 97:02d}"} for i in range(n)]
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "task.yaml").write_text("name: fixed-length\ndata: {files: {train: train.jsonl, eval: train.jsonl}}\n"
+                                    "splits: {train: train, eval: eval}\nmetric: exact_match\n")
+    feats = tokenize_examples(tokenizer, list(load_task(str(work / "task.yaml")).train_examples()), seq)
+    lengths = {len(f["input_ids"]) for f in feats}
+    if lengths != {seq}:
+        raise SystemExit(f"expected every sequence at {seq} tokens, got lengths {sorted(lengths)}")
+    return seq
+
+
+def probe_main(a: argparse.Namespace) -> list[dict]:
+    """Launch the 2-rank probe (with and without the per-element Fisher) and compare with the plan."""
+    from trace_transfer.models import build_tiny_model, load_tokenizer
+    from trace_transfer.plan import Setup, model_shape
+    from trace_transfer.plan.estimate import DS_DEFAULTS, HF_SHARD_BYTES, probe_memory
+    from trace_transfer.plan.hardware import Hardware
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        raise SystemExit("torchrun not found: the launched probe needs it")
+    work = Path(tempfile.mkdtemp(prefix="plan-probe-"))
+    try:
+        model = build_tiny_model(a.arch, work / "model", layers=a.layers, hidden=a.hidden, heads=a.heads,
+                                 kv_heads=a.kv_heads, vocab_size=a.vocab)
+        build_tiny_model(a.arch, work / "warmup", layers=2, hidden=32, heads=4, kv_heads=2)
+        seq = _probe_task(work, load_tokenizer(str(model)), a.seq, n=a.batch * a.steps)
+        config = json.loads((model / "config.json").read_text())
+        shape = model_shape(config, a.arch)
+        results = []
+        for elements in (True, False):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            argv = [torchrun, f"--nproc_per_node={PROBE_WORLD}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                    __file__, "--probe-worker", "--work", str(work), "--batch", str(a.batch), "--seq", str(seq),
+                    "--steps", str(a.steps), *([] if elements else ["--no-fisher-elements"])]
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
+            ranks = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"rank"')]
+            hw = Hardware()
+            setup = Setup("deepspeed", zero=3, world=PROBE_WORLD, bf16=False, micro_batch=a.batch // PROBE_WORLD,
+                          global_batch=a.batch, seq_len=seq, buffers=dict(DS_DEFAULTS))
+            est = probe_memory(shape, setup, hw, fisher_elements=elements, ranks_per_node=1)
+            planned = {k: v - hw.overhead for k, v in est["phases"].items()}
+            file_bytes = (model / "model.safetensors").stat().st_size
+            planned["load"] = min(HF_SHARD_BYTES, file_bytes) + 4 * shape.largest_tensor
+            results.append({"fisher_elements": elements, "params": shape.params, "seq": seq,
+                            "fisher_term": est["per_gpu"]["fisher"], "planned": planned,
+                            "measured": {r["rank"]: r["growth"] for r in ranks}})
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_probe(results: list[dict]) -> None:
+    print(f"launched probe, ZeRO-3 x{PROBE_WORLD} on CPU (fp32), {results[0]['params'] / 1e6:.2f}M parameters, "
+          f"{results[0]['seq']} tokens per sequence; MiB of RSS growth per rank")
+    print(f"{'fisher':<10}{'phase':<12}{'rank 0':>9}{'rank 1':>9}{'planned':>9}{'r0/plan':>9}")
+    for r in results:
+        for ph in ("load", "engine init", "warm start", "fisher", "write"):
+            m = [r["measured"].get(k, {}).get(ph, 0) / 2**20 for k in sorted(r["measured"])]
+            e = r["planned"].get(ph, r["planned"]["warm start"]) / 2**20
+            print(f"{'elements' if r['fisher_elements'] else 'tensor':<10}{ph:<12}"
+                  + "".join(f"{x:>9.1f}" for x in m) + f"{e:>9.1f}{m[0] / e:>9.2f}")
+    on, off = results
+    for rank in sorted(on["measured"]):
+        diff = (on["measured"][rank]["fisher"] - off["measured"][rank]["fisher"]) / 2**20
+        print(f"rank {rank}: Fisher pass with - without the per-element accumulator: {diff:.1f} MiB "
+              f"(planned 4 B x params / {PROBE_WORLD} = {on['fisher_term'] / 2**20:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=256)
@@ -144,12 +309,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--probe", action="store_true", help="measure the launched 2-rank ZeRO-3 probe instead")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-fisher-elements", dest="fisher_elements", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="llama", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="full", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a)))
+        return
+    if a.probe_worker:
+        probe_worker(a)
+        return
+    if a.probe:
+        results = probe_main(a)
+        print_probe(results)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(results, fh, indent=2)
         return
     results = []
     for arch in ARCHS:

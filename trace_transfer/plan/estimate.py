@@ -157,7 +157,9 @@ def train_memory(shape: ModelShape, trainable: Trainable, setup: Setup, hw: Hard
         w = 2 if setup.bf16 else 4
         e = w
         residual = w
-        opt = 12 if setup.bf16 else 8  # fp32 master only exists when weights are bf16
+        # ZeRO-1/2/3 always clone an fp32 master partition, also of fp32 weights (measured on the 2-rank CPU
+        # probe, bench/plan_vs_measured.py --probe); without ZeRO an fp32 model steps in place.
+        opt = 12 if setup.bf16 or setup.zero >= 1 else 8
         fp32_grad = 4 if setup.bf16 else 0
         z = setup.zero
         out["params"] = w * psi // (n if z >= 3 else 1)
@@ -256,7 +258,8 @@ def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elemen
         load = rpn * (min(HF_SHARD_BYTES, shape.checkpoint_bytes * psi) + 4 * largest)
     else:
         load = rpn * 4 * psi
-    host = offloaded + max(load, shard_bytes + DELTA_HOST_BYTES * largest)
+    # The output shard buffer fills up to its size or to the whole Δ, whichever is smaller.
+    host = offloaded + max(load, min(shard_bytes, 4 * psi) + DELTA_HOST_BYTES * largest)
     return {"per_gpu": terms, "total": totals[phase], "phase": phase, "phases": totals,
             "activations_no_ckpt": plain["activations_no_ckpt"], "activations_ckpt": plain["activations_ckpt"],
             "total_no_ckpt": plain_peak[2][plain_peak[0]], "total_ckpt": ckpt_peak[2][ckpt_peak[0]],
