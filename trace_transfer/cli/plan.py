@@ -80,9 +80,10 @@ def command(config, gpus, nodes, gpu_name, gpu_mem, host_mem, mfu, configs, exam
     downloaded). For every step (probe, score, CKA, transfer, fine-tuning per method, evaluation)
     it prints per-GPU and host memory with and without gradient checkpointing, a time range at the
     given MFU, and a verdict for what the config will run (training steps follow its
-    training.gradient_checkpointing): fits / fits only with training.gradient_checkpointing: true /
-    needs ZeRO-3 / needs grad ckpt / needs offload / needs N more GPUs. The formulas and a hand check
-    are in docs/PLANNER.md.
+    training.gradient_checkpointing, probe steps its probe.gradient_checkpointing; under
+    launch.deepspeed the probes are planned as launched, with their Fisher pass): fits / fits only
+    with training.gradient_checkpointing: true / needs ZeRO-3 / needs grad ckpt / needs offload /
+    needs N more GPUs. The formulas and hand checks are in docs/PLANNER.md.
 
     \b
     Examples:
