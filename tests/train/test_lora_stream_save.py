@@ -64,11 +64,13 @@ def test_streamed_lora_save_is_merge_and_unload_then_save_pretrained(tmp_path, c
     assert not torch.equal(saved[name], base.state_dict()[name.replace(".weight", ".base_layer.weight")])
 
 
-def test_dora_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("kwargs, match", [({"use_dora": True}, "DoRA"),
+                                           ({"modules_to_save": ["lm_head"]}, "modules_to_save")])
+def test_what_is_not_a_plain_lora_merge_is_refused_before_anything_is_written(tmp_path, kwargs, match):
     from trace_transfer.train.ds import save_consolidated
 
-    model = _lora(tiny_llama(), use_dora=True)
-    with pytest.raises(ConfigError, match="DoRA"):
+    model = _lora(tiny_llama(), **kwargs)
+    with pytest.raises(ConfigError, match=match):
         save_consolidated(model, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
 

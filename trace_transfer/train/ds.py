@@ -406,7 +406,7 @@ def _peft_base(model: torch.nn.Module) -> torch.nn.Module:
 def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
     """``{module path: _LoraFold}`` for every PEFT tuner layer in ``model``; refuses the ones whose
     merge is not a plain ``W + ΔW`` of the base weight (DoRA and other variants, LoRA biases,
-    non-LoRA tuners). Empty without PEFT."""
+    non-LoRA tuners, modules_to_save and trainable-token wrappers). Empty without PEFT."""
     import sys
 
     if "peft" not in sys.modules:  # no PEFT layer can exist unless peft was imported: skip its import cost
@@ -414,8 +414,16 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper as Wrapper
+    except ImportError:  # peft < 0.15: modules_to_save was the only such wrapper
+        from peft.utils.other import ModulesToSaveWrapper as Wrapper
+
     out: dict[str, Any] = {}
     for path, mod in model.named_modules():
+        if isinstance(mod, Wrapper):  # not a tuner layer, yet its tensors would be written under its own names
+            raise ConfigError(f"{path}: PEFT {type(mod).__name__} (modules_to_save / trainable tokens) cannot be "
+                              f"merged while streaming the checkpoint; merge_and_unload() the model and save that")
         if not isinstance(mod, BaseTunerLayer):
             continue
         if not isinstance(mod, LoraLayer) or hasattr(mod, "unload_and_optionally_merge_module"):
