@@ -513,7 +513,11 @@ class CoreSet:
 
     def check_fits(self, model_or_shapes: Any) -> None:
         """Raise ModelMismatchError naming the first tensor whose name or shape does not match."""
-        other = {n: s for n, (s, _) in named_shapes(model_or_shapes).items()}
+        if isinstance(model_or_shapes, torch.nn.Module):
+            # ds_shape: a model loaded partitioned (ZeRO-3) has empty placeholders with the real shape aside.
+            other = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model_or_shapes.named_parameters()}
+        else:
+            other = {n: s for n, (s, _) in named_shapes(model_or_shapes).items()}
         source = self._file or self.metadata.get("task") or "CoreSet"
         for name, shape in self._shapes.items():
             if name not in other:

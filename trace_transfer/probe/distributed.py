@@ -17,9 +17,10 @@ Every rank calls :func:`probe_deepspeed` (under ``torchrun`` / ``deepspeed``). H
 - **Δ**: θ0 is snapshotted to ``OUT/.theta0`` by rank 0 before the warm start; afterwards each
   parameter's fp32 master is gathered (one tensor at a time) and rank 0 writes ``θ* − θ0``.
 
-Under ZeRO-3 no rank holds more than its partition plus one gathered tensor, from loading (a model
-given by reference is built under ``zero.Init`` through transformers' ``HfDeepSpeedConfig``) through
-training, Fisher and Δ; the shards are released afterwards (``deepspeed_train(unshard=False)``).
+Under ZeRO-3 no rank holds more than its partition plus about two tensors, from loading (a model
+directory is built under ``zero.Init`` and streamed in tensor by tensor, rank 0 reading each from
+disk: :func:`trace_transfer.train.ds.load_partitioned`) through training, Fisher and Δ; the shards are
+released afterwards (``deepspeed_train(unshard=False)``).
 Under ZeRO-1/2 the parameters are replicated on every rank, as those stages do; gradients, optimizer
 state and the Fisher accumulators are partitioned. A model object is deep-copied whole on every rank.
 
@@ -97,7 +98,7 @@ def probe_deepspeed(
 
     from trace_transfer.data import load_task, make_dataloader
     from trace_transfer.models import load_model, load_tokenizer
-    from trace_transfer.train.ds import deepspeed_train, load_ds_config
+    from trace_transfer.train.ds import deepspeed_train, load_ds_config, load_partitioned
 
     cfg = config or ProbeConfig()
     if cfg.fisher != "batch":
@@ -133,16 +134,9 @@ def probe_deepspeed(
             return copy.deepcopy(model).to(dtype=torch.float32)
         if stage != 3:
             return load_model(model_ref, dtype=torch.float32, device="cpu")
-        from deepspeed.accelerator import get_accelerator
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # While this object lives, from_pretrained builds the model under deepspeed.zero.Init and loads
-        # each tensor straight into its partitions: no rank ever holds the whole model.
-        zero3 = HfDeepSpeedConfig(conf)
-        try:
-            return load_model(model_ref, dtype=torch.float32, device=get_accelerator().current_device_name())
-        finally:
-            del zero3
+        # Built under deepspeed.zero.Init, each tensor streamed straight into its partitions: no rank
+        # ever holds the whole model (zero.Init's dtype is fp32 unless the config enables bf16/fp16).
+        return load_partitioned(model_ref, conf)
 
     net = bare_model()
     task_obj = load_task(task) if isinstance(task, (str, Path)) else task

@@ -62,7 +62,8 @@ from trace_transfer.train.masking import _ACTIVE_ATTR, apply_coreset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["deepspeed_train", "load_ds_config", "consolidated_state_dict", "save_consolidated",
+__all__ = ["deepspeed_train", "load_ds_config", "zero_stage", "load_partitioned", "consolidated_state_dict",
+           "save_consolidated",
            "response_tokens", "causal_lm_token_sum", "global_token_scale"]
 
 
@@ -127,6 +128,106 @@ def load_ds_config(ds_config: str | os.PathLike | dict[str, Any], cfg: TrainConf
     return conf
 
 
+def zero_stage(conf: dict[str, Any]) -> int:
+    """The ZeRO stage of a loaded DeepSpeed config (0 when it has no ``zero_optimization``)."""
+    return int((conf.get("zero_optimization") or {}).get("stage", 0))
+
+
+def load_partitioned(model_ref: str | os.PathLike, conf: dict[str, Any]) -> torch.nn.Module:
+    """Load a causal LM already partitioned by ZeRO-3, so that no rank ever holds the whole model.
+
+    Every rank calls it (collective) with the same ``conf`` (from :func:`load_ds_config`, ZeRO stage 3).
+    For a local model directory the model is built from its config under ``deepspeed.zero.Init``,
+    without random initialisation: each parameter is an empty placeholder (``p.ds_shape``,
+    ``p.ds_numel``) whose rank-local slice is ``p.ds_tensor``. The weights are then streamed in one
+    tensor at a time: gathered, filled by rank 0 from the file, re-partitioned — so each rank's peak is
+    its partition plus about two tensors (the gathered one and rank 0's read;
+    ``tests/train/test_zero3_stage_start.py`` measures it). ``from_pretrained`` under ZeRO-3
+    (transformers' ``HfDeepSpeedConfig``, kept alive only for the call) reads the whole checkpoint
+    into rank 0's memory first; it is only the fallback here, for a hub id or a checkpoint whose
+    tensor names differ from the model's (transformers 5 fusing some weights in memory).
+
+    The parameters take the dtype ``zero.Init`` derives from ``conf`` (bf16/fp16 when enabled, else
+    fp32), which is the dtype ``deepspeed.initialize`` would cast a whole-loaded model to. The model
+    is returned in eval mode, like :func:`trace_transfer.models.load_model`.
+
+    Raises:
+        ConfigError: ``conf`` is not ZeRO stage 3.
+        ArtifactNotFoundError / ArtifactError: as :func:`trace_transfer.models.load_model`.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from trace_transfer.models import load_model
+
+    if zero_stage(conf) != 3:
+        raise ConfigError(f"load_partitioned needs a ZeRO stage 3 config, got stage {zero_stage(conf)}; "
+                          f"load the model whole with trace_transfer.models.load_model")
+    path = Path(model_ref)
+    if path.is_dir() and (path / "config.json").exists():
+        model = _build_and_stream(path, conf)
+        if model is not None:
+            return model.eval()
+    zero3 = HfDeepSpeedConfig(conf)  # while it lives, from_pretrained builds the model under zero.Init
+    try:
+        return load_model(model_ref, device=get_accelerator().current_device_name())
+    finally:
+        del zero3
+
+
+def _build_and_stream(path: Path, conf: dict[str, Any]) -> torch.nn.Module | None:
+    """The model of ``path`` built partitioned, its weights streamed in from the checkpoint tensor by
+    tensor; None (on every rank alike) when a parameter's name is not in the checkpoint, for the
+    caller to fall back to ``from_pretrained``."""
+    import contextlib
+
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    from trace_transfer.checkpoint import open_checkpoint
+    from trace_transfer.models import check_model_dir
+
+    try:  # keeps RoPE's position arange out of zero.Init's bf16/fp16 cast (as from_pretrained does)
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:  # an older transformers 5: fp32 configs are unaffected
+        prevent_arange_dtype_change = contextlib.nullcontext
+
+    check_model_dir(path)
+    reader = open_checkpoint(path, prefix="model")
+    # Built under zero.Init directly, not transformers' HfDeepSpeedConfig: its from_config would also
+    # random-initialise every weight (gathering each module in turn) only for the checkpoint to
+    # overwrite it — slower, and on these CPU runs ~50 MiB more peak per rank (measured).
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=conf):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model.tie_weights()  # as from_pretrained does after a zero.Init build: lm_head becomes the embedding
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied tensor under each of its names
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    plan = [(params[i], next((n for n in ns if n in reader), None)) for i, ns in names.items()]
+    missing = [names[id(p)][0] for p, key in plan if key is None]
+    if missing:  # never filled: no_init_weights left them as garbage, so nothing of this model is kept
+        logger.warning("%s: %d parameter(s) (first: %r) are not stored under their in-memory names; loading "
+                       "through from_pretrained, which reads the whole checkpoint on rank 0", path, len(missing),
+                       missing[0])
+        return None
+    rank, _ = _dist()
+    with torch.no_grad():
+        for p, key in plan:
+            # Gathered whole on every rank for the copy; on exit rank 0's values are re-partitioned.
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                if rank == 0:
+                    p.data.copy_(reader.get(key))  # one tensor read from disk (its file opened for it alone)
+        for name, buf in model.named_buffers():
+            if name in reader:  # persistent buffers are not partitioned: every rank reads its own
+                buf.copy_(reader.get(name))
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
 def _check_decay(model: torch.nn.Module, conf: dict[str, Any]) -> None:
     handle = getattr(model, _ACTIVE_ATTR, None)
     if handle is None or not handle.partly_core():
@@ -172,7 +273,8 @@ def deepspeed_train(
     different lengths.
 
     Args:
-        model: the bare module (not yet wrapped). On return it is a plain, unsharded module on every
+        model: the bare module (not yet wrapped): whole on every rank, or already partitioned by
+            :func:`load_partitioned` (ZeRO-3). On return it is a plain, unsharded module on every
             rank, in eval mode, with DeepSpeed's hooks removed, or, with ``unshard=False``, a shell
             whose parameters are released (empty) on every rank.
         batches: ``epoch -> iterable of batches``.
@@ -234,7 +336,9 @@ def deepspeed_train(
             model_parameters = None
         scheduler = None if "scheduler" in conf else (lambda opt: make_scheduler(opt, steps, cfg))
         enable_gradient_checkpointing(model, cfg)  # --gradient-checkpointing: before DeepSpeed wraps the module
-        before_attrs = {id(p): set(vars(p)) for p in model.parameters()}
+        # What the teardown strips from each parameter: every attribute DeepSpeed added — for a model built
+        # under zero.Init (load_partitioned) all of them, which were there before initialize already.
+        before_attrs = {id(p): set() if hasattr(p, "ds_id") else set(vars(p)) for p in model.parameters()}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
                                                lr_scheduler=scheduler, config=conf)
         try:

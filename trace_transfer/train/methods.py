@@ -240,9 +240,14 @@ def _train_everything(model: torch.nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def _numel(p: torch.nn.Parameter) -> int:
+    # A ZeRO-3 placeholder (a model loaded partitioned) is empty: its real size is ds_numel.
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def _count_trainable(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total}
 
 
@@ -311,6 +316,9 @@ class Trace:
 
 class Lora:
     name = "lora"
+    # Under ZeRO-3 the stage start loads partitioned, like every other method's: the runner does not
+    # call finish() there; its streaming save (train.ds.save_consolidated) merges the adapters tensor
+    # by tensor (tests/train/test_lora_stream_save.py runs it on a partitioned start).
 
     def check(self, stages, options):
         return []
@@ -425,7 +433,7 @@ class CpiFtSft:
         info: dict[str, Any] = {"frozen_coreset": path, "frozen_params": frozen.num_selected()}
         if frozen.num_selected() == 0:  # freeze="prior", first run: nothing to protect yet
             _train_everything(model)
-            return Prepared(model=model, info={**info, "trainable_params": sum(p.numel() for p in model.parameters())})
+            return Prepared(model=model, info={**info, "trainable_params": _count_trainable(model)["total_params"]})
         return _masked(model, frozen, "freeze-core", ctx.weight_decay, info, ctx.options.masking)
 
 

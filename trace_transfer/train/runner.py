@@ -13,12 +13,14 @@ writes ``OUT/accuracy_matrix.png`` from ``results.json`` (``finetune --plot`` ca
 
 Under ``torchrun``/``deepspeed`` (``deepspeed_config``) every rank trains; rank 0 alone writes every
 file above, while the other ranks wait for it (an error on rank 0 is raised on every rank rather than
-leaving them at the next collective). Each stage, of every method, is saved by streaming it from the
+leaving them at the next collective). Under ZeRO-3 each stage starts from the previous checkpoint loaded
+straight into each rank's partitions (``train.ds.load_partitioned``: built under ``zero.Init``, streamed
+in tensor by tensor; the method's prepare, CoreSet checks and sparse deltas work on the empty
+placeholders), and each stage, of every method, is saved by streaming it from the
 still-sharded engine (``train.ds.save_consolidated``; LoRA adapters merged into their weights tensor by
-tensor), so no rank holds the whole model while saving. Every rank takes part in the evaluation after
-each stage, of the
-base model or the stage's saved checkpoint, loaded in the evaluation dtype (``dtype``: bf16 on GPUs
-that support it, else fp32): when it fits every rank's GPU (weights x 1.2 against the free memory),
+tensor), so no rank holds the whole model while starting, training or saving a stage. Every rank takes
+part in the evaluation after each stage, of the base model or the stage's saved checkpoint, loaded in
+the evaluation dtype (``dtype``: bf16 on GPUs that support it, else fp32): when it fits every rank's GPU (weights x 1.2 against the free memory),
 each rank loads it whole and scores a share of every task's batches, merged into the single-process
 scores; otherwise rank 0 alone loads it across the visible GPUs (``device_map="auto"``) and scores
 everything while the others wait for the scores (``trace_transfer.evaluation.distributed.evaluate_checkpoint``;
@@ -519,13 +521,13 @@ class _Run:
     def run_stage(self, plan: RunPlan, n_plans: int, per_task_examples: list[list[Any]]) -> None:
         """Train one stage from the previous stage's checkpoint on disk, then save and evaluate it (rank 0)."""
         from trace_transfer.data import pad_id_of
-        from trace_transfer.models import load_model
 
         k, cfg, task_names = plan.index, self.cfg, self.task_names
         seed = cfg.seed + k
         _seed_everything(seed)
         # Always start from the checkpoint on disk: a resumed run then takes the very same path.
-        model = load_model(self.model_ref if k == 1 else str(_stage_dir(self.out, k - 1)), device=self.device)
+        model = _load_stage_start(self.model_ref if k == 1 else str(_stage_dir(self.out, k - 1)), self.device,
+                                  self.deepspeed_config, cfg)
         cores, general = _load_coresets(self.stages, self.options, model, needed=(self.method == "trace"))
         ctx = PrepareContext(stages=self.stages, coresets=cores, general_coreset=general, options=self.options,
                              weight_decay=cfg.weight_decay)
@@ -796,6 +798,24 @@ class _Ranks:
         if error is not None:
             raise error
         return value
+
+
+def _load_stage_start(ref: str, device: str, deepspeed_config, cfg: TrainConfig) -> torch.nn.Module:
+    """The model a stage starts from. Under a ZeRO-3 config it is loaded partitioned (collective: every
+    rank calls it): built under ``zero.Init`` and streamed in tensor by tensor, so a rank holds its
+    partition plus about two tensors, never the whole model (``train.ds.load_partitioned``; every
+    method's prepare works on the empty placeholders). Otherwise it is loaded whole on ``device``."""
+    from trace_transfer.models import load_model
+
+    if deepspeed_config is not None:
+        import torch.distributed as dist
+
+        from trace_transfer.train.ds import load_ds_config, load_partitioned, zero_stage
+
+        conf = load_ds_config(deepspeed_config, cfg, dist.get_world_size() if dist.is_initialized() else 1)
+        if zero_stage(conf) == 3:
+            return load_partitioned(ref, conf)
+    return load_model(ref, device=device)
 
 
 def _train_deepspeed(prepared, batches, cfg, deepspeed_config, on_step, save=None):
