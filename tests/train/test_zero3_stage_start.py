@@ -14,6 +14,7 @@ from trace_transfer.checkpoint import open_checkpoint
 MiB = 2**20
 SCRIPT = Path(__file__).parent / "ds_scripts" / "zero3_stage_start.py"
 TASKS = ("synthetic:math?n_train=48&n_eval=6", "synthetic:code?n_train=48&n_eval=6")
+METHODS = ("trace", "full", "general-core")
 
 
 def _as_placeholders(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,7 +53,8 @@ def test_coreset_checks_masks_and_counts_read_the_shapes_of_partitioned_placehol
 @pytest.mark.distributed
 def test_zero3_runs_loaded_partitioned_write_the_checkpoints_of_the_whole_load(tiny_llama, tmp_path):
     """2 CPU ranks, ZeRO-3, 2 stages of ``trace`` (sparse row cores: the deltas are made on partitioned
-    placeholders and converted by ``deepspeed.initialize``) and of ``full``: every stage starts from a
+    placeholders and converted by ``deepspeed.initialize``), of ``full`` and of ``general-core`` (the
+    first core frozen, its complement trained with dense gradient masks): every stage starts from a
     partitioned model, and the stage checkpoints, losses, method info (trainable counts from ds_numel)
     and scores equal, bit for bit, those of the same runs with the old whole load on every rank."""
     pytest.importorskip("deepspeed")
@@ -68,9 +70,9 @@ def test_zero3_runs_loaded_partitioned_write_the_checkpoints_of_the_whole_load(t
                       str(out))
     for r in (0, 1):
         seen = json.loads((out / f"rank{r}.json").read_text())["partitioned"]
-        assert seen == {"trace-partitioned": [True, True], "trace-whole": [False, False],
-                        "full-partitioned": [True, True], "full-whole": [False, False]}, (r, seen)
-    for method in ("trace", "full"):
+        assert seen == {f"{m}-{how}": [how == "partitioned"] * 2 for m in METHODS
+                        for how in ("partitioned", "whole")}, (r, seen)
+    for method in METHODS:
         new, old = out / f"{method}-partitioned", out / f"{method}-whole"
         for k in (1, 2):
             a, b = (dict(open_checkpoint(d / f"stage_{k}").iter_tensors()) for d in (new, old))

@@ -4,7 +4,8 @@ against the old way, loaded whole on every rank before ``deepspeed.initialize`` 
 
 usage:
   zero3_stage_start.py runs MODEL STAGES_JSON DS_CONFIG OUT
-      ``run_sequence`` with ``trace`` (sparse row cores) and ``full``, 2 stages each, once with the
+      ``run_sequence`` with ``trace`` (sparse row cores), ``full`` and ``general-core`` (dense gradient
+      masks), 2 stages each, once with the
       runner's loader and once with ``runner._load_stage_start`` replaced by the old whole load
       (OUT/<method>-<partitioned|whole>); rank r writes OUT/rank<r>.json: whether each stage's start
       model was partitioned.
@@ -34,7 +35,7 @@ from trace_transfer.train import ds, runner  # noqa: E402
 from trace_transfer.train.ds import deepspeed_train, load_ds_config, load_partitioned  # noqa: E402
 from trace_transfer.train.loop import TrainConfig  # noqa: E402
 from trace_transfer.train.masking import apply_coreset  # noqa: E402
-from trace_transfer.train.methods import Stage  # noqa: E402
+from trace_transfer.train.methods import MethodOptions, Stage  # noqa: E402
 
 
 def partitioned(model: torch.nn.Module) -> bool:
@@ -50,7 +51,9 @@ def runs(model: str, stages: list[list[str]], ds_config: str, out: Path) -> None
         return load_model(ref, device=device)
 
     cfg = TrainConfig(lr=3e-3, max_steps=2, batch_size=4, seq_len=32, warmup_ratio=0.0)
-    for method in ("trace", "full"):
+    # general-core freezes the first stage's core: its 70 % complement trains with dense gradient masks.
+    for method, options in (("trace", MethodOptions()), ("full", MethodOptions()),
+                            ("general-core", MethodOptions(general_coreset=stages[0][1]))):
         for how, start in (("partitioned", new_start), ("whole", old_start)):
             log = seen.setdefault(f"{method}-{how}", [])
 
@@ -61,7 +64,7 @@ def runs(model: str, stages: list[list[str]], ds_config: str, out: Path) -> None
 
             runner._load_stage_start = logged
             runner.run_sequence(model, [Stage(t, c) for t, c in stages], method, out / f"{method}-{how}", cfg,
-                                eval_limit=1, eval_batch_size=1, deepspeed_config=ds_config)
+                                eval_limit=1, eval_batch_size=1, deepspeed_config=ds_config, options=options)
     (out / f"rank{rank}.json").write_text(json.dumps({"partitioned": seen}))
 
 
