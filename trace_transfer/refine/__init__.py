@@ -2,8 +2,10 @@
 |W ⊙ g| saliency or a micro-probe), inside the per-slot budgets that ``transfer`` carried from the
 source, or globally (the source-free control).
 
-``core`` is the verb (:func:`refine`); ``signals`` computes the per-unit signals through the
-scoring module's LF strategy; ``config`` holds the settings (torch-free). Names load lazily, so that
+``core`` is the verb (:func:`refine`); ``distributed`` runs its micro-probe on many GPUs under
+DeepSpeed (``refine(..., deepspeed_config=...)``, every rank calling it); ``signals`` computes the
+per-unit signals through the scoring module's LF strategy; ``select`` picks the units and builds the
+CoreSet for both; ``config`` holds the settings (torch-free). Names load lazily, so that
 reading the settings (the CLI's ``--help``) does not import torch.
 """
 
@@ -12,10 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["refine", "RefineConfig", "SIGNALS", "native_probe_cost", "select_in_budgets"]
+__all__ = ["refine", "refine_deepspeed", "RefineConfig", "SIGNALS", "native_probe_cost", "select_in_budgets"]
 
-_WHERE = {"refine": "core", "native_probe_cost": "core", "select_in_budgets": "core", "RefineConfig": "config",
-          "SIGNALS": "config"}
+_WHERE = {"refine": "core", "refine_deepspeed": "distributed", "native_probe_cost": "select",
+          "select_in_budgets": "select", "RefineConfig": "config", "SIGNALS": "config"}
 
 
 def __getattr__(name: str) -> Any:

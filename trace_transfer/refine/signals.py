@@ -27,7 +27,6 @@ from trace_transfer.scoring import STRATEGIES, ProbeInput, ScoringRun
 from trace_transfer.train.loop import TrainConfig, train
 
 
-
 class MemorySource:
     """The read interface of ``scoring.stream.TensorSource`` over in-memory tensors."""
 
@@ -65,6 +64,13 @@ def lf_unit_scores(delta: dict[str, torch.Tensor], fisher: dict[str, torch.Tenso
     """Per-unit LF scores of in-memory Δ and Fisher, through the registered ``lf`` strategy."""
     probe = ProbeInput(Path("."), task, {}, MemorySource({n: delta[n] for n in names}),
                        MemorySource({n: fisher[n] for n in names}), {})
+    return probe_unit_scores(probe, names, shapes, layouts, alpha, beta)
+
+
+def probe_unit_scores(probe: ProbeInput, names: list[str], shapes: dict[str, tuple[int, ...]], layouts: dict,
+                      alpha: float, beta: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-unit LF scores of one probe's Δ and Fisher (in memory, or a probe directory read streaming:
+    ``scoring.load_probe``). Per-tensor stats are not used, so both give the same scores."""
     run = ScoringRun([probe], shapes, names, layouts, "refine", "params", 1.0, alpha, beta, 0, use_tensor_stats=False)
     (scores,) = STRATEGIES.get("lf")().unit_scores(run)
     return scores, run.notes[0]
