@@ -9,6 +9,11 @@ The CoreSet's provenance records what the pass cost *on the target* — forward+
 optimizer steps, peak memory, wall time — next to what a native probe of the same task costs, so the
 cost–accuracy trade-off can be read off the artifact.
 
+In one process the whole target sits on one device in fp32 with its AdamW state (16 bytes per
+parameter for the micro-probe). With ``deepspeed_config`` every rank of a torchrun launch calls
+``refine`` and the micro-probe runs sharded under ZeRO-2/3 (:mod:`.distributed`): the same units as
+one process with the same seed and global batch, rank 0 returning the CoreSet.
+
 Example:
     >>> cs, cost = refine("tiny-qwen3", "synthetic:math", budgets="math.budgets.json", signal="fisher", batches=16)
     >>> cs.save("math.qwen3.coreset.safetensors"); cost["relative_to_native"]
