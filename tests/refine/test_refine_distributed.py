@@ -81,3 +81,20 @@ def test_what_the_distributed_pass_cannot_do_is_refused_before_launch(tiny_llama
     with pytest.raises(ConfigError, match=match):
         refine(tiny_llama, "synthetic:math", None, RefineConfig(**settings), deepspeed_config={}, work_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_budgets_for_another_model_are_refused_before_the_pass(tiny_llama, tmp_path, monkeypatch):
+    from trace_transfer.coreset import UnitLayout
+    from trace_transfer.errors import ModelMismatchError
+    from trace_transfer.models import load_model
+    from trace_transfer.transfer import SlotBudget
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    shapes = {n: tuple(p.shape) for n, p in load_model(tiny_llama).named_parameters()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    rows, cols = shapes[name]
+    wrong = SlotBudgets({**shapes, name: (rows + 1, cols)}, {name: UnitLayout.rows()},
+                        [SlotBudget("ffn_down.weight L1", name, [[0, rows + 1]], 2, cols)])
+    with pytest.raises(ModelMismatchError, match=name):
+        refine(tiny_llama, "synthetic:math", wrong, RefineConfig(), deepspeed_config={}, work_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -160,8 +160,9 @@ def refine_deepspeed(
 
 
 def _check_budgets_early(model: Any, budgets: SlotBudgets | None) -> None:
-    """Budgets against a local model directory's checkpoint header, before the pass (the pass itself
-    checks them against the probe's tensors again, for hub ids and model objects too)."""
+    """Budgets against a local model directory's checkpoint header, before the pass: a shape that
+    differs fails now (the pass itself checks them against the probe's tensors again, for hub ids and
+    model objects too)."""
     if budgets is None or isinstance(model, torch.nn.Module) or not Path(str(model)).is_dir():
         return
     from trace_transfer.checkpoint import open_checkpoint
@@ -170,7 +171,10 @@ def _check_budgets_early(model: Any, budgets: SlotBudgets | None) -> None:
         reader = open_checkpoint(model)
     except TraceTransferError:  # no safetensors there: the check after the pass still applies
         return
-    budgets.check_fits({n: tuple(reader.shape(n)) for n in reader.names()})
+    # Only the tensors the header names: a checkpoint may spell tied or renamed weights otherwise than
+    # the model's parameters, which the check after the pass uses.
+    header = {n: tuple(reader.shape(n)) for n in reader.names() if n in budgets.shapes}
+    budgets.check_fits({**budgets.shapes, **header})
 
 
 def _on_cuda() -> bool:
