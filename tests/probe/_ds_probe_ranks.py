@@ -1,7 +1,11 @@
 """Worker for tests/probe/test_probe_distributed.py, run by `torchrun --nproc_per_node=2` with
 DS_ACCELERATOR=cpu: the distributed probe under each ZeRO stage named, into OUT/<phase>.
 
-usage: _ds_probe_ranks.py MODEL OUT zero3,zero2,zero3-base  (zero3 goes through the CLI)
+usage: _ds_probe_ranks.py MODEL OUT zero3,zero2,zero3-base,zero3-gc  (zero3 goes through the CLI;
+-gc: with gradient checkpointing)
+
+Each rank also writes OUT/<phase>-rank<r>.json: how often the first decoder layer's MLP ran during the
+Fisher pass (once per micro-batch, twice when the backward pass recomputes the layer).
 """
 
 import sys
@@ -38,13 +42,41 @@ def zero(stage: int) -> dict:
     return conf
 
 
+def count_fisher_layer_runs():
+    """Wrap the distributed probe's Fisher-pass checkpointing to count the first layer's MLP forwards."""
+    import contextlib
+
+    import trace_transfer.probe.distributed as dist_probe
+    from trace_transfer.probe.fisher import checkpoint_layers
+
+    real, calls = dist_probe.eval_checkpointing, [0]
+
+    @contextlib.contextmanager
+    def counting(model, enabled=True):
+        hook = checkpoint_layers(model)[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            with real(model, enabled=enabled):
+                yield
+        finally:
+            hook.remove()
+
+    dist_probe.eval_checkpointing = counting
+    return calls
+
+
 def main(model: str, out: Path, phases: list[str]) -> None:
+    import json
+
+    import torch.distributed as dist
+
     from trace_transfer.cli import main as cli
     from trace_transfer.probe import ProbeConfig
     from trace_transfer.probe.distributed import probe_deepspeed
 
     task = str(out / "task" / "fixed_sums.yaml")  # the test writes it and zero3.json before the launch
+    calls = count_fisher_layer_runs()
     for phase in phases:
+        calls[0] = 0
         stage = int(phase[len("zero")])
         at = "base" if phase.endswith("-base") else "probe"
         if phase == "zero3":  # through the CLI: --deepspeed, rank-0 output claim, flags -> ProbeConfig
@@ -53,9 +85,11 @@ def main(model: str, out: Path, phases: list[str]) -> None:
             for key, value in SETTINGS.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             cli.main(args, standalone_mode=False)
-            continue
-        cfg = ProbeConfig.from_flat(**SETTINGS, batch_size=SINGLE_BATCH // WORLD, fisher_at=at)
-        probe_deepspeed(model, task, out / phase, cfg, ds_config=zero(stage))
+        else:
+            cfg = ProbeConfig.from_flat(**SETTINGS, batch_size=SINGLE_BATCH // WORLD, fisher_at=at,
+                                        gradient_checkpointing=phase.endswith("-gc"))
+            probe_deepspeed(model, task, out / phase, cfg, ds_config=zero(stage))
+        (out / f"{phase}-rank{dist.get_rank()}.json").write_text(json.dumps({"fisher_mlp_calls": calls[0]}))
 
 
 if __name__ == "__main__":

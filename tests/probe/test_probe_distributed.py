@@ -1,6 +1,6 @@
 """The distributed probe (probe/distributed.py) against the single-process one: 2 CPU ranks under
-DeepSpeed ZeRO-3 (through the CLI's --deepspeed), ZeRO-2 and ZeRO-3 with the Fisher at the base model,
-each with micro-batch 2 per rank, against one process with batch 4, same seed and settings.
+DeepSpeed ZeRO-3 (through the CLI's --deepspeed), ZeRO-2, ZeRO-3 with the Fisher at the base model and
+ZeRO-3 with gradient checkpointing (warm start and Fisher pass), each with micro-batch 2 per rank, against one process with batch 4, same seed and settings.
 
 Tolerance: per tensor, ‖Δ_ds − Δ‖ ≤ 1e-4·‖Δ‖ and the same for the Fisher (and elementwise within
 1e-4 of the tensor's largest value). Both sides compute in fp32; they differ only in reduction order
@@ -28,7 +28,7 @@ from trace_transfer.errors import ConfigError  # noqa: E402
 from trace_transfer.probe import ProbeConfig, probe  # noqa: E402
 
 WORKER = Path(__file__).parent / "_ds_probe_ranks.py"
-PHASES = {"zero3": "probe", "zero2": "probe", "zero3-base": "base"}
+PHASES = {"zero3": "probe", "zero2": "probe", "zero3-base": "base", "zero3-gc": "probe"}
 RTOL = 1e-4
 
 
@@ -71,11 +71,21 @@ def test_two_rank_probe_equals_single_process(tiny_llama, tmp_path):
         assert dist["deepspeed"]["global_batch"] == SINGLE_BATCH
         assert dist["fisher"]["observations"] == single["fisher"]["observations"] == 4
         assert dist["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-5)
+        for rank in range(2):  # 4 global Fisher batches, one micro-batch each per rank; the -gc pass recomputes
+            runs = json.loads((out / f"{phase}-rank{rank}.json").read_text())["fisher_mlp_calls"]
+            assert runs == (8 if phase.endswith("-gc") else 4), (phase, rank)
         assert set(dist) >= set(single) and dist["tensors"] == single["tensors"]
         stats = [json.loads((d / "fisher_tensor.json").read_text())["tensors"] for d in (ref, got)]
         for name, s in stats[0].items():
             for key in ("fisher_mean", "delta_rms"):
                 assert stats[1][name][key] == pytest.approx(s[key], rel=RTOL), (phase, name, key)
+    # Checkpointing (warm start and Fisher pass) recomputes the same kernels on the same inputs, on the
+    # same ranks: measured bit-equal to the plain ZeRO-3 run.
+    for kind in ("delta", "fisher"):
+        plain, ckpt = open_checkpoint(out / "zero3", prefix=kind), open_checkpoint(out / "zero3-gc", prefix=kind)
+        for name in plain.names():
+            diff = float((plain.get(name) - ckpt.get(name)).abs().max())
+            assert diff <= 1e-6 * float(plain.get(name).abs().max()), (kind, name, diff)
     # LF scores on both outputs pick the same tensors and rows (measured: elements too); at element
     # granularity a score within 1e-6 of the cut may fall either side, hence ≥ 0.95 there.
     for phase, at in PHASES.items():

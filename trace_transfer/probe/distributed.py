@@ -47,7 +47,7 @@ import torch
 from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, fingerprint_of, open_checkpoint, write_json_atomic
 from trace_transfer.errors import ConfigError, TaskError, TraceTransferError
 from trace_transfer.probe.config import ProbeConfig
-from trace_transfer.probe.fisher import FisherAccumulator
+from trace_transfer.probe.fisher import FisherAccumulator, checkpoint_layers, eval_checkpointing
 from trace_transfer.probe.warmstart import Progress, ProbeResult, _config_dict, _probe_record, _write_tensor_stats
 from trace_transfer.train.ds import response_tokens as _response_tokens
 
@@ -139,6 +139,8 @@ def probe_deepspeed(
         return load_partitioned(model_ref, conf)
 
     net = bare_model()
+    if cfg.train.gradient_checkpointing:
+        checkpoint_layers(net)  # a model the Fisher pass cannot checkpoint fails now, not after the warm start
     task_obj = load_task(task) if isinstance(task, (str, Path)) else task
     examples = list(task_obj.train_examples())[: cfg.max_examples or None]
     micro = cfg.train.batch_size
@@ -175,7 +177,8 @@ def probe_deepspeed(
     def fisher_then(write_delta: bool):
         def on_engine(engine) -> None:
             acc, pieces = _partition_fisher(engine, loader(), fisher_n, cfg.fisher_elements,
-                                            lambda i: tick("fisher (batch, per partition)", i, fisher_n))
+                                            lambda i: tick("fisher (batch, per partition)", i, fisher_n),
+                                            gradient_checkpointing=cfg.train.gradient_checkpointing)
             fisher_obs.append(acc.count)
             _write_fisher(acc, pieces, engine, out, cfg, meta, stats, rank)
             if write_delta:
@@ -273,8 +276,13 @@ def _local_grad(p: torch.nn.Parameter, start: int, numel: int) -> torch.Tensor |
     return g
 
 
-def _partition_fisher(engine, micro_batches, n_batches: int, elements: bool, on_batch) -> tuple[FisherAccumulator, dict]:
-    """Batch Fisher over ``n_batches`` global batches, each rank keeping its own gradient partition."""
+def _partition_fisher(engine, micro_batches, n_batches: int, elements: bool, on_batch,
+                      gradient_checkpointing: bool = False) -> tuple[FisherAccumulator, dict]:
+    """Batch Fisher over ``n_batches`` global batches, each rank keeping its own gradient partition.
+
+    With ``gradient_checkpointing`` the layers recompute their activations in eval mode
+    (:func:`~.fisher.eval_checkpointing`): HF's checkpointing, on since the warm start, applies only in
+    train mode, and this pass is the launched probe's memory peak (every engine state is still held)."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -288,26 +296,28 @@ def _partition_fisher(engine, micro_batches, n_batches: int, elements: bool, on_
     mine = itertools.islice(micro_batches, rank, n_batches * world, world)
     engine.eval()  # as in one process: no dropout noise in the gradients
     engine.optimizer.zero_grad()
-    for b, batch in enumerate(mine):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total = torch.tensor([_response_tokens(batch)], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        if float(total) == 0:
-            continue  # no response token in the whole global batch: skipped on every rank alike
-        # Every micro-batch is a gradient-accumulation boundary here: one reduction per global batch.
-        engine.set_gradient_accumulation_boundary(True)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
-        token_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                                    ignore_index=IGNORE, reduction="sum")
-        # × W / N: DeepSpeed averages over ranks, so the reduced gradient is that of the global token mean.
-        engine.backward(token_sum * (world / float(total)), scale_wrt_gas=False)
-        for name, p in params:
-            slots[name].grad = _local_grad(p, *pieces[name])
-        acc.add_current_grads()
-        for slot in slots.values():
-            slot.grad = None
-        engine.optimizer.zero_grad()
-        on_batch(b + 1)
+    with eval_checkpointing(engine.module, enabled=gradient_checkpointing):
+        for b, batch in enumerate(mine):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            total = torch.tensor([_response_tokens(batch)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            if float(total) == 0:
+                continue  # no response token in the whole global batch: skipped on every rank alike
+            # Every micro-batch is a gradient-accumulation boundary here: one reduction per global batch.
+            engine.set_gradient_accumulation_boundary(True)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            use_cache=False).logits.float()
+            token_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                        ignore_index=IGNORE, reduction="sum")
+            # × W / N: DeepSpeed averages over ranks, so the reduced gradient is that of the global token mean.
+            engine.backward(token_sum * (world / float(total)), scale_wrt_gas=False)
+            for name, p in params:
+                slots[name].grad = _local_grad(p, *pieces[name])
+            acc.add_current_grads()
+            for slot in slots.values():
+                slot.grad = None
+            engine.optimizer.zero_grad()
+            on_batch(b + 1)
     engine.set_gradient_accumulation_boundary(None)
     if acc.count == 0:  # the same on every rank: the skip above is decided on the global count
         raise ConfigError(

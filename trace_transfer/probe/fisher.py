@@ -13,6 +13,10 @@ Two estimators, both accumulated in fp32 (bf16 squares of small gradients underf
     models but materialises batch × |θ| gradients at once, which is exactly what the probe must not do
     on a large model; the loop keeps memory at model + gradients + accumulators.
 
+Both run the model in eval mode. ``gradient_checkpointing=True`` recomputes the decoder layers'
+activations in the backward pass there too (:func:`eval_checkpointing`): HF checkpoints only in train
+mode, so without it the Fisher pass would hold every activation even where the warm start did not.
+
 Example:
     >>> acc = accumulate_fisher(model, loader, mode="batch", max_batches=32)
     >>> acc.tensor_mean("model.layers.0.mlp.down_proj.weight")    # mean grad² of one tensor
@@ -21,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,7 +35,8 @@ from trace_transfer.errors import ConfigError
 from trace_transfer.probe.config import FISHER_MODES, TRACE_COMPATIBLE_MODE
 from trace_transfer.train.loop import autocast_context, causal_lm_loss
 
-__all__ = ["FISHER_MODES", "TRACE_COMPATIBLE_MODE", "FisherAccumulator", "accumulate_fisher", "has_response_tokens"]
+__all__ = ["FISHER_MODES", "TRACE_COMPATIBLE_MODE", "FisherAccumulator", "accumulate_fisher", "checkpoint_layers",
+           "eval_checkpointing", "has_response_tokens"]
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -97,6 +103,70 @@ def has_response_tokens(batch: dict[str, torch.Tensor]) -> bool:
     return labels is None or bool((labels[..., 1:] != -100).any())
 
 
+def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost HF ``GradientCheckpointingLayer`` modules of ``model`` (its decoder layers): what
+    :func:`eval_checkpointing` recomputes, the same layers HF's own checkpointing would.
+
+    Raises:
+        ConfigError: the model has none (a remote-code model on the pre-4.35 checkpointing format).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers: list[torch.nn.Module] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and not any(name.startswith(f"{o}.") for o in inside):
+            layers.append(module)
+            inside.append(name)
+    if not layers:
+        raise ConfigError(f"gradient_checkpointing is set but {type(model).__name__} has no HF checkpointable layer "
+                          f"(transformers' GradientCheckpointingLayer) for the Fisher pass; unset "
+                          f"--gradient-checkpointing (probe.gradient_checkpointing: false)")
+    return layers
+
+
+@contextlib.contextmanager
+def eval_checkpointing(model: torch.nn.Module, enabled: bool = True):
+    """Activation checkpointing of the decoder layers while the model stays in eval mode.
+
+    HF checkpoints a layer only when ``layer.gradient_checkpointing and layer.training``, and the
+    Fisher must be that of the deterministic (eval-mode) model. Setting ``training=True`` on the layers
+    alone is not enough: 64 of the 565 layer classes of transformers 5.24 (OPT, Falcon, BART, DBRX, ...)
+    apply dropout in the layer's own forward from ``self.training``. So each layer's ``forward`` is
+    wrapped for the block in a non-reentrant ``torch.utils.checkpoint`` instead, every module staying in
+    eval mode: the layer keeps only its inputs and re-runs its forward (HF's wrapper, plain in eval mode)
+    in the backward pass. As with HF, ``forward`` rather than ``__call__`` is checkpointed, so module
+    hooks on the layer (ZeRO-3's gather/release) run once; its submodules' hooks run again in the
+    recompute, as they do when DeepSpeed trains with HF checkpointing. Non-reentrant: it needs no input
+    that requires grad and checks that the recompute saved the same tensors.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for layer in checkpoint_layers(model):
+            own = layer.__dict__.get("forward")  # accelerate's hooks set an instance forward: keep it inside
+            inner = layer.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if not torch.is_grad_enabled():  # no backward to replay it for
+                    return _inner(*args, **kwargs)
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = forward
+            wrapped.append((layer, own))
+        yield
+    finally:
+        for layer, own in wrapped:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
 def accumulate_fisher(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -106,6 +176,7 @@ def accumulate_fisher(
     precision: str = "fp32",
     loss_fn: LossFn = causal_lm_loss,
     on_batch: Callable[[int], None] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> FisherAccumulator:
     """Accumulate the diagonal Fisher of ``model`` over ``batches``.
 
@@ -121,12 +192,15 @@ def accumulate_fisher(
         precision: autocast precision (``auto`` | ``bf16`` | ``fp32``); accumulation is always fp32.
         loss_fn: ``(model, batch) -> scalar loss`` (default: causal-LM loss on response tokens).
         on_batch: progress callback, called with the number of batches done.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass
+            (:func:`eval_checkpointing`: still eval mode, the same Fisher up to float rounding).
 
     Returns:
         FisherAccumulator whose ``count`` is the number of batches (batch mode) or samples (per-sample).
 
     Raises:
-        ConfigError: unknown mode, or no batch held a response token.
+        ConfigError: unknown mode, no batch held a response token, or checkpointing asked of a model
+            without HF checkpointable layers.
     """
     if mode not in FISHER_MODES:
         raise ConfigError(f"Fisher mode {mode!r} is not known; choose one of: {', '.join(FISHER_MODES)}")
@@ -135,21 +209,22 @@ def accumulate_fisher(
     was_training = model.training
     model.eval()
     try:
-        done = 0
-        for batch in batches:
-            if max_batches and done >= max_batches:
-                break
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if mode == "batch":
-                _observe(model, batch, acc, precision, device, loss_fn)
-            else:
-                size = _batch_size(batch)
-                for i in range(size):
-                    sample = {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-                    _observe(model, sample, acc, precision, device, loss_fn)
-            done += 1
-            if on_batch is not None:
-                on_batch(done)
+        with eval_checkpointing(model, enabled=gradient_checkpointing):
+            done = 0
+            for batch in batches:
+                if max_batches and done >= max_batches:
+                    break
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if mode == "batch":
+                    _observe(model, batch, acc, precision, device, loss_fn)
+                else:
+                    size = _batch_size(batch)
+                    for i in range(size):
+                        sample = {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+                        _observe(model, sample, acc, precision, device, loss_fn)
+                done += 1
+                if on_batch is not None:
+                    on_batch(done)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -11,9 +11,10 @@
   Δ (the TRACE L2 term), and the element-level ranges that element-granularity scoring normalises by;
 - ``probe.json`` — provenance, written last (its presence marks a complete probe).
 
-Memory stays at model + gradients + Fisher accumulators (+ optimizer state while training): θ0 is
-snapshotted to a temporary file in ``out_dir`` instead of a second in-memory copy of the model, and
-Δ is formed one tensor at a time against it.
+Memory stays at model + gradients + Fisher accumulators (+ optimizer state while training) +
+activations: θ0 is snapshotted to a temporary file in ``out_dir`` instead of a second in-memory copy of
+the model, and Δ is formed one tensor at a time against it. ``train.gradient_checkpointing`` recomputes
+activations in the warm start and in the Fisher pass alike.
 
 Example:
     >>> res = probe("tiny-llama", "synthetic:math", "probes/math", ProbeConfig(TrainConfig(max_steps=50, batch_size=8)))
@@ -38,7 +39,7 @@ from trace_transfer._version import versions
 from trace_transfer.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, fingerprint_of, open_checkpoint, write_json_atomic
 from trace_transfer.errors import ConfigError, TaskError
 from trace_transfer.probe.config import FISHER_AT, FISHER_MODES, TRACE_COMPATIBLE_MODE, ProbeConfig
-from trace_transfer.probe.fisher import FisherAccumulator, accumulate_fisher
+from trace_transfer.probe.fisher import FisherAccumulator, accumulate_fisher, checkpoint_layers
 from trace_transfer.train.loop import train
 
 __all__ = ["ProbeConfig", "ProbeResult", "probe", "FISHER_AT"]
@@ -137,6 +138,8 @@ def probe(
     fisher_n = min(cfg.fisher_batches, n_batches) if cfg.fisher_batches else n_batches
     params = list(net.named_parameters())
     meta = {"task": task_obj.name, "model": model_ref}
+    if cfg.train.gradient_checkpointing:
+        checkpoint_layers(net)  # a model the Fisher pass cannot checkpoint fails now, not after the warm start
 
     # θ0 on disk, not in memory: the model is the only full copy we hold.
     snap = out / ".theta0"
@@ -145,8 +148,11 @@ def probe(
             w.add(name, p.detach())
 
     def run_fisher() -> FisherAccumulator:
+        # train() turns HF checkpointing off again, and HF's never applies in eval mode anyway: the Fisher
+        # pass checkpoints its layers itself when the warm start does (fisher.eval_checkpointing).
         return accumulate_fisher(net, fisher_batches(), mode=cfg.fisher, elements=cfg.fisher_elements, max_batches=fisher_n,
-                                 precision=cfg.train.precision, on_batch=lambda i: tick(f"fisher ({cfg.fisher})", i, fisher_n))
+                                 precision=cfg.train.precision, on_batch=lambda i: tick(f"fisher ({cfg.fisher})", i, fisher_n),
+                                 gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     stats: dict[str, dict[str, Any]] = {name: {"shape": list(p.shape), "numel": p.numel()} for name, p in params}
     fisher_obs = 0
