@@ -29,7 +29,7 @@ STEPS = ["models/source", "models/target", "probe/target/math", "cores/target-lf
 
 
 def _config(tmp_path, **over) -> str:
-    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto"}))
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({**SMALL, **over}))
     return str(path)
@@ -322,3 +322,91 @@ def test_probe_gradient_checkpointing_reaches_every_probe_and_no_step_hash(tmp_p
         assert main.commands["probe"].make_context("probe", script[1:]).params["gradient_checkpointing"]
     plain = _probe_launches(_dry([_config(tmp_path, methods=methods, launch=ds), "--out", "runs/x"]))
     assert all("--no-gradient-checkpointing" in argv for argv in plain.values())
+
+
+def _hashes(tmp_path, **over) -> dict[str, str]:
+    """Every step's hash, as a real run computes it, without running anything."""
+    from trace_transfer.pipeline.launch import DryRunner
+    from trace_transfer.pipeline.run import run_pipeline
+
+    runner = DryRunner(tmp_path / "run")
+    run_pipeline(load_pipeline(_config(tmp_path, **over)), tmp_path / "run", runner=runner, base_dir=tmp_path)
+    return {n: r.hash for n, r in runner.records.items()}
+
+
+def test_deepspeed_overrides_hash_only_the_steps_they_name(tmp_path):
+    """launch.deepspeed_overrides: a step's hash holds the DeepSpeed config it runs with; every step
+    without an override keeps the hash it has without the key (existing runs resume, nothing reruns)."""
+    from trace_transfer.pipeline.config import LaunchSpec
+
+    (tmp_path / "offload.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer":
+                                                                              {"device": "cpu"}}}))
+    methods = ["full", "trace-lf", "transfer-lf"]
+    ds = {"deepspeed": "ds.json", "nproc_per_node": 2}
+    plain = _hashes(tmp_path, methods=methods, launch=ds)
+    # The launch part of a step hash is what it always was without overrides.
+    assert LaunchSpec(**ds).step_params() == {"deepspeed": "ds.json", "nproc_per_node": 2}
+    # A step's own override changes its hash; the steps that read its output follow through their dependency
+    # hashes, as for any changed input; the rest (models, CKA, layer map, the other methods) keep theirs.
+    probe_t = {"probe/target/math", "cores/target-lf", "finetune/trace-lf/seed0", "report"}
+    probe_s = {"probe/source/math", "cores/source-lf", "cores/transfer-lf", "finetune/transfer-lf/seed0", "report"}
+    for overrides, changed in (({"full": "offload.json"}, {"finetune/full/seed0", "report"}),
+                               ({"probe/target": "offload.json"}, probe_t),
+                               ({"probe": "offload.json"}, probe_t | probe_s),
+                               ({"trace-lf": "ds.json"}, set())):  # launch.deepspeed itself: the same hash
+        over = _hashes(tmp_path, methods=methods, launch={**ds, "deepspeed_overrides": overrides})
+        assert {n for n in plain if plain[n] != over[n]} == changed, overrides
+
+
+def test_dry_run_launches_each_step_with_its_own_deepspeed_config(tmp_path):
+    """The dry run prints every launch with the config it runs with (its note names it); `run --check`
+    accepts the overrides."""
+    (tmp_path / "offload.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = _config(tmp_path, methods=["full", "trace-lf", "transfer-lf"],
+                  probe={**SMALL["probe"], "batch_size": 8},
+                  launch={"deepspeed": "ds.json", "nproc_per_node": 2,
+                          "deepspeed_overrides": {"full": "offload.json", "probe/target": "offload.json"}})
+    res = CliRunner().invoke(main, ["run", cfg, "--check"])
+    assert res.exit_code == 0, res.output
+    lines = _dry([cfg, "--out", "runs/x"])
+    launched = {}
+    for i, ln in enumerate(lines):
+        if ln.startswith("torchrun "):
+            argv = shlex.split(ln)
+            launched[argv[argv.index("--out") + 1].split("runs/x/", 1)[1]] = argv[argv.index("--deepspeed") + 1]
+    assert launched == {"probe/source/math": str(tmp_path / "ds.json"),
+                        "probe/target/math": str(tmp_path / "offload.json"),
+                        "finetune/full/seed0": str(tmp_path / "offload.json"),
+                        "finetune/trace-lf/seed0": str(tmp_path / "ds.json"),
+                        "finetune/transfer-lf/seed0": str(tmp_path / "ds.json")}
+    assert "# step finetune/full/seed0: DeepSpeed (offload.json) on 2 processes: mark the step's attempt" in lines
+    assert "# step finetune/trace-lf/seed0: DeepSpeed (ds.json) on 2 processes: mark the step's attempt" in lines
+
+
+def test_deepspeed_override_problems_are_reported_at_once(tmp_path):
+    """Unknown keys (not a method of the config nor a probe key), missing files and overrides without
+    launch.deepspeed are config errors, all in one message at their lines; a probe override that fixes a
+    batch the probe's split contradicts is refused by `run --check` as launch.deepspeed's would be."""
+    cfg = _config(tmp_path, methods=["full", "trace-lf"],
+                  launch={"deepspeed_overrides": {"ful": "ds.json", "probe": "missing.json", "trace-lf": "ds.json"}})
+    res = CliRunner().invoke(main, ["run", cfg, "--check"])
+    assert res.exit_code == 1
+    for problem in ("launch.deepspeed_overrides: needs launch.deepspeed",
+                    "launch.deepspeed_overrides.ful: 'ful' is neither a method of this config nor a probe key; "
+                    "valid keys: full, trace-lf, probe, probe/source, probe/target",
+                    "launch.deepspeed_overrides.probe: config 'missing.json' does not exist"):
+        assert problem in res.output, res.output
+    assert "p.yaml:" in res.output  # located at the key's line
+    (tmp_path / "fixed.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    fixed = _config(tmp_path, methods=["full", "trace-lf"], probe={**SMALL["probe"], "batch_size": 4},
+                    launch={"deepspeed": "ds.json", "nproc_per_node": 2, "deepspeed_overrides": {"probe": "fixed.json"}})
+    res = CliRunner().invoke(main, ["run", fixed, "--check"])
+    assert res.exit_code == 1
+    assert ("launch.deepspeed_overrides.probe: fixed.json fixes a batch size that contradicts the probe's over 2 "
+            "processes: train_micro_batch_size_per_gpu is 4 in the DeepSpeed config but 2") in res.output, res.output
+    assert "launch.deepspeed:" not in res.output  # ds.json ("auto") is fine for the fine-tuning steps
+    # The same file for `full` (training batch 4 per rank) is fine.
+    ok = _config(tmp_path, methods=["full", "trace-lf"],
+                 launch={"deepspeed": "ds.json", "nproc_per_node": 2, "deepspeed_overrides": {"full": "fixed.json"}})
+    res = CliRunner().invoke(main, ["run", ok, "--check"])
+    assert res.exit_code == 0, res.output

@@ -98,7 +98,8 @@ def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     (2 CPU ranks over gloo, ZeRO-3), the rest of the pipeline in this process. `full` needs no probe, so
     this is one launch (~60 s of DeepSpeed start-up each); the probe's own launch is checked by its
     arguments (tests/pipeline/test_launch.py) and run on 2 ranks through the CLI in
-    tests/probe/test_probe_distributed.py."""
+    tests/probe/test_probe_distributed.py. `full` runs with its launch.deepspeed_overrides entry, the shipped
+    ZeRO-3 + optimizer offload config (the 32B paper pipeline's), with the client AdamW on the host."""
     import os
     import shutil
     from pathlib import Path
@@ -106,8 +107,9 @@ def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     pytest.importorskip("deepspeed")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("needs a C++ compiler (DeepSpeed builds a small CPU op)")
-    ds = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_zero3.json"
-    conf = {**TINY, "methods": ["full"], "launch": {"deepspeed": str(ds), "nproc_per_node": 2},
+    ds = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_zero3_offload.json"
+    conf = {**TINY, "methods": ["full"], "launch": {"deepspeed": str(ds.with_name("ds_zero3.json")), "nproc_per_node": 2,
+                                                    "deepspeed_overrides": {"full": str(ds)}},
             "tasks": ["synthetic:math", "synthetic:code"]}
     p = tmp_path / "ds.yaml"
     p.write_text(yaml.safe_dump(conf))

@@ -4,9 +4,11 @@ activation formula against what autograd actually saves on a tiny model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from trace_transfer.cli import main as cli
@@ -91,9 +93,10 @@ def test_plan_on_the_paper_pipeline_gives_verdicts(tmp_path):
              default_examples=1000)
     steps = {s.name.split(" x")[0]: s for s in p.steps}
     # The probes are launched under the config's ZeRO-3 on 8 ranks (tests/plan/test_probe_plan.py): the 8B
-    # source fits, the 32B target (every parameter trained, plus the Fisher accumulator) needs optimizer offload.
+    # source fits; the 32B target (every parameter trained, plus the Fisher accumulator) fits with the
+    # optimizer offload its launch.deepspeed_overrides entry gives it.
     assert steps["probe source"].fits_as_configured and steps["probe source"].setup.startswith("ZeRO-3 x8")
-    assert steps["probe target"].verdict == "needs offload opt"
+    assert steps["probe target"].verdict == "fits" and "offload opt" in steps["probe target"].setup
     assert steps["ft full"].memory["per_gpu"]["params"] == 2 * p.models["target"].params // 8
     assert all(s.verdict for s in p.steps)
     opts = steps["ft full"].options  # every ZeRO variant, for scripts that pick their own trade-off
@@ -265,3 +268,58 @@ def test_paper_pipelines_turn_checkpointing_on_and_their_core_steps_fit(name):
     assert not any("grad ckpt" in s.verdict or s.verdict.startswith("fits only") for s in ft.values())
     # inference steps know nothing of it
     assert all(not s.gradient_checkpointing for s in p.steps if s.kind != "train")
+
+
+def _paper_32b(**launch):
+    """The 32B paper pipeline planned on 8 x 80 GB, ``launch`` merged into its launch section."""
+    from trace_transfer.pipeline.config import load_pipeline
+    from trace_transfer.plan import plan
+
+    path = PIPELINES / "paper-llama3-8b-to-qwen3-32b.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["launch"] = {**raw["launch"], **launch}
+    return plan(load_pipeline(raw, base_dir=path.parent), Hardware(gpus_per_node=8, gpu_memory=80 * GiB),
+                base_dir=path.parent, configs=[PAPER_MODELS], default_examples=1000)
+
+
+def test_planner_verdicts_follow_each_steps_deepspeed_config():
+    """Each launched step is planned with the DeepSpeed JSON it runs with (launch.deepspeed_overrides, else
+    launch.deepspeed): the shipped 32B paper pipeline gives optimizer offload to the steps that train every
+    parameter, and every step fits; without the overrides those steps need offload; methods of one trainable
+    set under two configs get a row each."""
+    shipped = {s.name.split(" x")[0]: s for s in _paper_32b().steps}
+    assert all(s.verdict == "fits" for n, s in shipped.items() if n != "eval per stage"), \
+        {n: s.verdict for n, s in shipped.items()}
+    for name in ("probe target", "ft full", "ft complement"):
+        assert shipped[name].deepspeed == "../deepspeed/ds_zero3_offload.json" and "offload opt" in shipped[name].setup
+    for name in ("probe source", "ft tensor 10%", "ft lora r8"):  # fit without; offload would only slow them
+        assert shipped[name].deepspeed == "../deepspeed/ds_zero3.json" and "offload" not in shipped[name].setup
+    assert set(shipped["ft full"].methods) == {"full", "joint", "replay", "cpi-ft"}
+    plain = {s.name.split(" x")[0]: s for s in _paper_32b(deepspeed_overrides={}).steps}
+    for name in ("probe target", "ft full", "ft complement"):
+        assert plain[name].verdict == "needs offload opt", (name, plain[name].verdict)
+        assert plain[name].suggestion_memory["total"] == shipped[name].memory["total"]
+    split = {s.name.split(" x")[0]: s for s in _paper_32b(deepspeed_overrides={
+        "full": "../deepspeed/ds_zero3_offload.json"}).steps}
+    off, on = split["ft full [ds_zero3_offload.json]"], split["ft full [ds_zero3.json]"]
+    assert off.methods == ["full"] and off.verdict == "fits" and on.verdict == "needs offload opt"
+    assert set(on.methods) == {"joint", "replay", "cpi-ft"}
+
+
+def test_more_gpus_only_in_world_sizes_that_split_the_probe_batch():
+    """The ladder's "needs N more GPUs" for a probe suggests a world size that divides its global batch
+    (probe.batch_size is split evenly over the ranks), or says the batch must change."""
+    from trace_transfer.plan.planner import _train_verdict
+
+    hw = Hardware(gpus_per_node=8, gpu_memory=80 * GiB)
+
+    def memory(shape, tr, setup, hw):  # fits from 10 ranks on, whatever else the ladder tries
+        return {"total": hw.budget * 10 / setup.world, "host_per_node": 0}
+
+    base = Setup("deepspeed", zero=3, world=8, micro_batch=24, global_batch=24, seq_len=1024, checkpointing=True)
+    verdict, setup, _ = _train_verdict(None, None, base, hw, memory)
+    assert verdict == "needs 4 more GPUs (ZeRO-3 x12)" and setup.world == 12 and setup.per_rank_batch() == 2
+    verdict, setup, _ = _train_verdict(None, None, replace(base, micro_batch=8, global_batch=8), hw, memory)
+    assert verdict == "needs 2 more GPUs (ZeRO-3 x10; probe.batch_size 8 must become a multiple of 10)"
+    verdict, _, _ = _train_verdict(None, None, replace(base, global_batch=0), hw, memory)  # fine-tuning: any
+    assert verdict == "needs 2 more GPUs (ZeRO-3 x10)"

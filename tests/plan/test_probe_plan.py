@@ -97,7 +97,8 @@ def test_pipeline_probe_steps_follow_launch_and_the_checkpointing_key():
     assert any("fisher phase" in n for n in src.notes)
     # Without launch.deepspeed: one process. 8B in fp32 + AdamW does not fit an 80 GB card; the ladder
     # suggests what the pipeline does under launch.deepspeed, with the batch split over the ranks.
-    single = _plan(launch={"deepspeed": None, "nproc_per_node": 1}, probe={"gradient_checkpointing": False})
+    single = _plan(launch={"deepspeed": None, "nproc_per_node": 1, "deepspeed_overrides": {}},
+                   probe={"gradient_checkpointing": False})
     one = single["probe source"]
     assert one.setup.startswith("1 process") and not one.fits_as_configured
     assert one.verdict == "needs ZeRO-3 x8" and "micro-batch 1/rank" in one.suggestion

@@ -163,11 +163,17 @@ class LaunchSpec(StrictModel):
     With ``deepspeed`` set, each method x seed step is launched as
     ``torchrun --nproc_per_node N -m trace_transfer finetune --deepspeed CONFIG``, and each probe as
     ``... probe --deepspeed CONFIG`` (``probe.batch_size`` split over the ranks); the rest of the
-    pipeline runs in the calling process. Across nodes (``nnodes`` > 1 with ``rdzv_endpoint``, or a
+    pipeline runs in the calling process. ``deepspeed_overrides`` gives some of those launches their own
+    CONFIG (optimizer offload for the methods that train every parameter, say), by method or probe side. Across nodes (``nnodes`` > 1 with ``rdzv_endpoint``, or a
     DeepSpeed ``hostfile``) the launches are the cluster's to start: ``trace-transfer run CONFIG --dry-run``
     prints them (see ``examples/slurm``)."""
 
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config for target training")
+    deepspeed_overrides: dict[str, str] = Field(default_factory=dict, description=(
+        "a DeepSpeed JSON config per step kind, instead of launch.deepspeed for those steps: keys are methods of "
+        "this config (full, joint, replay, cpi-ft, trace-lf, ...) or probe (every launched probe), probe/source, "
+        "probe/target (one side's probes, before probe); e.g. {full: ds_zero3_offload.json} gives optimizer "
+        "offload to the methods that train every parameter only"))
     nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) per fine-tuning launch")
     device: str = Field(_DEVICE_DEFAULTS.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description=help_of(DeviceConfig, "device"))
@@ -184,10 +190,23 @@ class LaunchSpec(StrictModel):
         """True when a launch spans several nodes: the cluster starts it, not the pipeline."""
         return self.nnodes > 1 or self.hostfile is not None
 
-    def step_params(self) -> dict[str, Any]:
-        """The keys that decide a fine-tuning step's result (its hash): where it ran does not, so the
-        step hashes of existing runs stay those they always had."""
-        return self.model_dump(include={"deepspeed", "nproc_per_node"})
+    def deepspeed_for(self, *keys: str) -> str | None:
+        """The DeepSpeed config a launched step runs with, as written: that of the first of ``keys`` (a
+        method name; ``probe/<side>``, then ``probe``, for a probe: ``launch.probe_override_keys``) that
+        ``deepspeed_overrides`` names, else ``deepspeed``."""
+        return next((self.deepspeed_overrides[k] for k in keys if k in self.deepspeed_overrides), self.deepspeed)
+
+    def step_params(self, *keys: str) -> dict[str, Any]:
+        """The keys that decide a launched step's result (its hash), ``keys`` naming the step as for
+        :meth:`deepspeed_for`: the DeepSpeed config it runs with and the processes. Where it ran does not
+        count, and the overrides of other steps are not in it, so every step without an override keeps the
+        hash it always had."""
+        return {**self.model_dump(include={"deepspeed", "nproc_per_node"}), "deepspeed": self.deepspeed_for(*keys)}
+
+    def deepspeed_configs(self) -> dict[str, str]:
+        """Every DeepSpeed config a launch may use, by the key that sets it (``deepspeed`` first)."""
+        return {**({"deepspeed": self.deepspeed} if self.deepspeed else {}),
+                **{f"deepspeed_overrides.{k}": v for k, v in self.deepspeed_overrides.items()}}
 
 
 class EvalSpec(StrictModel):
@@ -323,10 +342,12 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
                         "train one copy per process)")
     if cfg.launch.deepspeed and not _resolve(cfg.launch.deepspeed, base_dir).exists():
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
+    problems += _override_problems(cfg, base_dir)
     problems += _multi_node_problems(cfg.launch, base_dir)
-    from trace_transfer.pipeline.launch import probe_launch_problems  # launch builds on this module's specs
+    from trace_transfer.pipeline.launch import finetune_launch_problems, probe_launch_problems  # builds on these specs
 
     problems += probe_launch_problems(cfg, base_dir)
+    problems += finetune_launch_problems(cfg, base_dir)
     problems += cfg.eval.problems(cfg.launch)
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(
         cfg.layer_map.probes, base_dir
@@ -362,6 +383,28 @@ def monitor_problems(monitor: list[str], base_dir: Path) -> list[str]:
         file = monitor_file(ref)
         if file and not (base_dir / file).exists() and not Path(file).exists():
             problems.append(f"monitor.{i}: task file {file!r} does not exist (relative to {base_dir})")
+    return problems
+
+
+def _override_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
+    """``launch.deepspeed_overrides``: only beside ``launch.deepspeed`` (it swaps the config of steps that
+    are launched), keyed by this config's methods or the probe keys, naming files that exist."""
+    from trace_transfer.pipeline.launch import PROBE_OVERRIDE, probe_override_keys  # builds on these specs
+
+    overrides = cfg.launch.deepspeed_overrides
+    if not overrides:
+        return []
+    problems = []
+    if not cfg.launch.deepspeed:
+        problems.append("launch.deepspeed_overrides: needs launch.deepspeed (the overrides replace it for some "
+                        "steps; without it no step is launched); set launch.deepspeed or drop the overrides")
+    valid = [*cfg.methods, PROBE_OVERRIDE, *probe_override_keys("source")[:1], *probe_override_keys("target")[:1]]
+    for key, file in overrides.items():
+        if key not in valid:
+            problems.append(f"launch.deepspeed_overrides.{key}: {key!r} is neither a method of this config nor a "
+                            f"probe key; valid keys: {', '.join(valid)}")
+        if not _resolve(file, base_dir).exists():
+            problems.append(f"launch.deepspeed_overrides.{key}: config {file!r} does not exist (relative to {base_dir})")
     return problems
 
 

@@ -29,7 +29,15 @@ from typing import Any
 from trace_transfer.pipeline.steps import StepRecord, step_hash
 
 __all__ = ["Command", "DryRunner", "finetune_args", "cpi_ft_args", "probe_args", "launch_world", "probe_launch_problems",
-           "launch_argv", "dry_run", "format_commands"]
+           "finetune_launch_problems", "launch_argv", "dry_run", "format_commands", "PROBE_OVERRIDE", "probe_override_keys"]
+
+PROBE_OVERRIDE = "probe"  # the launch.deepspeed_overrides key of every launched probe
+
+
+def probe_override_keys(side: str) -> tuple[str, str]:
+    """The ``launch.deepspeed_overrides`` keys of a probe of ``side`` (source/target), most specific first."""
+    return f"{PROBE_OVERRIDE}/{side}", PROBE_OVERRIDE
+
 
 # Left unquoted in a printed command, so the cluster script's shell fills in this node's rank.
 NODE_RANK_VAR = "${NODE_RANK:?}"  # the shell refuses an unset NODE_RANK (SLURM: NODE_RANK=$SLURM_NODEID)
@@ -123,8 +131,11 @@ def probe_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
     probe takes the batch Fisher only."""
     from trace_transfer.pipeline.methods import resolve
 
-    probes = any(m.cores in ("target", "transfer") or m.general_core for _, m in resolve(cfg.methods))
-    if not cfg.launch.deepspeed or not probes:  # e.g. full fine-tuning alone probes nothing
+    methods = [m for _, m in resolve(cfg.methods)]
+    sides = [side for side, probed in (("source", any(m.cores == "transfer" for m in methods)),
+                                       ("target", any(m.cores == "target" or m.general_core for m in methods)))
+             if probed]
+    if not cfg.launch.deepspeed or not sides:  # e.g. full fine-tuning alone probes nothing
         return []
     from trace_transfer.probe.config import TRACE_COMPATIBLE_MODE
 
@@ -133,10 +144,54 @@ def probe_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
     if batch % world:
         problems.append(f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes "
                         f"(each rank probes batch_size / {world} examples per step); set it to a multiple of {world}")
+    else:
+        # A DeepSpeed JSON that fixes a batch size must agree with the probe's split, whichever config
+        # (launch.deepspeed or an override) the probes of each side run with.
+        configs = {_config_key(cfg.launch, *probe_override_keys(side)) for side in sides}
+        for key in sorted(configs):
+            problems += _batch_problems(cfg.launch, key, base_dir, batch // world, 1, world, "the probe's")
     if cfg.probe.fisher != TRACE_COMPATIBLE_MODE:  # probe_deepspeed's own refusal, before any launch
         problems.append(f"probe.fisher: {cfg.probe.fisher!r} is not supported under launch.deepspeed (the engine "
                         f"reduces the ranks' gradients together); use fisher: {TRACE_COMPATIBLE_MODE}")
     return problems
+
+
+def finetune_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
+    """Why the fine-tuning launches cannot start (``run --check``): a DeepSpeed JSON (``launch.deepspeed``
+    or a method's override) fixing a batch size that contradicts ``training:``."""
+    if not cfg.launch.deepspeed:
+        return []
+    t, world = cfg.training, launch_world(cfg.launch, base_dir)
+    problems = []
+    for key in sorted({_config_key(cfg.launch, m) for m in cfg.methods}):
+        problems += _batch_problems(cfg.launch, key, base_dir, t.batch_size, t.grad_accum, world, "training's")
+    return problems
+
+
+def _config_key(launch: Any, *keys: str) -> str:
+    """The launch key whose DeepSpeed config a step named by ``keys`` runs with."""
+    return next((f"deepspeed_overrides.{k}" for k in keys if k in launch.deepspeed_overrides), "deepspeed")
+
+
+def _batch_problems(launch: Any, key: str, base_dir: Path, micro: int, accum: int, world: int, whose: str) -> list[str]:
+    """``load_ds_config``'s refusal of the config at ``launch.<key>`` for a per-rank batch ``micro`` (a
+    missing or unreadable file is reported where the key is checked, or at the launch)."""
+    from trace_transfer.errors import ConfigError
+    from trace_transfer.train.config import TrainConfig
+    from trace_transfer.train.ds import load_ds_config
+
+    path = Path(launch.deepspeed if key == "deepspeed" else launch.deepspeed_overrides[key.split(".", 1)[1]])
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        return []
+    try:
+        load_ds_config(path, TrainConfig(batch_size=micro, grad_accum=accum), world)
+    except ConfigError as exc:
+        if not exc.problems:  # not JSON
+            return [f"launch.{key}: {exc}"]
+        return [f"launch.{key}: {path.name} fixes a batch size that contradicts {whose} over {world} processes: "
+                f"{'; '.join(exc.problems)}"]
+    return []
 
 
 def _common_args(d: Path, train_cfg: Any, ds: str, cfg: Any) -> list[str]:
@@ -235,7 +290,9 @@ def dry_run(runner: DryRunner, cfg: Any, config_path: str | os.PathLike, *, base
         every = launch.nnodes > 1 and not launch.hostfile
         where = (f"{launch.nnodes} nodes x {launch.nproc_per_node} processes" if launch.multi_node()
                  else f"{launch.nproc_per_node} processes")
-        out.append(Command(rec.name, ["mkdir", "-p", str(rec.dir)], f"DeepSpeed on {where}: mark the step's attempt"))
+        ds = getattr(fn, "deepspeed", None)  # the step's own config (launch.deepspeed or its override)
+        out.append(Command(rec.name, ["mkdir", "-p", str(rec.dir)],
+                           f"DeepSpeed{f' ({Path(ds).name})' if ds else ''} on {where}: mark the step's attempt"))
         out.append(Command(rec.name, [], raw=f"printf %s {rec.hash} > {shlex.quote(str(rec.dir / '.attempt'))}"))
         out.append(Command(rec.name, argv, "the launch", every_node=every))
         out.append(Command(rec.name, [*run, "--only", rec.name], "record the finished launch"))

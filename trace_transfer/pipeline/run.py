@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, probe_hash_params, resolve_monitor
+from trace_transfer.pipeline.launch import probe_override_keys
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
 from trace_transfer.train.config import TrainConfig
@@ -140,12 +141,10 @@ class _Plan:
 def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
     """One probe per side x task. Under ``launch.deepspeed`` each is launched like a fine-tuning step
     (``trace-transfer probe --deepspeed`` on every rank): its hash then holds the launch, as theirs does
-    (runs without DeepSpeed keep their hashes), and a partial launch is kept for its relaunch."""
+    (runs without DeepSpeed keep their hashes), and a partial launch is kept for its relaunch. The launch
+    in the hash holds the DeepSpeed config the probe runs with (``launch.deepspeed_overrides``)."""
     cfg, runner = plan.cfg, plan.runner
-    probe_params = probe_hash_params(cfg.probe)  # checkpointing left out: how it runs
     launched = bool(cfg.launch.deepspeed)
-    if launched:
-        probe_params["launch"] = cfg.launch.step_params()
     sides = []
     if plan.strategies_for("source"):
         sides.append(("source", plan.source))
@@ -153,13 +152,17 @@ def _probe_steps(plan: _Plan) -> dict[str, list[str]]:
         sides.append(("target", plan.target))
     probe_steps: dict[str, list[str]] = {}
     for side, (model_ref, model_step) in sides:
+        probe_params = probe_hash_params(cfg.probe)  # checkpointing left out: how it runs
+        if launched:
+            probe_params["launch"] = cfg.launch.step_params(*probe_override_keys(side))
         tasks = list(cfg.tasks) if plan.strategies_for(side) else []
         if side == "target" and plan.needs_general:
             tasks.append(cfg.general_task)
         for task in tasks:
             name = f"probe/{side}/{_task_key(task)}"
             runner.step(name, {"task": task, "model": model_ref, **probe_params},
-                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0], say=runner.say, base_dir=plan.base_dir),
+                        _probe_fn(model_ref, task, cfg, seed=cfg.seeds[0], say=runner.say, base_dir=plan.base_dir,
+                                  side=side),
                         depends=_deps(model_step), resumable=launched)
             probe_steps.setdefault(side, []).append(name)
     return probe_steps
@@ -227,9 +230,9 @@ def _finetune_steps(plan: _Plan) -> None:
                 name = f"finetune/{label}/seed{seed}"
                 params = {"method": method, "lr": lr, "seed": seed, "tasks": cfg.tasks,
                           "training": _training_params(cfg, spec), "eval": cfg.eval.step_params(),
-                          "launch": cfg.launch.step_params(), **_monitor_params(cfg, spec)}
+                          "launch": cfg.launch.step_params(method), **_monitor_params(cfg, spec)}
                 rec = runner.step(name, params, _finetune_fn(spec, lr, seed, cfg, target[0], runner, core_step,
-                                                             plan.base_dir), depends=deps, resumable=True)
+                                                             plan.base_dir, method), depends=deps, resumable=True)
                 plan.out.results.setdefault(label, []).append(_read_results(rec.dir))
 
 
@@ -343,9 +346,16 @@ def _probe_settings(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     return {**cfg.probe.model_dump(), "seed": seed, "device": cfg.launch.device}
 
 
+def _ds_file(cfg: PipelineConfig, base_dir: Path | None, *keys: str) -> str | None:
+    """The DeepSpeed config a launched step named by ``keys`` runs with, relative paths resolved against the
+    config's directory; None: the step runs in this process."""
+    ds = cfg.launch.deepspeed_for(*keys)
+    return str(Path(base_dir or Path.cwd()) / ds) if cfg.launch.deepspeed and ds else None
+
+
 def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Callable[[str], None] = logger.info,
-              base_dir: Path | None = None):
-    ds = str(Path(base_dir or Path.cwd()) / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
+              base_dir: Path | None = None, side: str = "target"):
+    ds = _ds_file(cfg, base_dir, *probe_override_keys(side))
 
     def fn(d: Path) -> dict[str, Any]:
         if ds:
@@ -368,6 +378,7 @@ def _probe_fn(model_ref: str, task: str, cfg: PipelineConfig, seed: int, say: Ca
             return probe_args(d, model_ref, task, _probe_settings(cfg, seed), ds, launch_world(cfg.launch, base_dir))
 
         fn.launch_args = launch_args  # type: ignore[attr-defined]
+        fn.deepspeed = ds  # type: ignore[attr-defined]
     return fn
 
 
@@ -570,8 +581,8 @@ def _finetune_inputs(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineCo
 
 
 def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig, target: str, runner: StepRunner,
-                 core_step: str | None, base_dir: Path):
-    ds = str(base_dir / cfg.launch.deepspeed) if cfg.launch.deepspeed else None
+                 core_step: str | None, base_dir: Path, method: str | None = None):
+    ds = _ds_file(cfg, base_dir, *([method] if method else []))
 
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.train.runner import run_sequence
@@ -615,6 +626,7 @@ def _finetune_fn(spec: PipelineMethod, lr: float, seed: int, cfg: PipelineConfig
             return finetune_args(d, target, stages, spec.runner, opts, train_cfg, ds, cfg)
 
         fn.launch_args = launch_args  # type: ignore[attr-defined]
+        fn.deepspeed = ds  # type: ignore[attr-defined]
     return fn
 
 

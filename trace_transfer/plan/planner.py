@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 CKPT_KEY = "training.gradient_checkpointing"  # the pipeline key that turns checkpointing on for fine-tuning
 PROBE_CKPT_KEY = "probe.gradient_checkpointing"  # ... and for the warm-start probes
+BATCH_KEY = "probe.batch_size"  # the global batch the ranks share (the only Setup.global_batch is the probe's)
 SCOPE = ("layers",)  # the pipeline scores the decoder layers' tensors (scoring's default scope)
 MAX_GPUS = 4096
 CKA_MAX_LENGTH = 512  # capture's truncation: an upper bound on a probe text's tokens
@@ -85,6 +86,7 @@ class StepPlan:
     methods: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # DeepSpeed variants over the same GPUs
+    deepspeed: str | None = None  # the DeepSpeed JSON the step is launched with (launch.deepspeed or an override)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items()}
@@ -250,9 +252,19 @@ def _train_verdict(shape: ModelShape, tr: Trainable, configured: Setup, hw: Hard
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if attempt(mid)[2] else (mid + 1, hi)
+        batch = ""
+        if base.global_batch:
+            # The ranks share the global batch evenly (probe_launch_problems refuses the rest): the fewest
+            # GPUs that fit and divide it, else the fewest that fit, with the batch to change.
+            whole = next((n for n in range(lo, base.global_batch + 1) if base.global_batch % n == 0
+                          and attempt(n)[2]), None)
+            if whole is not None:
+                lo = whole
+            else:
+                batch = f"; {BATCH_KEY} {base.global_batch} must become a multiple of {lo}"
         setup, mem, _ = attempt(lo)
         needed = [f"ZeRO-3 x{lo}", *(ckpt if on else [])]
-        return f"needs {lo - hw.world} more GPUs ({' + '.join(needed)})", setup, mem
+        return f"needs {lo - hw.world} more GPUs ({' + '.join(needed)}{batch})", setup, mem
     setup = ladder[-1][1]
     return "does not fit: lower micro-batch or seq_len", setup, memory(shape, tr, setup, hw)
 
@@ -373,8 +385,9 @@ def _deepspeed_setup(path: Path, world: int, micro_batch: int, seq_len: int, pre
                  seq_len=seq_len, buffers=buffers)
 
 
-def _ds_path(cfg: PipelineConfig, base_dir: Path) -> Path:
-    path = Path(cfg.launch.deepspeed)
+def _ds_path(cfg: PipelineConfig, base_dir: Path, *keys: str) -> Path:
+    """The DeepSpeed JSON of the launched step ``keys`` name (``LaunchSpec.deepspeed_for``)."""
+    path = Path(cfg.launch.deepspeed_for(*keys))
     return path if path.is_absolute() else base_dir / path
 
 
@@ -489,19 +502,21 @@ def _probe_sides(ctx: _Context) -> list[tuple[str, list[str]]]:
                                               ("target", target)) if tasks]
 
 
-def _probe_setup(ctx: _Context) -> tuple[Setup, list[str]]:
-    """How the pipeline runs a probe: under ``launch.deepspeed`` launched on ``nnodes x nproc_per_node``
-    ranks (``probe --deepspeed``), the ZeRO stage read from its JSON as for fine-tuning, each rank taking
+def _probe_setup(ctx: _Context, side: str) -> tuple[Setup, list[str]]:
+    """How the pipeline runs a probe of ``side``: under ``launch.deepspeed`` launched on ``nnodes x
+    nproc_per_node`` ranks (``probe --deepspeed``), the ZeRO stage read from its JSON (the side's
+    ``launch.deepspeed_overrides``, else ``launch.deepspeed``) as for fine-tuning, each rank taking
     ``probe.batch_size / world`` of the global batch; else one process, fp32 weights + AdamW, bf16 autocast
     where the GPU has it. ``probe.gradient_checkpointing`` either way."""
-    from trace_transfer.pipeline.launch import launch_world
+    from trace_transfer.pipeline.launch import launch_world, probe_override_keys
 
     cfg, pr = ctx.cfg, ctx.cfg.probe
     notes = []
     if cfg.launch.deepspeed:
         world = launch_world(cfg.launch, ctx.base_dir)
         # The probe's precision is TrainConfig's default ("auto": bf16 where the GPU has it).
-        setup = _deepspeed_setup(_ds_path(cfg, ctx.base_dir), world, pr.batch_size, pr.seq_len, "auto")
+        setup = _deepspeed_setup(_ds_path(cfg, ctx.base_dir, *probe_override_keys(side)), world, pr.batch_size,
+                                 pr.seq_len, "auto")
         if world != ctx.hw.world:
             notes.append(f"launched on the config's {world} ranks (launch.nnodes x nproc_per_node), not the "
                          f"{ctx.hw.world} GPUs planned for")
@@ -513,22 +528,24 @@ def _probe_setup(ctx: _Context) -> tuple[Setup, list[str]]:
 
 def _probe_steps(ctx: _Context) -> list[StepPlan]:
     """Warm-start probes of every parameter, then the Fisher pass and the writes (:func:`probe_memory`)."""
+    from trace_transfer.pipeline.launch import probe_override_keys
+
     pr = ctx.cfg.probe
-    setup, notes = _probe_setup(ctx)
 
     def memory(shape: ModelShape, tr: Trainable, s: Setup, hw: Hardware) -> dict[str, Any]:
         return probe_memory(shape, s, hw)  # the pipeline's probes keep the per-element Fisher (the default)
 
     out = []
     for side, tasks in _probe_sides(ctx):
+        setup, notes = _probe_setup(ctx, side)
         shape, full = ctx.shapes[side], _full(ctx.shapes[side])
         counts = [_probe_tokens(pr, ctx.examples[t]) for t in tasks]
         tokens = max(counts, key=sum) if all(counts) else None
 
         def flops(chosen: Setup, shape=shape, full=full, tokens=tokens) -> float:
-            # The warm start recomputes under checkpointing; the Fisher pass (eval mode) never does.
+            # Under checkpointing the warm start and the Fisher pass (probe.fisher.eval_checkpointing) recompute.
             return train_flops(shape, full, tokens[0], pr.seq_len, chosen.checkpointing) + \
-                train_flops(shape, full, tokens[1], pr.seq_len, False)
+                train_flops(shape, full, tokens[1], pr.seq_len, chosen.checkpointing)
 
         step = _train_step(f"probe {side} x{len(tasks)}", shape, full, setup, ctx.hw, sum(tokens) if tokens else None,
                            len(tasks), ckpt_key=PROBE_CKPT_KEY, memory=memory, flops=flops)
@@ -536,10 +553,11 @@ def _probe_steps(ctx: _Context) -> list[StepPlan]:
         phases = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem["phases"].items())
         peak = f"peak in the {mem['phase']} phase ({phases} GiB/GPU)"
         if mem["phase"] == "fisher":
-            peak += (f": the Fisher pass keeps a {mem['per_gpu']['fisher'] / 2**30:.1f} GiB fp32 accumulator and runs "
-                     "in eval mode, where checkpointing is off")
+            peak += f": the Fisher pass keeps a {mem['per_gpu']['fisher'] / 2**30:.1f} GiB fp32 accumulator"
         step.notes += [*notes, peak, f"disk per probe: delta + Fisher {8 * shape.params / 2**30:.0f} GiB "
                        f"(+ {4 * shape.params / 2**30:.0f} GiB θ0 while it runs)"]
+        if ctx.cfg.launch.deepspeed:
+            step.deepspeed = ctx.cfg.launch.deepspeed_for(*probe_override_keys(side))
         out.append(step)
     return out
 
@@ -573,34 +591,50 @@ def _transfer_steps(ctx: _Context) -> list[StepPlan]:
 
 
 def _finetune_steps(ctx: _Context, masking: str, exact: Trainable | None, base_dir: Path) -> list[StepPlan]:
-    """One row per distinct trainable set (methods training the same thing share it)."""
+    """One row per distinct trainable set and DeepSpeed config (methods training the same thing under the
+    same config share it; a method's ``launch.deepspeed_overrides`` entry gives it its own setup)."""
     cfg, t, tgt = ctx.cfg, ctx.cfg.training, ctx.shapes["target"]
-    if cfg.launch.deepspeed:
-        configured = _deepspeed_setup(_ds_path(cfg, base_dir), ctx.hw.world, t.batch_size, t.seq_len, t.precision)
-    else:
-        configured = Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32")
-    configured = with_(configured, checkpointing=t.gradient_checkpointing)
-    rows: dict[str, tuple[Trainable, list[str]]] = {}
+    setups: dict[str | None, Setup] = {}
+
+    def configured(method: str) -> tuple[str | None, Setup]:
+        ds = cfg.launch.deepspeed_for(method) if cfg.launch.deepspeed else None
+        if ds not in setups:
+            setup = (_deepspeed_setup(_ds_path(cfg, base_dir, method), ctx.hw.world, t.batch_size, t.seq_len,
+                                      t.precision) if ds else
+                     Setup("single", micro_batch=t.batch_size, seq_len=t.seq_len, bf16=t.precision != "fp32"))
+            setups[ds] = with_(setup, checkpointing=t.gradient_checkpointing)
+        return ds, setups[ds]
+
+    rows: dict[tuple[str, str | None], tuple[Trainable, list[str]]] = {}
     for name, entry in ctx.methods:
+        ds, _ = configured(name)
         if exact is not None and entry.strategy is not None:
-            rows.setdefault(exact.label, (exact, []))[1].append(name)
+            rows.setdefault((exact.label, ds), (exact, []))[1].append(name)
             continue
         tr = method_trainable(entry, tgt, cfg, masking)
-        rows.setdefault(tr.label, (tr, []))[1].append(name)
+        rows.setdefault((tr.label, ds), (tr, []))[1].append(name)
         if tr.label.endswith((" dense", " sparse")):  # also show what the other masking would need
             other = method_trainable(entry, tgt, cfg, "dense" if masking == "sparse" else "sparse")
             other = replace(other, note=f"{other.note} (not configured: training.masking is {masking!r})")
-            rows.setdefault(other.label, (other, []))[1].append(name)
+            rows.setdefault((other.label, ds), (other, []))[1].append(name)
     stage_examples = [ctx.examples[x] for x in cfg.tasks]
-    ranks = configured.world if configured.engine == "deepspeed" else 1
-    if t.max_steps:
-        tokens = t.max_steps * t.batch_size * t.grad_accum * ranks * t.seq_len * len(cfg.tasks)
-    elif all(stage_examples):
-        tokens = t.epochs * sum(stage_examples) * t.seq_len
-    else:
-        tokens = None
-    return [_train_step(f"ft {label}", tgt, tr, configured, ctx.hw, tokens, len(cfg.seeds), names, CKPT_KEY)
-            for label, (tr, names) in rows.items()]
+    split = {label for label, _ in rows if sum(lb == label for lb, _ in rows) > 1}
+    steps = []
+    for (label, ds), (tr, names) in rows.items():
+        setup = setups[ds]
+        ranks = setup.world if setup.engine == "deepspeed" else 1
+        if t.max_steps:
+            tokens = t.max_steps * t.batch_size * t.grad_accum * ranks * t.seq_len * len(cfg.tasks)
+        elif all(stage_examples):
+            tokens = t.epochs * sum(stage_examples) * t.seq_len
+        else:
+            tokens = None
+        # Methods of one trainable set under two configs: each row names its config.
+        name = f"ft {label}" + (f" [{Path(ds).name}]" if label in split and ds else "")
+        step = _train_step(name, tgt, tr, setup, ctx.hw, tokens, len(cfg.seeds), names, CKPT_KEY)
+        step.deepspeed = ds
+        steps.append(step)
+    return steps
 
 
 def _eval_step(ctx: _Context, eval_items: int | None) -> StepPlan:
