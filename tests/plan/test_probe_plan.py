@@ -40,18 +40,26 @@ def _plan(**over):
 
 def test_hand_check_launched_probe_of_8b_on_8_ranks(llama8b):
     # docs/PLANNER.md "Hand check: the launched probe": ZeRO-3 x8, global batch 8 = 1 x 1024 tokens per rank.
-    psi = llama8b.params
-    m = probe_memory(llama8b, Setup("deepspeed", zero=3, world=8, micro_batch=8, global_batch=8, seq_len=1024,
-                                    checkpointing=True), Hardware(gpus_per_node=8))
+    psi, largest = llama8b.params, llama8b.largest_tensor
+    hw = Hardware(gpus_per_node=8)
+    setup = Setup("deepspeed", zero=3, world=8, micro_batch=8, global_batch=8, seq_len=1024, checkpointing=True)
+    m, plain = probe_memory(llama8b, setup, hw), probe_memory(llama8b, replace(setup, checkpointing=False), hw)
     pg = m["per_gpu"]
-    assert m["phase"] == "fisher"  # the engine's states + the accumulator + uncheckpointed activations
+    # Checkpointed, the Fisher pass (states + accumulator + checkpointed activations) falls below the
+    # writes, where one gathered fp32 copy of the largest tensor (the 128256 x 4096 LM head) replaces them.
+    assert m["phase"] == "write"
     assert pg["params"] == pg["grads"] == 2 * psi // 8 == 2_007_565_312
     assert pg["optimizer"] == 12 * psi // 8 + 4 * 1_000_000_000
     assert pg["fisher"] == 4 * psi // 8 == 4_015_130_624  # fp32 per element of this rank's partition
-    # Eval mode: no checkpointing in the Fisher pass, whatever probe.gradient_checkpointing says.
-    assert pg["activations"] == 7_860_736 * 1 * 1024
-    assert m["total"] == 36_198_788_608  # 33.71 GiB
-    assert m["phases"]["warm start"] < m["total"] and m["total_ckpt"] == m["total_no_ckpt"] == m["total"]
+    assert pg["activations"] == 0 and pg["buffers"] == 3_000_000_000 + 4 * largest == 5_101_346_304
+    assert m["total"] == m["total_ckpt"] == 30_250_741_248  # 28.17 GiB
+    # The Fisher pass checkpoints its layers like the warm start (1,774,080 B per token kept, not 7,860,736).
+    pass_terms = 2 * 2_007_565_312 + 16_045_391_872 + 3_000_000_000 + 4_015_130_624 + 1_073_741_824
+    assert m["phases"]["fisher"] == pass_terms + 1_774_080 * 1024 == 29_966_052_864  # 27.91 GiB
+    assert m["phases"]["warm start"] < m["phases"]["fisher"] < m["total"]
+    # Without checkpointing the Fisher pass is the peak, with every activation kept.
+    assert plain["phase"] == "fisher" and plain["per_gpu"]["activations"] == 7_860_736 * 1024
+    assert plain["total"] == m["total_no_ckpt"] == pass_terms + 7_860_736 * 1024 == 36_198_788_608  # 33.71 GiB
     # Host: each rank loads one checkpoint file (zero.Init) and casts a tensor; rank 0 later forms Δ.
     assert m["host_per_node"] == 8 * (HF_SHARD_BYTES + 4 * llama8b.largest_tensor) == 56_810_770_432
     assert m["disk"] == 12 * psi  # θ0 (while it runs) + Δ + per-element Fisher
@@ -79,12 +87,17 @@ def test_distributed_probe_divides_the_partitioned_terms_by_world(llama8b):
     assert tensor_only["phases"]["fisher"] == one["phases"]["fisher"] - 4 * llama8b.params  # float64 per tensor only
 
 
-def test_checkpointing_lowers_the_warm_start_not_the_fisher_pass(llama8b):
+@pytest.mark.parametrize("engine", ["single", "deepspeed"])
+def test_checkpointing_lowers_the_warm_start_and_the_fisher_pass(llama8b, engine):
+    # probe.fisher.eval_checkpointing: the Fisher pass (eval mode) recomputes its layers as the warm start does.
     hw = Hardware(gpus_per_node=8)
-    one = Setup("single", micro_batch=8, global_batch=8, seq_len=1024)
-    plain, ckpt = probe_memory(llama8b, one, hw), probe_memory(llama8b, replace(one, checkpointing=True), hw)
-    assert ckpt["phases"]["warm start"] < plain["phases"]["warm start"]
-    assert ckpt["phases"]["fisher"] == plain["phases"]["fisher"]
+    base = Setup(engine, zero=3 if engine == "deepspeed" else 0, world=8 if engine == "deepspeed" else 1,
+                 micro_batch=8, global_batch=8, seq_len=1024)
+    plain, ckpt = probe_memory(llama8b, base, hw), probe_memory(llama8b, replace(base, checkpointing=True), hw)
+    saved = plain["activations_no_ckpt"] - plain["activations_ckpt"]
+    for phase in ("warm start", "fisher"):
+        assert plain["phases"][phase] - ckpt["phases"][phase] == saved, phase
+    assert ckpt["phases"]["write"] == plain["phases"]["write"]  # no activations there
     assert ckpt["total"] == max(ckpt["phases"].values()) < plain["total"]
 
 
@@ -94,7 +107,7 @@ def test_pipeline_probe_steps_follow_launch_and_the_checkpointing_key():
     assert src.setup.startswith("ZeRO-3 x8, micro-batch 1/rank") and src.gradient_checkpointing
     assert src.checkpointing_key == "probe.gradient_checkpointing"
     assert src.memory["per_gpu"]["fisher"] == 4 * 8_030_261_248 // 8
-    assert any("fisher phase" in n for n in src.notes)
+    assert any("peak in the write phase" in n for n in src.notes)  # checkpointed: see the hand check
     # Without launch.deepspeed: one process. 8B in fp32 + AdamW does not fit an 80 GB card; the ladder
     # suggests what the pipeline does under launch.deepspeed, with the batch split over the ranks.
     single = _plan(launch={"deepspeed": None, "nproc_per_node": 1, "deepspeed_overrides": {}},

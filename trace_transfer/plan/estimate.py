@@ -217,8 +217,9 @@ def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elemen
     * **warm start**: full fine-tuning as :func:`train_memory` counts it, with the setup's checkpointing.
     * **fisher**: the accumulator keeps an fp32 sum per element (``fisher_elements``; else float64 per
       tensor: nothing), 4Ψ in one process, 4Ψ/N under ZeRO-1/2/3 (each rank squares only its gradient
-      partition). The pass runs the model in eval mode, where HF's checkpointing is off, so its
-      activations are never checkpointed. In one process ``train()`` has returned and freed AdamW
+      partition). Its activations follow the setup's checkpointing, as the warm start's do (the pass
+      runs in eval mode, where HF does not checkpoint, so the probe wraps the decoder layers itself:
+      ``probe.fisher.eval_checkpointing``). In one process ``train()`` has returned and freed AdamW
       (weights, gradients, autocast copies stay); under DeepSpeed the pass runs inside the engine's
       ``on_engine`` callback, so every model state stays.
     * **write**: the per-element Fisher and Δ go out one tensor at a time: a gathered fp32 copy of the
@@ -236,12 +237,12 @@ def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elemen
     ds = setup.engine == "deepspeed"
     fisher = (4 * psi // (n if ds else 1)) if fisher_elements else 0
     plain = train_memory(shape, full, with_(setup, checkpointing=False), hw, ranks_per_node)
-    pass_terms = {**plain["per_gpu"], "fisher": fisher} if ds else \
-        {**plain["per_gpu"], "optimizer": 0, "fisher": fisher}
-    write_terms = {**pass_terms, "activations": 0, "buffers": pass_terms["buffers"] + 4 * largest}
 
     def peak(ckpt: bool) -> tuple[str, dict[str, int], dict[str, int]]:
         warm = train_memory(shape, full, with_(setup, checkpointing=ckpt), hw, ranks_per_node)
+        pass_terms = {**warm["per_gpu"], "fisher": fisher} if ds else \
+            {**warm["per_gpu"], "optimizer": 0, "fisher": fisher}
+        write_terms = {**pass_terms, "activations": 0, "buffers": pass_terms["buffers"] + 4 * largest}
         phases = {"warm start": {**warm["per_gpu"], "fisher": 0}, "fisher": pass_terms, "write": write_terms}
         totals = {k: sum(v.values()) for k, v in phases.items()}
         name = max(PROBE_PHASES, key=lambda k: totals[k])

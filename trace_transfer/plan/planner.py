@@ -18,7 +18,7 @@ fine-tuning, ``probe.gradient_checkpointing`` for the probes): with it on, the v
 checkpointed activations; with it off, a step that fits once it is on says "fits only with
 training.gradient_checkpointing: true" (the key to set). Pretraining has no such key: it runs without,
 and the ladder suggests it as a change. The ladder suggests checkpointing only where it lowers the
-peak (a probe's Fisher pass runs in eval mode, where HF's checkpointing is off).
+peak (a probe's writes hold no activations).
 """
 
 from __future__ import annotations
