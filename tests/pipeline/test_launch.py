@@ -348,7 +348,9 @@ def test_deepspeed_overrides_hash_only_the_steps_they_name(tmp_path):
     assert LaunchSpec(**ds).step_params() == {"deepspeed": "ds.json", "nproc_per_node": 2}
     # A step's own override changes its hash; the steps that read its output follow through their dependency
     # hashes, as for any changed input; the rest (models, CKA, layer map, the other methods) keep theirs.
-    probe_t = {"probe/target/math", "cores/target-lf", "finetune/trace-lf/seed0", "report"}
+    # A launched refine pass is the target's micro-probe: it runs with the target probe's config.
+    probe_t = {"probe/target/math", "cores/target-lf", "finetune/trace-lf/seed0", "report", "cores/transfer-lf",
+               "finetune/transfer-lf/seed0"}
     probe_s = {"probe/source/math", "cores/source-lf", "cores/transfer-lf", "finetune/transfer-lf/seed0", "report"}
     for overrides, changed in (({"full": "offload.json"}, {"finetune/full/seed0", "report"}),
                                ({"probe/target": "offload.json"}, probe_t),
@@ -376,6 +378,7 @@ def test_dry_run_launches_each_step_with_its_own_deepspeed_config(tmp_path):
             launched[argv[argv.index("--out") + 1].split("runs/x/", 1)[1]] = argv[argv.index("--deepspeed") + 1]
     assert launched == {"probe/source/math": str(tmp_path / "ds.json"),
                         "probe/target/math": str(tmp_path / "offload.json"),
+                        "cores/transfer-lf/math.coreset.safetensors": str(tmp_path / "offload.json"),  # refine
                         "finetune/full/seed0": str(tmp_path / "offload.json"),
                         "finetune/trace-lf/seed0": str(tmp_path / "ds.json"),
                         "finetune/transfer-lf/seed0": str(tmp_path / "ds.json")}
@@ -410,3 +413,147 @@ def test_deepspeed_override_problems_are_reported_at_once(tmp_path):
                  launch={"deepspeed": "ds.json", "nproc_per_node": 2, "deepspeed_overrides": {"full": "fixed.json"}})
     res = CliRunner().invoke(main, ["run", ok, "--check"])
     assert res.exit_code == 0, res.output
+
+
+def _refine_cfg(tmp_path, **over) -> str:
+    return _config(tmp_path, **{"tasks": ["synthetic:math", "synthetic:medical"], "methods": ["transfer-lf", "cheap-lf"],
+                                "probe": {**SMALL["probe"], "batch_size": 8},
+                                "launch": {"deepspeed": "ds.json", "nproc_per_node": 2}, **over})
+
+
+def test_refine_steps_launch_one_refine_per_task_under_deepspeed(tmp_path, monkeypatch):
+    """launch.deepspeed: each refine step (transfer-lf's budgets pass, cheap-lf's source-free one) is one
+    torchrun `refine --deepspeed` line per task, writing that task's CoreSet in the step directory; its
+    arguments pass unchanged through torchrun's parser and parse in `trace-transfer refine` to the in-process
+    pass's RefineConfig (global batch kept: refine splits it); a transfer-lf launch reads the budgets that the
+    `trace-transfer transfer` line printed before it writes."""
+    from torch.distributed.run import get_args_parser
+
+    from trace_transfer.refine import RefineConfig
+
+    cfg = _refine_cfg(tmp_path)
+    res = CliRunner().invoke(main, ["run", cfg, "--check"])
+    assert res.exit_code == 0, res.output
+    lines = _dry([cfg, "--out", "runs/x"])
+    refines: dict[str, list[tuple[int, list[str]]]] = {}
+    for i, ln in enumerate(lines):
+        argv = shlex.split(ln) if ln.startswith("torchrun ") else []
+        if argv and argv[argv.index("-m") + 2] == "refine":
+            step = argv[argv.index("--out") + 1].split("runs/x/", 1)[1].rsplit("/", 1)[0]
+            refines.setdefault(step, []).append((i, argv))
+    assert sorted(refines) == ["cores/cheap-lf", "cores/transfer-lf"]
+    in_process = load_pipeline(cfg)
+    monkeypatch.chdir(tmp_path)  # the files the printed commands read, as the earlier steps leave them
+    for f in ("layermap/layer_map.json", *(f"{d}/{t}.{ext}" for t in ("math", "medical") for d, ext in (
+            ("cores/source-lf", "coreset.safetensors"), ("cores/transfer-lf", "budgets.json")))):
+        (tmp_path / "runs/x" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs/x" / f).touch()
+    for step, launches in refines.items():
+        assert [a[a.index("--task") + 1] for _, a in launches] == ["synthetic:math", "synthetic:medical"]
+        assert lines[launches[0][0] - 1] == "# launch 1 of 2"
+        assert lines[launches[-1][0] + 2].endswith(f"--only {step}")
+        for i, argv in launches:
+            parsed = get_args_parser().parse_args(argv[1:])
+            module, *script = argv[argv.index("-m") + 1:]
+            assert (parsed.training_script, parsed.training_script_args, parsed.nproc_per_node) == (module, script, "2")
+            params = main.commands["refine"].make_context("refine", script[1:]).params
+            task = params["task"].split(":")[1]
+            assert str(params["out"]) == f"runs/x/{step}/{task}.coreset.safetensors"
+            assert params["deepspeed_config"] == tmp_path / "ds.json" and params["model"] == "runs/x/models/target/model"
+            settings = {k: params[k] for k in RefineConfig.__dataclass_fields__}
+            p = in_process.probe
+            assert RefineConfig(**settings) == RefineConfig(
+                **in_process.refine.model_dump(), lr=p.lr, batch_size=8, seq_len=p.seq_len, max_examples=p.max_examples,
+                seed=0, device="auto", **({"ratio": in_process.scoring.ratio} if step == "cores/cheap-lf" else {}))
+            if step == "cores/cheap-lf":
+                assert params["budgets_path"] is None
+                continue
+            assert str(params["budgets_path"]) == f"runs/x/{step}/{task}.budgets.json"
+            transfer = shlex.split(lines[i - 2])  # "# launch k of 2" between
+            assert transfer[:2] == ["trace-transfer", "transfer"]
+            tp = main.commands["transfer"].make_context("transfer", transfer[2:]).params
+            assert (str(tp["out"]), tp["carry"], tp["ratio"]) == (str(params["budgets_path"]), "budget", 0.05)
+            assert str(tp["coreset_path"]) == f"runs/x/cores/source-lf/{task}.coreset.safetensors"
+
+
+def test_refine_launch_hashes_and_refusals(tmp_path):
+    """Without launch.deepspeed a refine step's hash is the one it always had (its parameters exactly as
+    before); under it the hash holds the launch with the target probe's config; `run --check` refuses a
+    signal or step count the distributed pass cannot run and a batch the ranks cannot split (said once
+    when the probes already say it)."""
+    from trace_transfer.pipeline.config import probe_hash_params
+    from trace_transfer.pipeline.steps import step_hash
+
+    over = {"tasks": ["synthetic:math"], "methods": ["transfer-lf", "cheap-lf"]}
+    plain = _hashes(tmp_path, **over)
+    cfg = load_pipeline(_config(tmp_path, **over))
+    before = {"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe)}
+    assert plain["cores/transfer-lf"] == step_hash("cores/transfer-lf", {
+        "ratio": 0.05, "source_rules": None, "target_rules": None, **before},
+        {d: plain[d] for d in ("cores/source-lf", "layermap", "models/target")})
+    assert plain["cores/cheap-lf"] == step_hash("cores/cheap-lf", {
+        **before, **cfg.scoring.model_dump(exclude_none=True)}, {"models/target": plain["models/target"]})
+    launched = _hashes(tmp_path, **over, launch={"deepspeed": "ds.json", "nproc_per_node": 2})
+    assert all(plain[s] != launched[s] for s in ("cores/transfer-lf", "cores/cheap-lf"))
+    assert plain["models/target"] == launched["models/target"]
+
+    def check(**kw) -> str:
+        res = CliRunner().invoke(main, ["run", _refine_cfg(tmp_path, **kw), "--check"])
+        assert res.exit_code == 1, res.output
+        return res.output
+
+    out = check(refine={"signal": "fisher", "steps": 0})
+    assert "refine.signal: 'fisher' is not supported under launch.deepspeed" in out
+    assert "refine.steps: 0 under launch.deepspeed" in out
+    out = check(methods=["cheap-lf"], probe={**SMALL["probe"], "batch_size": 6},
+                launch={"deepspeed": "ds.json", "nproc_per_node": 4})  # probes nothing: refine's own line
+    assert "probe.batch_size: 6 does not split evenly over the launch's 4 processes (the launched refine" in out
+    out = check(probe={**SMALL["probe"], "batch_size": 6}, launch={"deepspeed": "ds.json", "nproc_per_node": 4})
+    assert out.count("probe.batch_size: 6 does not split evenly") == 1
+    (tmp_path / "fixed.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    out = check(methods=["cheap-lf"], launch={"deepspeed": "ds.json", "nproc_per_node": 2,
+                                              "deepspeed_overrides": {"probe/target": "fixed.json"}})
+    assert "contradicts the refine pass's over 2 processes" in out
+
+
+@pytest.mark.slow
+def test_launched_refine_step_writes_budgets_first_and_fills_the_native_cost(tmp_path, monkeypatch):
+    """The transfer-lf step under launch.deepspeed, its launches played in this process (the launched argv run
+    through `trace-transfer refine` without --deepspeed, 1 rank): the budgets are in the step directory before
+    each launch, the launched CoreSet (no --native-probe) gets the native probe's cost the in-process step
+    records, and it equals the in-process step's CoreSet."""
+    from pathlib import Path
+
+    import trace_transfer.pipeline.run as run_mod
+    from trace_transfer.coreset import CoreSet
+    from trace_transfer.pipeline.run import run_pipeline
+
+    launched: list[str] = []
+
+    def play(d, args, cfg, say, done=None, what=""):
+        if done(d) is not None:
+            return done(d)
+        script = list(args[args.index("-m") + 2:])
+        i = script.index("--deepspeed")
+        del script[i:i + 2]
+        if what == "refine":
+            assert Path(script[script.index("--budgets") + 1]).is_file()  # saved before the launch
+            launched.append(script[script.index("--task") + 1])
+        res = CliRunner().invoke(main, script)
+        assert res.exit_code == 0, res.output
+        return done(d)
+
+    monkeypatch.setattr(run_mod, "_launch_distributed", play)
+    only = ("models", "probe", "cores/source-lf", "cka", "layermap", "cores/transfer-lf")
+    over = {"methods": ["transfer-lf"], "refine": {"steps": 1, "batches": 1}}
+    run_pipeline(load_pipeline(_config(tmp_path, **over)), tmp_path / "one", only=only, say=lambda _m: None)
+    run_pipeline(load_pipeline(_config(tmp_path, **over, launch={"deepspeed": "ds.json", "nproc_per_node": 1})),
+                 tmp_path / "ds", only=only, base_dir=tmp_path, say=lambda _m: None)
+    assert launched == ["synthetic:math"]
+    name = "cores/transfer-lf/math.coreset.safetensors"
+    one, ds = CoreSet.load(tmp_path / "one" / name), CoreSet.load(tmp_path / "ds" / name)
+    assert ds.metadata["cost"]["native"] == one.metadata["cost"]["native"] is not None
+    assert ds.metadata["cost"]["relative_to_native"] == one.metadata["cost"]["relative_to_native"]
+    assert ds.names() == one.names() and all(bool((ds.unit_mask(n) == one.unit_mask(n)).all()) for n in one.names())
+    step = json.loads((tmp_path / "ds" / "cores/transfer-lf/step.json").read_text())
+    assert step["result"]["launched"] == "torchrun" and "launch" in step["params"]

@@ -130,3 +130,44 @@ def test_launch_deepspeed_runs_finetuning_under_torchrun(tmp_path):
     assert res["provenance"]["deepspeed_config"] == str(ds)
     assert json.loads((step / "step.json").read_text())["result"]["launched"] == "torchrun"
     assert set(result.summary["methods"]) == {"full"}
+
+
+@pytest.mark.distributed
+def test_launch_deepspeed_runs_a_refine_step_per_task_under_torchrun(tmp_path):
+    """launch.deepspeed: cheap-lf's refine pass runs as `torchrun -m trace_transfer refine --deepspeed` (2 CPU
+    ranks, ZeRO-3; one task, so one launch of ~60 s), the models in this process; the CoreSet picks the units
+    the in-process pass picks (the distributed refine's own guarantee, tests/refine) and carries the native
+    probe's cost the in-process pass records, so the summary's target cost stays filled."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from trace_transfer.coreset import CoreSet
+
+    pytest.importorskip("deepspeed")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (DeepSpeed builds a small CPU op)")
+    ds = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_zero3.json"
+    conf = {**TINY, "methods": ["cheap-lf"], "tasks": ["synthetic:math"], "refine": {"steps": 1, "batches": 1}}
+    p = tmp_path / "ds.yaml"
+    p.write_text(yaml.safe_dump({**conf, "launch": {"deepspeed": str(ds), "nproc_per_node": 2}}))
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        run_pipeline(load_pipeline(p), tmp_path / "run", say=lambda _msg: None, only=("models", "cores/cheap-lf"))
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    step = tmp_path / "run" / "cores" / "cheap-lf"
+    assert "torch.distributed.run" in (step / ".launch.sh").read_text()
+    assert json.loads((step / "step.json").read_text())["result"]["launched"] == "torchrun"
+    launched = CoreSet.load(step / "math.coreset.safetensors")
+    p.write_text(yaml.safe_dump(conf))
+    run_pipeline(load_pipeline(p), tmp_path / "one", say=lambda _msg: None, only=("models", "cores/cheap-lf"))
+    one = CoreSet.load(tmp_path / "one" / "cores" / "cheap-lf" / "math.coreset.safetensors")
+    cost, ref = launched.metadata["cost"], one.metadata["cost"]
+    assert cost["world_size"] == 2 and cost["forward_backward"] == ref["forward_backward"]
+    assert cost["native"] == ref["native"] and cost["relative_to_native"] == ref["relative_to_native"] is not None
+    assert launched.names() == one.names()
+    assert all(bool((launched.unit_mask(n) == one.unit_mask(n)).all()) for n in one.names())

@@ -172,7 +172,8 @@ class LaunchSpec(StrictModel):
     deepspeed_overrides: dict[str, str] = Field(default_factory=dict, description=(
         "a DeepSpeed JSON config per step kind, instead of launch.deepspeed for those steps: keys are methods of "
         "this config (full, joint, replay, cpi-ft, trace-lf, ...) or probe (every launched probe), probe/source, "
-        "probe/target (one side's probes, before probe); e.g. {full: ds_zero3_offload.json} gives optimizer "
+        "probe/target (one side's probes, before probe; probe/target also sets the launched refine passes); "
+        "e.g. {full: ds_zero3_offload.json} gives optimizer "
         "offload to the methods that train every parameter only"))
     nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) per fine-tuning launch")
     device: str = Field(_DEVICE_DEFAULTS.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -344,9 +345,12 @@ def semantic_problems(cfg: PipelineConfig, base_dir: Path) -> list[str]:
         problems.append(f"launch.deepspeed: config {cfg.launch.deepspeed!r} does not exist")
     problems += _override_problems(cfg, base_dir)
     problems += _multi_node_problems(cfg.launch, base_dir)
-    from trace_transfer.pipeline.launch import finetune_launch_problems, probe_launch_problems  # builds on these specs
+    from trace_transfer.pipeline.launch import (  # builds on these specs
+        finetune_launch_problems, probe_launch_problems, refine_launch_problems)
 
     problems += probe_launch_problems(cfg, base_dir)
+    problems += [p for p in refine_launch_problems(cfg, base_dir) if p.split(":")[0] not in {
+        q.split(":")[0] for q in problems}]  # one line per key: the probes' batch refusal covers refine's
     problems += finetune_launch_problems(cfg, base_dir)
     problems += cfg.eval.problems(cfg.launch)
     if cfg.layer_map.probes not in ("general", "math", "code", "medical") and not _resolve(

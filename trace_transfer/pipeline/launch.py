@@ -1,7 +1,8 @@
 """The launch lines of a pipeline: how its multi-process steps start, and ``run --dry-run``.
 
 A fine-tuning step under DeepSpeed runs as ``trace-transfer finetune --deepspeed`` (``cpi-ft --deepspeed`` for
-CPI-FT), and a probe step as ``trace-transfer probe --deepspeed`` (source and target probes alike), under a
+CPI-FT), a probe step as ``trace-transfer probe --deepspeed`` (source and target probes alike), and a refine
+step as one ``trace-transfer refine --deepspeed`` per task (after the budgets it reads are written), under a
 launcher:
 
 * one node: ``torchrun`` on ``launch.nproc_per_node`` local processes (the pipeline starts it itself);
@@ -29,7 +30,8 @@ from typing import Any
 from trace_transfer.pipeline.steps import StepRecord, step_hash
 
 __all__ = ["Command", "DryRunner", "finetune_args", "cpi_ft_args", "probe_args", "launch_world", "probe_launch_problems",
-           "finetune_launch_problems", "launch_argv", "dry_run", "format_commands", "PROBE_OVERRIDE", "probe_override_keys"]
+           "finetune_launch_problems", "launch_argv", "dry_run", "format_commands", "PROBE_OVERRIDE",
+           "probe_override_keys", "refine_args", "refine_launch_problems", "REFINE_OVERRIDE_KEYS"]
 
 PROBE_OVERRIDE = "probe"  # the launch.deepspeed_overrides key of every launched probe
 
@@ -37,6 +39,11 @@ PROBE_OVERRIDE = "probe"  # the launch.deepspeed_overrides key of every launched
 def probe_override_keys(side: str) -> tuple[str, str]:
     """The ``launch.deepspeed_overrides`` keys of a probe of ``side`` (source/target), most specific first."""
     return f"{PROBE_OVERRIDE}/{side}", PROBE_OVERRIDE
+
+
+# A launched refine pass is the distributed probe on the target (probe_deepspeed, fewer steps): it runs with
+# the target probe's DeepSpeed config, so it fits wherever that probe does.
+REFINE_OVERRIDE_KEYS = probe_override_keys("target")
 
 
 # Left unquoted in a printed command, so the cluster script's shell fills in this node's rank.
@@ -112,6 +119,27 @@ def probe_args(d: Path, model: str, task: str, settings: dict[str, Any], ds: str
             "--deepspeed", ds, *click_args(micro)]
 
 
+def refine_args(out: Path, model: str, task: str, settings: dict[str, Any], ds: str,
+                budgets: Path | None = None) -> list[str]:
+    """``-m trace_transfer refine ...``: what every rank of one task's refine launch runs. ``settings`` are
+    the ``RefineConfig`` fields of the in-process pass, as refine's own flags (``batch_size`` stays the global
+    batch: ``refine --deepspeed`` splits it over the ranks itself). ``out``: the task's CoreSet in the step
+    directory, whose existence marks the launch done (``CoreSet.save`` renames it into place when complete)."""
+    from trace_transfer.config import click_args
+
+    # No --signal: torchrun's argparse takes it for an ambiguous abbreviation of its --signals-to-handle and
+    # the launch dies. refine's default, microprobe, is the one signal a launched pass runs
+    # (refine_launch_problems refuses the others), so leaving it out means the same pass.
+    if settings.get("signal", "microprobe") != "microprobe":
+        from trace_transfer.errors import ConfigError
+
+        raise ConfigError(f"refine.signal: {settings['signal']!r} cannot run under launch.deepspeed (the distributed "
+                          f"pass is the micro-probe); set refine.signal: microprobe")
+    args = ["-m", "trace_transfer", "refine", "--model", model, "--task", task, "--out", str(out),
+            "--deepspeed", ds, *click_args({k: v for k, v in settings.items() if k != "signal"})]
+    return args + (["--budgets", str(budgets)] if budgets is not None else [])
+
+
 def launch_world(launch: Any, base_dir: Path | None = None) -> int:
     """The processes of one launch: ``nnodes x nproc_per_node``; with a hostfile and no ``nnodes`` the
     DeepSpeed launcher uses every host the file lists."""
@@ -153,6 +181,31 @@ def probe_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
     if cfg.probe.fisher != TRACE_COMPATIBLE_MODE:  # probe_deepspeed's own refusal, before any launch
         problems.append(f"probe.fisher: {cfg.probe.fisher!r} is not supported under launch.deepspeed (the engine "
                         f"reduces the ranks' gradients together); use fisher: {TRACE_COMPATIBLE_MODE}")
+    return problems
+
+
+def refine_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
+    """Why the refine passes of ``cfg`` cannot be launched under ``launch.deepspeed`` (``run --check``): the
+    distributed pass is the micro-probe only (at least one step), and its global batch (``probe.batch_size``)
+    must split evenly over the ranks and agree with the DeepSpeed JSON it runs with."""
+    from trace_transfer.pipeline.methods import resolve
+
+    if not cfg.launch.deepspeed or not any(m.refine for _, m in resolve(cfg.methods)):
+        return []
+    problems = []
+    if cfg.refine.signal != "microprobe":
+        problems.append(f"refine.signal: {cfg.refine.signal!r} is not supported under launch.deepspeed (the distributed "
+                        f"pass is the micro-probe, which always trains a step); use signal: microprobe")
+    if cfg.refine.steps < 1:
+        problems.append("refine.steps: 0 under launch.deepspeed (the distributed micro-probe trains at least one "
+                        "step); set steps >= 1")
+    world, batch = launch_world(cfg.launch, base_dir), cfg.probe.batch_size
+    if batch % world:
+        problems.append(f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes (the "
+                        f"launched refine passes take batch_size / {world} per rank); set it to a multiple of {world}")
+    else:
+        key = _config_key(cfg.launch, *REFINE_OVERRIDE_KEYS)
+        problems += _batch_problems(cfg.launch, key, base_dir, batch // world, 1, world, "the refine pass's")
     return problems
 
 
@@ -286,7 +339,8 @@ def dry_run(runner: DryRunner, cfg: Any, config_path: str | os.PathLike, *, base
             out.append(Command(rec.name, [*run, "--only", rec.name], "one process"))
             continue
         launch = cfg.launch
-        argv = launch_argv(launch, args(rec.dir), run_id=rec.hash, base_dir=base_dir)
+        # One launch per step, or (refine steps) one per task, each after the one-process commands it needs.
+        launches = fn.launches(rec.dir) if hasattr(fn, "launches") else [([], args(rec.dir))]
         every = launch.nnodes > 1 and not launch.hostfile
         where = (f"{launch.nnodes} nodes x {launch.nproc_per_node} processes" if launch.multi_node()
                  else f"{launch.nproc_per_node} processes")
@@ -294,7 +348,12 @@ def dry_run(runner: DryRunner, cfg: Any, config_path: str | os.PathLike, *, base
         out.append(Command(rec.name, ["mkdir", "-p", str(rec.dir)],
                            f"DeepSpeed{f' ({Path(ds).name})' if ds else ''} on {where}: mark the step's attempt"))
         out.append(Command(rec.name, [], raw=f"printf %s {rec.hash} > {shlex.quote(str(rec.dir / '.attempt'))}"))
-        out.append(Command(rec.name, argv, "the launch", every_node=every))
+        for i, (before, step_args) in enumerate(launches):
+            out += [Command(rec.name, b, "one process, before the launch") for b in before]
+            argv = launch_argv(launch, step_args, run_id=f"{rec.hash}-{i}" if len(launches) > 1 else rec.hash,
+                               base_dir=base_dir)
+            note = "the launch" if len(launches) == 1 else f"launch {i + 1} of {len(launches)}"
+            out.append(Command(rec.name, argv, note, every_node=every))
         out.append(Command(rec.name, [*run, "--only", rec.name], "record the finished launch"))
     return out
 

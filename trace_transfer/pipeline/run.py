@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_transfer.pipeline.config import ModelSpec, PipelineConfig, probe_hash_params, resolve_monitor
-from trace_transfer.pipeline.launch import probe_override_keys
+from trace_transfer.pipeline.launch import REFINE_OVERRIDE_KEYS, probe_override_keys
 from trace_transfer.pipeline.methods import GENERAL_CORE_STRATEGY, PIPELINE_METHODS, PipelineMethod
 from trace_transfer.pipeline.steps import STEP_FAMILIES, StepRunner, stable_hash
 from trace_transfer.train.config import TrainConfig
@@ -205,15 +205,18 @@ def _transfer_steps(plan: _Plan) -> None:
             src_cores = plan.core_dirs[f"source-{key}"]
             runner.step(name, {"ratio": cfg.scoring.ratio, "source_rules": cfg.source.rules,
                                "target_rules": cfg.target.rules,
-                               **({"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe)} if spec.refine else {})},
+                               **({"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe),
+                                   **_refine_launch_params(cfg)} if spec.refine else {})},
                         _transfer_fn(runner.records[src_cores].dir, cfg, source[0], target[0],
-                                     runner.records["layermap"].dir / "layer_map.json", plan.base_dir, spec.refine),
-                        depends=[src_cores, "layermap"] + _deps(target[1]))
+                                     runner.records["layermap"].dir / "layer_map.json", plan.base_dir, spec.refine,
+                                     runner.say),
+                        depends=[src_cores, "layermap"] + _deps(target[1]), resumable=spec.refine and _launched(cfg))
             plan.core_dirs[f"transfer-{key}"] = name
     for key in cheap:  # source-free: the same cheap pass, top ratio over the whole target
         runner.step(f"cores/{key}", {"refine": cfg.refine.model_dump(), "probe": probe_hash_params(cfg.probe),
-                                     **cfg.scoring.model_dump(exclude_none=True)},
-                    _cheap_fn(cfg, target[0]), depends=_deps(target[1]))
+                                     **cfg.scoring.model_dump(exclude_none=True), **_refine_launch_params(cfg)},
+                    _cheap_fn(cfg, target[0], plan.base_dir, runner.say), depends=_deps(target[1]),
+                    resumable=_launched(cfg))
         plan.core_dirs[key] = f"cores/{key}"
 
 
@@ -452,37 +455,102 @@ def _native_probe(cfg: PipelineConfig):
     return ProbeConfig.from_flat(**cfg.probe.model_dump(), seed=cfg.seeds[0])
 
 
-def _cheap_fn(cfg: PipelineConfig, target: str):
+def _launched(cfg: PipelineConfig) -> bool:
+    """Whether the refine passes run under ``launch.deepspeed`` (one launch per task) or in this process."""
+    return bool(cfg.launch.deepspeed)
+
+
+def _refine_launch_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """The launch in a refine step's hash, as a probe's: nothing without DeepSpeed (those keep their hashes)."""
+    return {"launch": cfg.launch.step_params(*REFINE_OVERRIDE_KEYS)} if _launched(cfg) else {}
+
+
+def _launch_refine(d: Path, args: list[str], cfg: PipelineConfig, say: Callable[[str], None], out: Path,
+                   task: str) -> int:
+    """One task's ``refine --deepspeed`` launch (skipped once ``out`` exists); the native probe's cost the
+    in-process pass records is filled in, so the summary's target cost reads the same; returns the passes."""
+    from trace_transfer.coreset import CoreSet
+
+    _launch_distributed(d, args, cfg, say, done=lambda _d: {} if out.exists() else None, what="refine")
+    cs = CoreSet.load(out)
+    cost = cs.metadata.get("cost", {})
+    if cost.get("native") is None:
+        from trace_transfer.data import load_task
+        from trace_transfer.refine import native_probe_cost
+
+        # As refine() counts: the task's training examples up to the probe's max_examples.
+        n = len(list(load_task(task).train_examples())[: cfg.probe.max_examples or None])
+        native = native_probe_cost(_native_probe(cfg), n)
+        cost["native"] = native
+        fb = native["forward_backward"]
+        cost["relative_to_native"] = cost["forward_backward"] / fb if fb else None
+        cs.metadata["cost"] = cost
+        cs.save(out)
+    return cost["forward_backward"]
+
+
+def _refine_launcher(fn: Any, cfg: PipelineConfig, target: str, base_dir: Path,
+                     tasks: Callable[[Path], list[tuple[str, Path, Path | None, list[list[str]]]]], **extra: Any) -> Any:
+    """Give ``fn`` (a refine step body) the launch attributes the dry run reads: one launch per task of
+    ``tasks(d)`` = ``(task, CoreSet path, budgets or None, one-process commands before its launch)``."""
+    from dataclasses import asdict
+
+    ds = _ds_file(cfg, base_dir, *REFINE_OVERRIDE_KEYS)
+
+    def launch_args_of(d: Path) -> list[tuple[list[list[str]], list[str]]]:
+        from trace_transfer.pipeline.launch import refine_args
+
+        settings = asdict(_refine_config(cfg, **extra))
+        return [(before, refine_args(out, target, task, settings, ds, budgets))
+                for task, out, budgets, before in tasks(d)]
+
+    fn.launches = launch_args_of  # type: ignore[attr-defined]
+    fn.launch_args = lambda d: launch_args_of(d)[0][1]  # type: ignore[attr-defined]
+    fn.deepspeed = ds  # type: ignore[attr-defined]
+    return fn
+
+
+def _cheap_fn(cfg: PipelineConfig, target: str, base_dir: Path | None = None, say: Callable[[str], None] = logger.info):
+    s = cfg.scoring
+    extra = {"ratio": s.ratio, **({"granularity": s.granularity} if s.granularity else {})}
+
     def fn(d: Path) -> dict[str, Any]:
         from trace_transfer.refine import refine
         from trace_transfer.scoring import coreset_filename
 
-        s = cfg.scoring
-        extra = {"ratio": s.ratio, **({"granularity": s.granularity} if s.granularity else {})}
         passes = {}
+        if _launched(cfg):
+            # The whole target may not fit one device: each task's pass is a `refine --deepspeed` launch.
+            for (_, args), (task, out, _b, _c) in zip(fn.launches(d), tasks(d)):
+                passes[task] = _launch_refine(d, args, cfg, say, out, task)
+            return {"forward_backward": passes, "launched": "torchrun"}
         for task in cfg.tasks:
             cs, cost = refine(target, task, None, _refine_config(cfg, **extra), native=_native_probe(cfg))
             cs.save(d / coreset_filename(cs.metadata["task"]))
             passes[task] = cost["forward_backward"]
         return {"forward_backward": passes}
 
+    def tasks(d: Path):
+        from trace_transfer.scoring import coreset_filename
+
+        return [(task, d / coreset_filename(_task_key(task)), None, []) for task in cfg.tasks]
+
+    if _launched(cfg):
+        _refine_launcher(fn, cfg, target, Path(base_dir or Path.cwd()), tasks, **extra)
     return fn
 
 
 def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path, base_dir: Path,
-                 refine_units: bool = False):
+                 refine_units: bool = False, say: Callable[[str], None] = logger.info):
     def fn(d: Path) -> dict[str, Any]:
         if refine_units:
-            return _transfer_and_refine(d, src_dir, cfg, source, target, layer_map, base_dir)
+            return _transfer_and_refine(d, src_dir, cfg, source, target, layer_map, base_dir,
+                                        fn.launches(d) if _launched(cfg) else None, say)
         from trace_transfer.checkpoint import write_json_atomic
         from trace_transfer.coreset import SUFFIX, CoreSet
         from trace_transfer.transfer import transfer
 
-        kw = {}
-        if cfg.source.rules:
-            kw["source_rules"] = str(base_dir / cfg.source.rules)
-        if cfg.target.rules:
-            kw["target_rules"] = str(base_dir / cfg.target.rules)
+        kw = _transfer_rules(cfg, base_dir)
         counts = {}
         for f in sorted(src_dir.glob("*" + SUFFIX)):
             # Without refine a method trains what transfer alone gives: whole tensors map exactly; finer
@@ -495,32 +563,65 @@ def _transfer_fn(src_dir: Path, cfg: PipelineConfig, source: str, target: str, l
             counts[f.name] = cs.num_selected()
         return {"coresets": counts}
 
+    if refine_units and _launched(cfg):
+        _refine_launcher(fn, cfg, target, base_dir, lambda d: _refine_files(d, src_dir, cfg, source, target, layer_map,
+                                                                           base_dir))
     return fn
 
 
+def _transfer_rules(cfg: PipelineConfig, base_dir: Path) -> dict[str, str]:
+    """``transfer``'s rule-file keywords from the config (relative to its directory)."""
+    return {**({"source_rules": str(base_dir / cfg.source.rules)} if cfg.source.rules else {}),
+            **({"target_rules": str(base_dir / cfg.target.rules)} if cfg.target.rules else {})}
+
+
+def _refine_files(d: Path, src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path,
+                  base_dir: Path) -> list[tuple[str, Path, Path, list[list[str]]]]:
+    """Per task of a transfer-and-refine step: (task, its CoreSet, its budgets, the `trace-transfer transfer`
+    line that writes the budgets and report as this step does, which the dry run prints before the launch)."""
+    from trace_transfer.coreset import SUFFIX
+    from trace_transfer.scoring import coreset_filename
+    from trace_transfer.transfer import BUDGETS_SUFFIX
+
+    out = []
+    for task in cfg.tasks:
+        name = coreset_filename(_task_key(task))
+        budgets = d / name.replace(SUFFIX, BUDGETS_SUFFIX)
+        rules = [a for r in _transfer_rules(cfg, base_dir).values() for a in ("--rules", r)]
+        line = ["trace-transfer", "transfer", "--coreset", str(src_dir / name), "--source", source, "--target", target,
+                "--layer-map", str(layer_map), "--ratio", repr(cfg.scoring.ratio), "--carry", "budget", *rules,
+                "--out", str(budgets), "--report", str(d / name.replace(SUFFIX, ".report.json")), "--force"]
+        out.append((task, d / name, budgets, [line]))
+    return out
+
+
 def _transfer_and_refine(d: Path, src_dir: Path, cfg: PipelineConfig, source: str, target: str, layer_map: Path,
-                         base_dir: Path) -> dict[str, Any]:
-    """Per task: the source CoreSet -> per-slot budgets on the target -> units chosen there by refine."""
+                         base_dir: Path, launches: list | None = None,
+                         say: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Per task: the source CoreSet -> per-slot budgets on the target -> units chosen there by refine
+    (in this process, or under ``launch.deepspeed`` one ``refine --deepspeed`` launch per task reading the
+    budgets file saved here first: ``launches``)."""
     from trace_transfer.coreset import SUFFIX
     from trace_transfer.refine import refine
     from trace_transfer.scoring import coreset_filename
     from trace_transfer.transfer import BUDGETS_SUFFIX, transfer
 
-    kw = {}
-    if cfg.source.rules:
-        kw["source_rules"] = str(base_dir / cfg.source.rules)
-    if cfg.target.rules:
-        kw["target_rules"] = str(base_dir / cfg.target.rules)
+    kw = _transfer_rules(cfg, base_dir)
     passes = {}
-    for task in cfg.tasks:
+    for i, task in enumerate(cfg.tasks):
         name = coreset_filename(_task_key(task))
-        budgets, report = transfer(src_dir / name, source, target, layer_map, ratio=cfg.scoring.ratio, carry="budget", **kw)
-        budgets.save(d / name.replace(SUFFIX, BUDGETS_SUFFIX))
-        report.save(d / name.replace(SUFFIX, ".report.json"))
+        if launches is None or not (d / name).exists():  # else this task's launch is done (a relaunch, the cluster's)
+            budgets, report = transfer(src_dir / name, source, target, layer_map, ratio=cfg.scoring.ratio,
+                                       carry="budget", **kw)
+            budgets.save(d / name.replace(SUFFIX, BUDGETS_SUFFIX))
+            report.save(d / name.replace(SUFFIX, ".report.json"))
+        if launches is not None:
+            passes[task] = _launch_refine(d, launches[i][1], cfg, say, d / name, task)
+            continue
         cs, cost = refine(target, task, budgets, _refine_config(cfg), native=_native_probe(cfg))
         cs.save(d / name)
         passes[task] = cost["forward_backward"]
-    return {"forward_backward": passes}
+    return {"forward_backward": passes, **({"launched": "torchrun"} if launches is not None else {})}
 
 
 def _add_target_costs(summary: dict[str, Any], methods: dict, core_dirs: dict[str, str], runner: StepRunner,
