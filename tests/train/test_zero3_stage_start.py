@@ -118,3 +118,27 @@ def test_zero3_stage_start_memory_per_rank_is_its_partition_plus_two_tensors(tmp
         assert new["trainable_params"] == old["trainable_params"] > 0
         assert new["growth_bytes"] <= bound, r
         assert old["growth_bytes"] >= new["model_bytes"], r
+
+
+def test_a_hub_id_streams_from_its_cached_snapshot(tiny_llama, tmp_path, monkeypatch):
+    """A hub id (the paper pipelines name ``Qwen/Qwen3-32B``) resolves to its snapshot in the Hugging Face
+    cache, so ``load_partitioned`` streams it in instead of taking ``from_pretrained``'s whole read on
+    rank 0; an id with no snapshot (offline, nothing cached) gives None, for the fallback to report."""
+    import shutil
+
+    from trace_transfer.train.ds import _hub_snapshot
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert _hub_snapshot("someorg/tiny") == snap
+    assert _hub_snapshot("someorg/not-cached") is None

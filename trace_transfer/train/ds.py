@@ -144,8 +144,10 @@ def load_partitioned(model_ref: str | os.PathLike, conf: dict[str, Any]) -> torc
     its partition plus about two tensors (the gathered one and rank 0's read;
     ``tests/train/test_zero3_stage_start.py`` measures it). ``from_pretrained`` under ZeRO-3
     (transformers' ``HfDeepSpeedConfig``, kept alive only for the call) reads the whole checkpoint
-    into rank 0's memory first; it is only the fallback here, for a hub id or a checkpoint whose
-    tensor names differ from the model's (transformers 5 fusing some weights in memory).
+    into rank 0's memory first; it is only the fallback here, for a checkpoint whose tensor names
+    differ from the model's (transformers 5 fusing some weights in memory) or a hub id whose snapshot
+    cannot be fetched. A hub id streams in from its snapshot in the Hugging Face cache (fetched there by
+    rank 0 first if missing).
 
     The parameters take the dtype ``zero.Init`` derives from ``conf`` (bf16/fp16 when enabled, else
     fp32), which is the dtype ``deepspeed.initialize`` would cast a whole-loaded model to. The model
@@ -163,8 +165,8 @@ def load_partitioned(model_ref: str | os.PathLike, conf: dict[str, Any]) -> torc
     if zero_stage(conf) != 3:
         raise ConfigError(f"load_partitioned needs a ZeRO stage 3 config, got stage {zero_stage(conf)}; "
                           f"load the model whole with trace_transfer.models.load_model")
-    path = Path(model_ref)
-    if path.is_dir() and (path / "config.json").exists():
+    path = Path(model_ref) if Path(model_ref).is_dir() else _hub_snapshot(str(model_ref))
+    if path is not None and (path / "config.json").exists():
         model = _build_and_stream(path, conf)
         if model is not None:
             return model.eval()
@@ -173,6 +175,38 @@ def load_partitioned(model_ref: str | os.PathLike, conf: dict[str, Any]) -> torc
         return load_model(model_ref, device=get_accelerator().current_device_name())
     finally:
         del zero3
+
+
+def _hub_snapshot(ref: str) -> Path | None:
+    """The local snapshot directory of hub id ``ref`` (its config and safetensors), so a hub model streams in
+    partitioned like a local one instead of through ``from_pretrained``'s whole read on rank 0.
+
+    Collective: rank 0 fetches into the Hugging Face cache (nothing when it is there already, or when
+    ``HF_HUB_OFFLINE`` is set), the other ranks then resolve the cached copy. None on every rank when the
+    snapshot cannot be had (no such id, no network and no cache): the caller's ``from_pretrained`` fallback
+    then reports the real problem."""
+    import torch.distributed as dist
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    patterns = ["*.json", "*.safetensors"]  # config, generation config, weights and their index: no .bin (pickle)
+
+    def fetch(local_only: bool) -> str | None:
+        try:
+            return snapshot_download(ref, allow_patterns=patterns, local_files_only=local_only)
+        except Exception:  # noqa: BLE001 - not a hub id, offline without a cache, ...: the fallback reports it
+            return None
+
+    rank, world = _dist()
+    found = fetch(local_only=False) if rank == 0 else None
+    if world > 1 and dist.is_initialized():
+        box = [found is not None]
+        dist.broadcast_object_list(box, src=0)  # the others wait for rank 0's download, and agree on the path
+        if rank != 0:
+            found = fetch(local_only=True) if box[0] else None
+    return Path(found) if found else None
 
 
 def _build_and_stream(path: Path, conf: dict[str, Any]) -> torch.nn.Module | None:
