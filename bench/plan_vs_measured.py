@@ -238,7 +238,7 @@ def probe_main(a: argparse.Namespace) -> list[dict]:
     """Launch the 2-rank probe (with and without the per-element Fisher) and compare with the plan."""
     from trace_transfer.models import build_tiny_model, load_tokenizer
     from trace_transfer.plan import Setup, model_shape
-    from trace_transfer.plan.estimate import DS_DEFAULTS, HF_SHARD_BYTES, probe_memory
+    from trace_transfer.plan.estimate import DS_DEFAULTS, probe_memory, stage_start_host
     from trace_transfer.plan.hardware import Hardware
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
@@ -270,8 +270,7 @@ def probe_main(a: argparse.Namespace) -> list[dict]:
                           global_batch=a.batch, seq_len=seq, buffers=dict(DS_DEFAULTS))
             est = probe_memory(shape, setup, hw, fisher_elements=elements, ranks_per_node=1)
             planned = {k: v - hw.overhead for k, v in est["phases"].items()}
-            file_bytes = (model / "model.safetensors").stat().st_size
-            planned["load"] = min(HF_SHARD_BYTES, file_bytes) + 4 * shape.largest_tensor
+            planned["load"] = stage_start_host(shape, 3, 1)  # rank 0: one tensor read + one gathered
             results.append({"fisher_elements": elements, "params": shape.params, "seq": seq,
                             "fisher_term": est["per_gpu"]["fisher"], "planned": planned,
                             "measured": {r["rank"]: r["growth"] for r in ranks}})

@@ -186,8 +186,7 @@ def train_memory(shape: ModelShape, trainable: Trainable, setup: Setup, hw: Hard
         out["buffers"] = buf + w * trainable.transient_params + trainable.index_bytes // (n if z >= 3 else 1)
         out["autocast_cache"] = 0
         rpn = ranks_per_node or min(n, hw.gpus_per_node)
-        # Every rank materialises the model (checkpoint dtype) before deepspeed.initialize partitions it.
-        host = host * rpn + rpn * shape.checkpoint_bytes * shape.params
+        host = host * rpn + stage_start_host(shape, z, rpn)
     act = activation_bytes(shape, tokens, setup.seq_len, e, residual, checkpointing=False)
     act_ckpt = activation_bytes(shape, tokens, setup.seq_len, e, residual, checkpointing=True)
     out["activations"] = act_ckpt if setup.checkpointing else act
@@ -197,10 +196,19 @@ def train_memory(shape: ModelShape, trainable: Trainable, setup: Setup, hw: Hard
             "host_per_node": host}
 
 
-# What one DeepSpeed rank holds on the host while ``from_pretrained`` loads a checkpoint under
-# ``zero.Init`` (file by file, each tensor straight into its partitions): one checkpoint file, at most
-# Hugging Face's default ``max_shard_size`` (the paper models' files are 3.9-5.0 GB).
-HF_SHARD_BYTES = 5 * 10**9
+def stage_start_host(shape: ModelShape, zero: int, ranks_per_node: int) -> int:
+    """Host bytes per node while every DeepSpeed rank loads the model it starts from.
+
+    ZeRO-3: ``train.ds.load_partitioned`` builds the model partitioned under ``zero.Init`` and streams the
+    checkpoint in one tensor at a time (gathered on every rank, filled by rank 0 from the file): rank 0
+    reads the largest tensor in the checkpoint's dtype, every rank holds it gathered in fp32 at most.
+    ZeRO-0/1/2: every rank loads the whole model (checkpoint dtype) before ``deepspeed.initialize``.
+    """
+    if zero >= 3:
+        return shape.checkpoint_bytes * shape.largest_tensor + ranks_per_node * 4 * shape.largest_tensor
+    return ranks_per_node * shape.checkpoint_bytes * shape.params
+
+
 # Host bytes per element of the largest tensor while rank 0 forms Δ (probe/warmstart.py and
 # probe/distributed.py): θ0 read back (4) + θ* on the host (4) + Δ (4) + its float64 copy for the
 # norm (8) + |Δ| (4).
@@ -226,7 +234,7 @@ def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elemen
       largest tensor on the GPU next to the states and the accumulator, no activations.
 
     Host: one process loads the model in fp32 on the CPU before moving it (4Ψ); under ZeRO-3 each rank
-    loads one checkpoint file at a time into its partitions (:data:`HF_SHARD_BYTES`); under ZeRO-1/2
+    streams the checkpoint into its partitions one tensor at a time (:func:`stage_start_host`); under ZeRO-1/2
     each rank loads the whole model in fp32 on the CPU. Then rank 0 (or the one process) buffers one
     output shard (``shard_bytes``) and forms Δ of one tensor (:data:`DELTA_HOST_BYTES` per element).
     Offloaded state adds as in :func:`train_memory`. Disk while it runs: θ0 (4Ψ, deleted at the end),
@@ -251,12 +259,12 @@ def probe_memory(shape: ModelShape, setup: Setup, hw: Hardware, *, fisher_elemen
     plain_peak, ckpt_peak = peak(False), peak(True)
     phase, terms, totals = ckpt_peak if setup.checkpointing else plain_peak
     rpn = ranks_per_node or (min(n, hw.gpus_per_node) if ds else 1)
-    loaded = shape.checkpoint_bytes * psi * rpn if ds else 4 * psi  # what train_memory's host holds for the load
+    loaded = stage_start_host(shape, setup.zero, rpn) if ds else 4 * psi  # what train_memory's host holds for the load
     offloaded = plain["host_per_node"] - loaded if ds else 0
     if not ds:
         load = 4 * psi
     elif setup.zero >= 3:
-        load = rpn * (min(HF_SHARD_BYTES, shape.checkpoint_bytes * psi) + 4 * largest)
+        load = stage_start_host(shape, setup.zero, rpn)
     else:
         load = rpn * 4 * psi
     # The output shard buffer fills up to its size or to the whole Δ, whichever is smaller.

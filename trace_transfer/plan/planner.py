@@ -459,7 +459,8 @@ def plan(cfg: PipelineConfig, hw: Hardware, *, base_dir: Path | None = None, con
         "step is not modelled",
         f"finer-than-tensor cores: masking '{masking}' (the config's, or apply_coreset's 'auto': sparse up to "
         "half a tensor); the other masking is listed too, marked 'not configured'",
-        "host: every DeepSpeed rank loads the whole model (checkpoint dtype) before ZeRO partitions it",
+        "host: under ZeRO-3 each rank streams the checkpoint into its partitions one tensor at a time "
+        "(train.ds.load_partitioned); under ZeRO-1/2 every rank loads the whole model (checkpoint dtype) first",
     ]
     return Plan(cfg.name, hw, shapes, steps, assumptions)
 
