@@ -167,17 +167,11 @@ def probe_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
         return []
     from trace_transfer.probe.config import TRACE_COMPATIBLE_MODE
 
-    problems = []
-    world, batch = launch_world(cfg.launch, base_dir), cfg.probe.batch_size
-    if batch % world:
-        problems.append(f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes "
-                        f"(each rank probes batch_size / {world} examples per step); set it to a multiple of {world}")
-    else:
-        # A DeepSpeed JSON that fixes a batch size must agree with the probe's split, whichever config
-        # (launch.deepspeed or an override) the probes of each side run with.
-        configs = {_config_key(cfg.launch, *probe_override_keys(side)) for side in sides}
-        for key in sorted(configs):
-            problems += _batch_problems(cfg.launch, key, base_dir, batch // world, 1, world, "the probe's")
+    world = launch_world(cfg.launch, base_dir)
+    # Whichever config (launch.deepspeed or an override) the probes of each side run with.
+    configs = {_config_key(cfg.launch, *probe_override_keys(side)) for side in sides}
+    problems = _global_batch_problems(cfg, base_dir, configs, f"each rank probes batch_size / {world} examples per step",
+                                      "the probe's")
     if cfg.probe.fisher != TRACE_COMPATIBLE_MODE:  # probe_deepspeed's own refusal, before any launch
         problems.append(f"probe.fisher: {cfg.probe.fisher!r} is not supported under launch.deepspeed (the engine "
                         f"reduces the ranks' gradients together); use fisher: {TRACE_COMPATIBLE_MODE}")
@@ -199,14 +193,23 @@ def refine_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
     if cfg.refine.steps < 1:
         problems.append("refine.steps: 0 under launch.deepspeed (the distributed micro-probe trains at least one "
                         "step); set steps >= 1")
+    world = launch_world(cfg.launch, base_dir)
+    problems += _global_batch_problems(cfg, base_dir, {_config_key(cfg.launch, *REFINE_OVERRIDE_KEYS)},
+                                       f"the launched refine passes take batch_size / {world} per rank",
+                                       "the refine pass's")
+    return problems
+
+
+def _global_batch_problems(cfg: Any, base_dir: Path, config_keys: set[str], why: str, whose: str) -> list[str]:
+    """``probe.batch_size`` is the global batch of a launched probe or refine pass: it must split evenly over
+    the ranks (``why`` says how it is used), and then agree with every DeepSpeed JSON at ``config_keys``
+    that fixes a batch size."""
     world, batch = launch_world(cfg.launch, base_dir), cfg.probe.batch_size
     if batch % world:
-        problems.append(f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes (the "
-                        f"launched refine passes take batch_size / {world} per rank); set it to a multiple of {world}")
-    else:
-        key = _config_key(cfg.launch, *REFINE_OVERRIDE_KEYS)
-        problems += _batch_problems(cfg.launch, key, base_dir, batch // world, 1, world, "the refine pass's")
-    return problems
+        return [f"probe.batch_size: {batch} does not split evenly over the launch's {world} processes ({why}); "
+                f"set it to a multiple of {world}"]
+    return [p for key in sorted(config_keys) for p in _batch_problems(cfg.launch, key, base_dir, batch // world, 1,
+                                                                       world, whose)]
 
 
 def finetune_launch_problems(cfg: Any, base_dir: Path) -> list[str]:
