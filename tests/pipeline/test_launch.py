@@ -476,6 +476,30 @@ def test_refine_steps_launch_one_refine_per_task_under_deepspeed(tmp_path, monke
             assert str(tp["coreset_path"]) == f"runs/x/cores/source-lf/{task}.coreset.safetensors"
 
 
+def test_printed_transfer_line_pins_the_configs_rule_files(tmp_path, monkeypatch):
+    """The `trace-transfer transfer` line the dry run prints before a transfer-refine launch names the rule
+    files the config pins (source.rules / target.rules) with the flags that use them as given, as the
+    in-process step does, not --rules (searched by model type, which could pick another file)."""
+    import shutil
+    from pathlib import Path
+
+    from trace_transfer.rules import loader
+
+    rules = Path(loader.__file__).parent / "families" / "llama.yaml"
+    for side in ("source", "target"):
+        shutil.copy(rules, tmp_path / f"{side}.yaml")
+    cfg = _refine_cfg(tmp_path, source={**SMALL["source"], "rules": "source.yaml"},
+                      target={**SMALL["target"], "rules": "target.yaml"})
+    line = next(shlex.split(ln) for ln in _dry([cfg, "--out", "runs/x"]) if ln.startswith("trace-transfer transfer"))
+    monkeypatch.chdir(tmp_path)  # the files the printed line reads, as the earlier steps leave them
+    for f in ("layermap/layer_map.json", "cores/source-lf/math.coreset.safetensors"):
+        (tmp_path / "runs/x" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs/x" / f).touch()
+    tp = main.commands["transfer"].make_context("transfer", line[2:]).params
+    assert (tp["source_rules"], tp["target_rules"], tp["rules"]) == (tmp_path / "source.yaml", tmp_path / "target.yaml",
+                                                                      ())
+
+
 def test_refine_launch_hashes_and_refusals(tmp_path):
     """Without launch.deepspeed a refine step's hash is the one it always had (its parameters exactly as
     before); under it the hash holds the launch with the target probe's config; `run --check` refuses a

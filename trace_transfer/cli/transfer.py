@@ -20,6 +20,10 @@ from trace_transfer.cli._table import echo_table
 @click.option("--ratio", type=float, default=None, help="Target budget as a fraction [default: the source CoreSet's ratio].")
 @click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Extra rule file or directory (repeatable), searched by model_type before the shipped rules.")
+@click.option("--source-rules", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The source's rule file, used as given (instead of the one its model_type selects).")
+@click.option("--target-rules", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The target's rule file, used as given (instead of the one its model_type selects).")
 @click.option("--direction", type=click.Choice(["reverse", "forward"]), default="reverse", show_default=True,
               help="reverse: every target layer takes its mapped source layer; forward: each source layer feeds its target.")
 @click.option("--budget", type=click.Choice(["auto", "tensors", "params"]), default="auto", show_default=True,
@@ -37,8 +41,8 @@ from trace_transfer.cli._table import echo_table
               help="Target CoreSet (*.coreset.safetensors) or, when carrying budgets, *.budgets.json "
                    "(a .coreset.safetensors name is changed to .budgets.json).")
 @force_option
-def command(coreset_path, source, target, layer_map, ratio, rules, direction, budget, target_names, carry, report_path,
-            out, force) -> None:
+def command(coreset_path, source, target, layer_map, ratio, rules, source_rules, target_rules, direction, budget,
+            target_names, carry, report_path, out, force) -> None:
     """Transfer a CoreSet from a small source model to a different target (TRACE §5.5).
 
     Units are matched by role through both models' rule files and by layer through the layer map;
@@ -61,7 +65,7 @@ def command(coreset_path, source, target, layer_map, ratio, rules, direction, bu
     if report_path:
         check_output(report_path, force, "report")
     cs, report = transfer(coreset_path, source, target, layer_map, ratio=ratio, rules=list(rules),
-                          direction=direction, budget=budget, target_layout=target_names, carry=carry)
+                          source_rules=source_rules, target_rules=target_rules, direction=direction, budget=budget, target_layout=target_names, carry=carry)
     if isinstance(cs, SlotBudgets) and not out.name.endswith(".json"):
         out = out.with_name(out.name.removesuffix(".safetensors").removesuffix(".coreset") + BUDGETS_SUFFIX)
     check_output(out, force, "output file")  # the name may have changed to .budgets.json

@@ -587,7 +587,8 @@ def _refine_files(d: Path, src_dir: Path, cfg: PipelineConfig, source: str, targ
     for task in cfg.tasks:
         name = coreset_filename(_task_key(task))
         budgets = d / name.replace(SUFFIX, BUDGETS_SUFFIX)
-        rules = [a for r in _transfer_rules(cfg, base_dir).values() for a in ("--rules", r)]
+        # The rule files the in-process transfer is pinned to (source_rules/target_rules), as the same flags.
+        rules = [a for k, r in _transfer_rules(cfg, base_dir).items() for a in (f"--{k.replace('_', '-')}", r)]
         line = ["trace-transfer", "transfer", "--coreset", str(src_dir / name), "--source", source, "--target", target,
                 "--layer-map", str(layer_map), "--ratio", repr(cfg.scoring.ratio), "--carry", "budget", *rules,
                 "--out", str(budgets), "--report", str(d / name.replace(SUFFIX, ".report.json")), "--force"]
